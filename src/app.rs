@@ -1,0 +1,296 @@
+//! Start-up and shutdown, and [`App`], the owner of everything a request
+//! handler needs: each part is owned by its module and reached through one
+//! cheap handle here, not through globals.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::net::TcpListener;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::cursor::Origin;
+use crate::db::embedded::{EmbeddedOptions, EmbeddedPg};
+use crate::db::{self, migrate};
+use crate::directory::Directory;
+use crate::http::cors::Cors;
+use crate::hub::Hub;
+use crate::listener::Listener;
+use crate::metrics::Metrics;
+use crate::shutdown::{self, Shutdown};
+use crate::typing::Typing;
+
+/// What handlers share. One per process, behind an `Arc`.
+pub struct App {
+    pub config: Config,
+    pub pool: Pool,
+    pub hub: Hub,
+    pub directory: Directory,
+    pub typing: Typing,
+    pub auth: Auth,
+    pub metrics: Arc<Metrics>,
+    pub cors: Cors,
+    pub shutdown: Shutdown,
+    /// The database identity read at start, until the listener has its own.
+    startup_origin: Origin,
+}
+
+impl App {
+    /// The identity cursors must carry now.
+    pub fn origin(&self) -> Origin {
+        self.hub.origin().unwrap_or(self.startup_origin)
+    }
+}
+
+/// A start-up failure, said in one sentence for the operator.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+fn err(e: impl std::fmt::Display) -> StartError {
+    StartError(e.to_string())
+}
+
+/// Runs hark until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    raise_fd_limit();
+    let mut embedded = None;
+    let url = match &config.database_url {
+        Some(url) => url.clone(),
+        None => {
+            let pg = EmbeddedPg::start(EmbeddedOptions {
+                data_dir: config.data_dir.join("pg"),
+                ephemeral: false,
+                settings: Vec::new(),
+            })
+            .await
+            .map_err(err)?;
+            pg.ensure_database("hark").await.map_err(err)?;
+            let url = pg.connection_string("hark");
+            embedded = Some(pg);
+            url
+        }
+    };
+    let result = serve(config, &url, embedded.is_some()).await;
+    if let Some(pg) = embedded {
+        if let Err(e) = pg.stop().await {
+            tracing::warn!(error = %e, "embedded PostgreSQL did not stop cleanly");
+        }
+    }
+    result
+}
+
+async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartError> {
+    let secret = jwt_secret(&config, embedded)?;
+    let pg = db::pg_config(url, "hark").map_err(StartError)?;
+    let pool = db::pool(pg.clone(), config.db_pool_size as usize).map_err(StartError)?;
+    let origin = {
+        let mut client = pool.get().await.map_err(|e| {
+            StartError(format!(
+                "cannot connect to the database: {}",
+                db::DbError::from(e)
+            ))
+        })?;
+        migrate::migrate(&mut client)
+            .await
+            .map_err(|e| StartError(format!("cannot apply the schema: {e}")))?;
+        db::origin(&client).await
+    };
+    let demo = if embedded {
+        seed_demo(&pool)
+            .await
+            .map_err(|e| StartError(format!("cannot seed the demo: {e}")))?
+    } else {
+        Vec::new()
+    };
+
+    let (trigger, shutdown) = shutdown::channel();
+    let metrics = Metrics::new();
+    let hub = Hub::new(config.hub_ring as usize, metrics.clone());
+    let directory = Directory::new(pool.clone(), hub.clone());
+    let typing = Typing::new(pool.clone(), config.typing_ttl());
+    let listener_task = tokio::spawn(
+        Listener {
+            pg,
+            hub: hub.clone(),
+            directory: directory.clone(),
+            typing: typing.clone(),
+            metrics: metrics.clone(),
+        }
+        .run(shutdown.clone()),
+    );
+    let sweeper_task = tokio::spawn(typing.clone().run_sweeper(shutdown.clone()));
+    // Serving before the listener is up would only send every poll to the
+    // cold path; wait briefly for it (readyz reports it either way).
+    for _ in 0..100 {
+        if hub.listener_up() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let app = Arc::new(App {
+        cors: Cors::new(config.cors_origins.as_deref()),
+        auth: Auth::new(secret.as_bytes()),
+        config,
+        pool: pool.clone(),
+        hub,
+        directory,
+        typing,
+        metrics,
+        shutdown: shutdown.clone(),
+        startup_origin: origin,
+    });
+    let tcp = TcpListener::bind(app.config.bind)
+        .await
+        .map_err(|e| StartError(format!("cannot listen on {}: {e}", app.config.bind)))?;
+    let addr = tcp.local_addr().map_err(err)?;
+    announce(addr, &secret, &demo);
+    let server = tokio::spawn(crate::http::serve(app.clone(), tcp, shutdown));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: answering waiting polls, ending streams");
+    trigger.fire();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let _ = listener_task.await;
+    let _ = sweeper_task.await;
+    pool.close();
+    Ok(())
+}
+
+/// The signing secret: configured, or (embedded mode only) generated once
+/// and kept in the data directory.
+fn jwt_secret(config: &Config, embedded: bool) -> Result<String, StartError> {
+    if let Some(s) = &config.jwt_secret {
+        if s.is_empty() {
+            return Err(err("HARK_JWT_SECRET is empty"));
+        }
+        return Ok(s.clone());
+    }
+    if !embedded {
+        return Err(err(
+            "HARK_JWT_SECRET is required with DATABASE_URL: set it to the Django SIMPLE_JWT signing key",
+        ));
+    }
+    let path = config.data_dir.join("jwt-secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StartError(format!("cannot read {}: {e}", path.display()))),
+    }
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw)
+        .map_err(|e| StartError(format!("no randomness for the secret: {e}")))?;
+    let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&path, &secret)
+        .map_err(|e| StartError(format!("cannot write {}: {e}", path.display())))?;
+    Ok(secret)
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+/// Two users and a room on an empty embedded database; returns the demo
+/// users (id, username) whenever they exist.
+async fn seed_demo(pool: &Pool) -> Result<Vec<(i64, String)>, db::DbError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let empty: bool = tx
+        .query_one("SELECT NOT EXISTS (SELECT 1 FROM users_user)", &[])
+        .await?
+        .get(0);
+    if empty {
+        tx.batch_execute(
+            "INSERT INTO users_user (username, first_name, last_name) VALUES
+                 ('alice', 'Alice', 'Liddell'), ('bob', 'Bob', 'Builder');
+             INSERT INTO chat_chatroom (type, name) VALUES ('group', 'General');
+             INSERT INTO chat_chatroom_participants (chatroom_id, user_id)
+                 SELECT r.id, u.id FROM chat_chatroom r, users_user u
+                 WHERE r.name = 'General' AND u.username IN ('alice', 'bob');
+             INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at)
+                 SELECT r.id, u.id, 'Welcome to hark! Open this page as the other user in a second tab.', now()
+                 FROM chat_chatroom r, users_user u WHERE r.name = 'General' AND u.username = 'alice';",
+        )
+        .await?;
+        tracing::info!("seeded the demo: users alice and bob, room General");
+    }
+    let rows = tx
+        .query(
+            "SELECT id, username::text FROM users_user WHERE username IN ('alice', 'bob') ORDER BY id",
+            &[],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Tells the operator where hark is (stdout, not the log: the demo tokens
+/// printed here are the point of embedded mode).
+fn announce(addr: SocketAddr, secret: &str, demo: &[(i64, String)]) {
+    tracing::info!(%addr, "listening");
+    let host = if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    println!("hark is listening on http://{host}");
+    for (id, name) in demo {
+        let token = crate::auth::issue(secret.as_bytes(), *id, chrono::Duration::days(7));
+        println!("  demo user {name} (id {id}): http://{host}/?token={token}");
+        println!("    curl -H 'Authorization: Bearer {token}' http://{host}/api/chat/rooms/");
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on SIGTERM's default action.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Each waiting poll and stream is a socket: lift the soft descriptor limit
+/// to the hard one, as servers do.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Access tokens: HS256 JWTs compatible with djangorestframework-simplejwt.
+//!
+//! Only HS256 is accepted — `alg: none` and every other algorithm are
+//! refused by the validation, not by string matching. `exp` is required and
+//! enforced without leeway (simplejwt's default). `user_id` may be a number
+//! or a string of digits; `token_type`, when present, must be `access`.
+//! Tokens are never logged: the request log redacts them (see
+//! [`crate::http::redact_query`]).
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Why a token was refused; every variant is a 401.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    Missing,
+    Invalid,
+    Expired,
+}
+
+impl AuthError {
+    pub fn message(self) -> &'static str {
+        match self {
+            AuthError::Missing => "Authentication credentials were not provided.",
+            AuthError::Invalid => "Given token not valid for any token type",
+            AuthError::Expired => "Token is expired",
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            AuthError::Missing => "not_authenticated",
+            AuthError::Invalid => "token_not_valid",
+            AuthError::Expired => "token_expired",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    user_id: UserId,
+    #[serde(default)]
+    token_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum UserId {
+    Number(i64),
+    Text(String),
+}
+
+/// Verifies tokens with one secret.
+pub struct Auth {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl Auth {
+    pub fn new(secret: &[u8]) -> Auth {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.validate_exp = true;
+        validation.set_required_spec_claims(&["exp"]);
+        // simplejwt sets no audience by default.
+        validation.validate_aud = false;
+        Auth {
+            key: DecodingKey::from_secret(secret),
+            validation,
+        }
+    }
+
+    /// The user id a valid access token names.
+    pub fn verify(&self, token: &str) -> Result<i64, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid,
+            },
+        )?;
+        if data
+            .claims
+            .token_type
+            .as_deref()
+            .is_some_and(|t| t != "access")
+        {
+            return Err(AuthError::Invalid);
+        }
+        match data.claims.user_id {
+            UserId::Number(id) if id > 0 => Ok(id),
+            UserId::Text(s)
+                if !s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                s.parse().map_err(|_| AuthError::Invalid)
+            }
+            _ => Err(AuthError::Invalid),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct IssueClaims<'a> {
+    token_type: &'a str,
+    exp: i64,
+    iat: i64,
+    jti: String,
+    user_id: i64,
+}
+
+/// Issues a simplejwt-shaped access token (the embedded demo prints these;
+/// tests use it too).
+pub fn issue(secret: &[u8], user_id: i64, ttl: chrono::Duration) -> String {
+    let now = chrono::Utc::now();
+    let mut jti = [0u8; 16];
+    let _ = getrandom::fill(&mut jti);
+    let claims = IssueClaims {
+        token_type: "access",
+        exp: (now + ttl).timestamp(),
+        iat: now.timestamp(),
+        jti: jti.iter().map(|b| format!("{b:02x}")).collect(),
+        user_id,
+    };
+    // HS256 over plain claims cannot fail.
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+
+    const SECRET: &[u8] = b"test-secret";
+
+    fn raw(header: &str, claims: &str, secret: &[u8]) -> String {
+        use hmac_sign::sign;
+        let h = URL_SAFE_NO_PAD.encode(header);
+        let c = URL_SAFE_NO_PAD.encode(claims);
+        let msg = format!("{h}.{c}");
+        format!(
+            "{msg}.{}",
+            URL_SAFE_NO_PAD.encode(sign(secret, msg.as_bytes()))
+        )
+    }
+
+    // The test signs by hand (not with jsonwebtoken) so that it can forge
+    // headers the library would refuse to produce.
+    mod hmac_sign {
+        pub(super) fn sign(secret: &[u8], msg: &[u8]) -> Vec<u8> {
+            let key = jsonwebtoken::EncodingKey::from_secret(secret);
+            let sig =
+                jsonwebtoken::crypto::sign(msg, &key, jsonwebtoken::Algorithm::HS256).unwrap();
+            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, sig).unwrap()
+        }
+    }
+
+    fn exp_in(secs: i64) -> i64 {
+        chrono::Utc::now().timestamp() + secs
+    }
+
+    #[test]
+    fn accepts_simplejwt_tokens() {
+        let auth = Auth::new(SECRET);
+        assert_eq!(
+            auth.verify(&issue(SECRET, 42, chrono::Duration::hours(1))),
+            Ok(42)
+        );
+        let t = raw(
+            r#"{"alg":"HS256","typ":"JWT"}"#,
+            &format!(
+                r#"{{"user_id":"7","exp":{},"token_type":"access"}}"#,
+                exp_in(60)
+            ),
+            SECRET,
+        );
+        assert_eq!(auth.verify(&t), Ok(7));
+        let no_type = raw(
+            r#"{"alg":"HS256"}"#,
+            &format!(r#"{{"user_id":8,"exp":{}}}"#, exp_in(60)),
+            SECRET,
+        );
+        assert_eq!(auth.verify(&no_type), Ok(8));
+    }
+
+    #[test]
+    fn refuses_bad_tokens() {
+        let auth = Auth::new(SECRET);
+        let exp = exp_in(60);
+        let claims = format!(r#"{{"user_id":1,"exp":{exp}}}"#);
+        // Expired.
+        let old = raw(
+            r#"{"alg":"HS256"}"#,
+            &format!(r#"{{"user_id":1,"exp":{}}}"#, exp_in(-5)),
+            SECRET,
+        );
+        assert_eq!(auth.verify(&old), Err(AuthError::Expired));
+        // Wrong secret.
+        assert_eq!(
+            auth.verify(&raw(r#"{"alg":"HS256"}"#, &claims, b"other")),
+            Err(AuthError::Invalid)
+        );
+        // alg none, with and without a signature.
+        let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#);
+        let c = URL_SAFE_NO_PAD.encode(&claims);
+        assert_eq!(auth.verify(&format!("{h}.{c}.")), Err(AuthError::Invalid));
+        assert_eq!(
+            auth.verify(&raw(r#"{"alg":"none"}"#, &claims, SECRET)),
+            Err(AuthError::Invalid)
+        );
+        // Another HMAC algorithm.
+        assert_eq!(
+            auth.verify(&raw(r#"{"alg":"HS512"}"#, &claims, SECRET)),
+            Err(AuthError::Invalid)
+        );
+        // No exp.
+        assert_eq!(
+            auth.verify(&raw(r#"{"alg":"HS256"}"#, r#"{"user_id":1}"#, SECRET)),
+            Err(AuthError::Invalid)
+        );
+        // Refresh token.
+        let refresh = format!(r#"{{"user_id":1,"exp":{exp},"token_type":"refresh"}}"#);
+        assert_eq!(
+            auth.verify(&raw(r#"{"alg":"HS256"}"#, &refresh, SECRET)),
+            Err(AuthError::Invalid)
+        );
+        // user_id not digits / missing / negative.
+        for c in [
+            format!(r#"{{"user_id":"1a","exp":{exp}}}"#),
+            format!(r#"{{"exp":{exp}}}"#),
+            format!(r#"{{"user_id":-3,"exp":{exp}}}"#),
+            format!(r#"{{"user_id":1.5,"exp":{exp}}}"#),
+        ] {
+            assert_eq!(
+                auth.verify(&raw(r#"{"alg":"HS256"}"#, &c, SECRET)),
+                Err(AuthError::Invalid),
+                "{c}"
+            );
+        }
+        assert_eq!(auth.verify("garbage"), Err(AuthError::Invalid));
+        assert_eq!(auth.verify(""), Err(AuthError::Invalid));
+    }
+}

@@ -1,0 +1,148 @@
+//! Configuration: every setting is an environment variable and a flag of the
+//! same meaning (`hark --help` lists them with their defaults).
+//!
+//! Limits live here rather than as constants in the modules that enforce them
+//! so that one place documents every bound a production operator can tune.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// hark's settings. Field docs are the `--help` text.
+#[derive(Parser, Clone)]
+#[command(
+    name = "hark",
+    version,
+    about = "Typing indicators and real-time message sync (long poll + SSE) on PostgreSQL",
+    long_about = None
+)]
+pub struct Config {
+    /// PostgreSQL connection URL. Unset: hark starts an embedded PostgreSQL
+    /// under its data directory.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Address to listen on.
+    #[arg(long, env = "HARK_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// HS256 secret of the access tokens (the Django SIMPLE_JWT signing key).
+    /// Unset in embedded mode: generated once and kept in the data directory.
+    #[arg(long, env = "HARK_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Directory for the embedded cluster and the generated secret.
+    #[arg(long, env = "HARK_DATA_DIR", default_value = "hark-data")]
+    pub data_dir: PathBuf,
+
+    /// Origins allowed to call hark from a browser: comma-separated, or `*`.
+    /// Unset: no cross-origin access.
+    #[arg(long, env = "HARK_CORS_ORIGINS")]
+    pub cors_origins: Option<String>,
+
+    /// How long a typing state lasts after the user's last `is_typing: true`.
+    #[arg(long, env = "HARK_TYPING_TTL_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub typing_ttl_ms: u64,
+
+    /// Interval of `: ping` comments on idle event streams.
+    #[arg(long, env = "HARK_PING_INTERVAL_MS", default_value_t = 15000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub ping_interval_ms: u64,
+
+    /// Long-poll timeout when the request gives none, in seconds.
+    #[arg(long, env = "HARK_POLL_TIMEOUT_DEFAULT_S", default_value_t = 25)]
+    pub poll_timeout_default_s: u64,
+
+    /// Largest long-poll timeout a request may ask for, in seconds.
+    #[arg(long, env = "HARK_POLL_TIMEOUT_MAX_S", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub poll_timeout_max_s: u64,
+
+    /// Largest `limit` a poll may ask for.
+    #[arg(long, env = "HARK_POLL_LIMIT_MAX", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub poll_limit_max: u32,
+
+    /// Longest message content, in characters.
+    #[arg(long, env = "HARK_MAX_CONTENT_CHARS", default_value_t = 10000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_content_chars: u32,
+
+    /// Largest request body, in bytes.
+    #[arg(long, env = "HARK_MAX_BODY_BYTES", default_value_t = 65536,
+          value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
+    pub max_body_bytes: u64,
+
+    /// Message events an event stream may fall behind before the slow reader
+    /// is disconnected (it resumes losslessly with Last-Event-ID).
+    #[arg(long, env = "HARK_STREAM_BACKLOG", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub stream_backlog: u32,
+
+    /// Most simultaneous client connections; beyond it hark answers 503.
+    #[arg(long, env = "HARK_MAX_CONNECTIONS", default_value_t = 10000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Connections in the database pool (the LISTEN connection is extra).
+    #[arg(long, env = "HARK_DB_POOL_SIZE", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_pool_size: u32,
+
+    /// Recent messages the hub keeps per watched room to answer polls from
+    /// memory.
+    #[arg(long, env = "HARK_HUB_RING", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub hub_ring: u32,
+
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, env = "HARK_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// Parses settings for tests and embedding, from flags only (the
+    /// environment still applies).
+    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Config::try_parse_from(args)
+    }
+
+    pub fn typing_ttl(&self) -> Duration {
+        Duration::from_millis(self.typing_ttl_ms)
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
+}
+
+impl std::fmt::Debug for Config {
+    // Secrets (the JWT key, the password inside DATABASE_URL) never reach logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &self.database_url.as_ref().map(|_| "<set>"))
+            .field("bind", &self.bind)
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<set>"))
+            .field("data_dir", &self.data_dir)
+            .field("cors_origins", &self.cors_origins)
+            .field("typing_ttl_ms", &self.typing_ttl_ms)
+            .field("ping_interval_ms", &self.ping_interval_ms)
+            .field("poll_timeout_default_s", &self.poll_timeout_default_s)
+            .field("poll_timeout_max_s", &self.poll_timeout_max_s)
+            .field("poll_limit_max", &self.poll_limit_max)
+            .field("max_content_chars", &self.max_content_chars)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("stream_backlog", &self.stream_backlog)
+            .field("max_connections", &self.max_connections)
+            .field("db_pool_size", &self.db_pool_size)
+            .field("hub_ring", &self.hub_ring)
+            .finish()
+    }
+}

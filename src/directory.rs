@@ -1,0 +1,182 @@
+//! Who exists and who belongs where: users (for auth and for the objects we
+//! send) and room participants, cached in memory.
+//!
+//! The cache is exact, not time-based: triggers on the participants, rooms
+//! and users tables NOTIFY every change and the listener calls the
+//! `invalidate_*` methods. While the listener is down those notifications
+//! would be missed, so the cache is bypassed then and cleared on reconnect.
+//! A generation counter keeps a read that raced an invalidation from
+//! caching what it read.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use deadpool_postgres::Pool;
+
+use crate::db::DbError;
+use crate::hub::Hub;
+use crate::message::User;
+
+/// Entries kept before the cache starts over (bounded memory).
+const MAX_ENTRIES: usize = 100_000;
+
+/// The requester's standing in a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Participant,
+    NotParticipant,
+    NoSuchRoom,
+}
+
+#[derive(Clone)]
+pub struct Directory {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    hub: Hub,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    generation: u64,
+    users: HashMap<i64, Option<Arc<User>>>,
+    /// None: the room does not exist.
+    rooms: HashMap<i64, Option<Arc<HashSet<i64>>>>,
+}
+
+impl Directory {
+    pub fn new(pool: Pool, hub: Hub) -> Directory {
+        Directory {
+            inner: Arc::new(Inner {
+                pool,
+                hub,
+                cache: Mutex::new(Cache::default()),
+            }),
+        }
+    }
+
+    fn cache(&self) -> MutexGuard<'_, Cache> {
+        self.inner.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The user, or None when no such user exists.
+    pub async fn user(&self, id: i64) -> Result<Option<Arc<User>>, DbError> {
+        let generation = {
+            let c = self.cache();
+            if let Some(hit) = c.users.get(&id) {
+                return Ok(hit.clone());
+            }
+            c.generation
+        };
+        let client = self.inner.pool.get().await?;
+        let st = client
+            .prepare_cached(
+                "SELECT id, username, first_name, last_name FROM users_user WHERE id = $1",
+            )
+            .await?;
+        let user = match client.query_opt(&st, &[&id]).await? {
+            Some(row) => Some(Arc::new(User {
+                id: row.try_get(0)?,
+                username: row.try_get(1)?,
+                first_name: row.try_get(2)?,
+                last_name: row.try_get(3)?,
+            })),
+            None => None,
+        };
+        self.store(generation, |c| {
+            c.users.insert(id, user.clone());
+        });
+        Ok(user)
+    }
+
+    /// Whether `user` may read and write `room`.
+    pub async fn access(&self, room: i64, user: i64) -> Result<Access, DbError> {
+        let generation = {
+            let c = self.cache();
+            if let Some(hit) = c.rooms.get(&room) {
+                return Ok(classify(hit.as_deref(), user));
+            }
+            c.generation
+        };
+        let client = self.inner.pool.get().await?;
+        let st = client
+            .prepare_cached(
+                "SELECT r.id, array_remove(array_agg(p.user_id), NULL) \
+                 FROM chat_chatroom r LEFT JOIN chat_chatroom_participants p ON p.chatroom_id = r.id \
+                 WHERE r.id = $1 GROUP BY r.id",
+            )
+            .await?;
+        let members: Option<Arc<HashSet<i64>>> = match client.query_opt(&st, &[&room]).await? {
+            Some(row) => Some(Arc::new(
+                row.try_get::<_, Vec<i64>>(1)?.into_iter().collect(),
+            )),
+            None => None,
+        };
+        let access = classify(members.as_deref(), user);
+        self.store(generation, |c| {
+            c.rooms.insert(room, members);
+        });
+        Ok(access)
+    }
+
+    /// The rooms `user` participates in (not cached: asked once per stream
+    /// and after each of its membership changes).
+    pub async fn rooms_of(&self, user: i64) -> Result<Vec<i64>, DbError> {
+        let client = self.inner.pool.get().await?;
+        let st = client
+            .prepare_cached(
+                "SELECT chatroom_id FROM chat_chatroom_participants WHERE user_id = $1 ORDER BY chatroom_id",
+            )
+            .await?;
+        let rows = client.query(&st, &[&user]).await?;
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(DbError::from))
+            .collect()
+    }
+
+    fn store(&self, generation: u64, f: impl FnOnce(&mut Cache)) {
+        if !self.inner.hub.listener_up() {
+            return;
+        }
+        let mut c = self.cache();
+        if c.generation != generation {
+            return;
+        }
+        if c.users.len() + c.rooms.len() >= MAX_ENTRIES {
+            c.users.clear();
+            c.rooms.clear();
+        }
+        f(&mut c);
+    }
+
+    pub fn invalidate_room(&self, room: i64) {
+        let mut c = self.cache();
+        c.generation += 1;
+        c.rooms.remove(&room);
+    }
+
+    pub fn invalidate_user(&self, user: i64) {
+        let mut c = self.cache();
+        c.generation += 1;
+        c.users.remove(&user);
+    }
+
+    /// Forget everything (the listener reconnected: changes may be missed).
+    pub fn clear(&self) {
+        let mut c = self.cache();
+        c.generation += 1;
+        c.users.clear();
+        c.rooms.clear();
+    }
+}
+
+fn classify(members: Option<&HashSet<i64>>, user: i64) -> Access {
+    match members {
+        None => Access::NoSuchRoom,
+        Some(m) if m.contains(&user) => Access::Participant,
+        Some(_) => Access::NotParticipant,
+    }
+}

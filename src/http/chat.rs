@@ -1,0 +1,151 @@
+//! The chat endpoints: typing, rooms list and detail, the read marker and
+//! sending a message.
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::{authenticate, json_response, query_pairs, read_json, Body};
+use crate::app::App;
+use crate::db::{messages, rooms};
+use crate::directory::Access;
+use crate::message::Message;
+
+/// 404 for an unknown room, 403 for a non-participant.
+pub async fn require_participant(app: &App, room: i64, user: i64) -> Result<(), ApiError> {
+    match app.directory.access(room, user).await? {
+        Access::Participant => Ok(()),
+        Access::NotParticipant => Err(ApiError::NotParticipant),
+        Access::NoSuchRoom => Err(ApiError::NotFound("Room not found")),
+    }
+}
+
+fn ok_json(status: StatusCode, v: &impl serde::Serialize) -> Result<Response<Body>, ApiError> {
+    let body = serde_json::to_vec(v).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut resp = json_response(status, body);
+    resp.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    Ok(resp)
+}
+
+/// POST /api/chat/rooms/{id}/typing/
+pub async fn typing(
+    app: &App,
+    req: Request<Incoming>,
+    room: i64,
+) -> Result<Response<Body>, ApiError> {
+    let pairs = query_pairs(&req);
+    let user = authenticate(app, &req, &pairs).await?;
+    let body = read_json(app, req).await?;
+    let on = match body.get("is_typing") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "invalid_is_typing",
+                "is_typing must be a boolean",
+            ))
+        }
+    };
+    require_participant(app, room, user.id).await?;
+    app.typing.set(room, user.id, on).await?;
+    ok_json(
+        StatusCode::OK,
+        &serde_json::json!({"success": true, "message": "Typing status updated"}),
+    )
+}
+
+/// GET /api/chat/rooms/ and /api/chat/rooms/{id}/
+pub async fn rooms(
+    app: &App,
+    req: Request<Incoming>,
+    only: Option<i64>,
+) -> Result<Response<Body>, ApiError> {
+    let pairs = query_pairs(&req);
+    let user = authenticate(app, &req, &pairs).await?;
+    if let Some(room) = only {
+        require_participant(app, room, user.id).await?;
+    }
+    let client = app.pool.get().await.map_err(crate::db::DbError::from)?;
+    let mut list = rooms::list(&client, user.id, only).await?;
+    match only {
+        None => ok_json(StatusCode::OK, &list),
+        Some(_) => match list.pop() {
+            Some(room) => ok_json(StatusCode::OK, &room),
+            // Left the room between the check and the read.
+            None => Err(ApiError::NotParticipant),
+        },
+    }
+}
+
+/// POST /api/chat/rooms/{id}/read/
+pub async fn mark_read(
+    app: &App,
+    req: Request<Incoming>,
+    room: i64,
+) -> Result<Response<Body>, ApiError> {
+    let pairs = query_pairs(&req);
+    let user = authenticate(app, &req, &pairs).await?;
+    require_participant(app, room, user.id).await?;
+    let client = app.pool.get().await.map_err(crate::db::DbError::from)?;
+    rooms::mark_read(&client, room, user.id).await?;
+    ok_json(StatusCode::OK, &serde_json::json!({"success": true}))
+}
+
+/// POST /api/chat/messages/
+pub async fn send_message(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let pairs = query_pairs(&req);
+    let user = authenticate(app, &req, &pairs).await?;
+    let body = read_json(app, req).await?;
+    let room = match body.get("room_id").or_else(|| body.get("room")) {
+        Some(Value::Number(n)) => n.as_i64().filter(|&r| r > 0).ok_or_else(|| {
+            ApiError::bad("invalid_room_id", "room_id must be a positive integer")
+        })?,
+        None | Some(Value::Null) => {
+            return Err(ApiError::bad("invalid_room_id", "room_id is required"))
+        }
+        Some(_) => {
+            return Err(ApiError::bad(
+                "invalid_room_id",
+                "room_id must be a positive integer",
+            ))
+        }
+    };
+    let content = match body.get("content") {
+        Some(Value::String(s)) => s.as_str(),
+        None | Some(Value::Null) => {
+            return Err(ApiError::bad("invalid_content", "content is required"))
+        }
+        Some(_) => return Err(ApiError::bad("invalid_content", "content must be a string")),
+    };
+    if content.trim().is_empty() {
+        return Err(ApiError::bad("invalid_content", "content may not be blank"));
+    }
+    if content.contains('\0') {
+        return Err(ApiError::bad(
+            "invalid_content",
+            "content may not contain NUL characters",
+        ));
+    }
+    let max = app.config.max_content_chars as usize;
+    if content.chars().count() > max {
+        return Err(ApiError::bad(
+            "invalid_content",
+            format!("content may have at most {max} characters"),
+        ));
+    }
+    require_participant(app, room, user.id).await?;
+    let client = app.pool.get().await.map_err(crate::db::DbError::from)?;
+    let (id, created_at) = messages::send(&client, room, user.id, content).await?;
+    let msg = Message {
+        id,
+        room,
+        sender: (*user).clone(),
+        content: content.to_string(),
+        created_at,
+    };
+    ok_json(StatusCode::CREATED, &msg)
+}

@@ -1,0 +1,273 @@
+//! The HTTP edge: the accept loop and its limits, the per-request wrapper
+//! (CORS, request log, errors → responses) and the helpers handlers share.
+//! Routing is in [`router`]; each endpoint family has its own module.
+
+pub mod chat;
+pub mod cors;
+pub mod error;
+pub mod events;
+pub mod ops;
+pub mod poll;
+pub mod router;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::auth::AuthError;
+use crate::message::User;
+use crate::shutdown::Shutdown;
+use error::ApiError;
+
+/// Every response body: small JSON in one frame, or an event stream.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+/// Time a client has to send its request head (slowloris guard).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to send a request body once its head arrived.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for connections that are not polls or streams.
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(4000);
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
+
+pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// The query string as decoded pairs (`+` is a space, as forms encode it).
+pub fn query_pairs(req: &Request<Incoming>) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+pub fn query_get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The requester: a valid token naming an existing user.
+pub async fn authenticate(
+    app: &App,
+    req: &Request<Incoming>,
+    pairs: &[(String, String)],
+) -> Result<Arc<User>, ApiError> {
+    let token = match req.headers().get(AUTHORIZATION) {
+        Some(h) => {
+            let h = h.to_str().map_err(|_| AuthError::Invalid)?;
+            let (scheme, token) = h.split_once(' ').ok_or(AuthError::Invalid)?;
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err(AuthError::Invalid.into());
+            }
+            token.trim().to_string()
+        }
+        None => query_get(pairs, "access_token")
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::Missing)?
+            .to_string(),
+    };
+    let id = app.auth.verify(&token)?;
+    app.directory.user(id).await?.ok_or(ApiError::UnknownUser)
+}
+
+/// Reads a JSON object body within the size limit. A missing Content-Type
+/// is read as JSON; another explicit type is a 415.
+pub async fn read_json(
+    app: &App,
+    req: Request<Incoming>,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    let max = app.config.max_body_bytes;
+    if let Some(ct) = req.headers().get(CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("");
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        let json = mime.eq_ignore_ascii_case("application/json")
+            || (mime.len() > 5 && mime[mime.len() - 5..].eq_ignore_ascii_case("+json"));
+        if !json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+    }
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(ApiError::PayloadTooLarge(max));
+    }
+    let limited = Limited::new(req.into_body(), max as usize);
+    let bytes = match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
+        Err(_) => {
+            return Err(ApiError::bad(
+                "body_timeout",
+                "The request body did not arrive in time",
+            ))
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::PayloadTooLarge(max))
+        }
+        Ok(Err(_)) => {
+            return Err(ApiError::bad(
+                "invalid_body",
+                "The request body could not be read",
+            ))
+        }
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad(
+            "invalid_json",
+            "The request body must be a JSON object",
+        ));
+    }
+    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::bad(
+            "invalid_json",
+            "The request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::bad(
+            "invalid_json",
+            format!("Malformed JSON: {e}"),
+        )),
+    }
+}
+
+/// The path and query for the log, with every token-bearing parameter
+/// replaced: tokens never reach logs.
+pub fn redact_query(uri: &hyper::Uri) -> String {
+    let path = uri.path();
+    let Some(q) = uri.query() else {
+        return path.to_string();
+    };
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+        let secret = matches!(k.as_ref(), "access_token" | "token" | "jwt");
+        out.append_pair(&k, if secret { "REDACTED" } else { &v });
+    }
+    format!("{path}?{}", out.finish())
+}
+
+/// One request: route, turn errors into responses, add CORS, log a line.
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let target = redact_query(req.uri());
+    let origin = req.headers().get(hyper::header::ORIGIN).cloned();
+    let mut resp = match router::route(&app, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    app.cors.apply(origin.as_ref(), resp.headers_mut());
+    tracing::info!(
+        target: "hark::request",
+        method = %method,
+        path = %target,
+        status = resp.status().as_u16(),
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+    );
+    Ok(resp)
+}
+
+/// Accepts connections until shutdown, then drains. Long polls and event
+/// streams finish themselves on the same signal; everything else gets
+/// DRAIN_TIMEOUT.
+pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown) {
+    let limit = Arc::new(Semaphore::new(app.config.max_connections as usize));
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true)
+        .max_buf_size(64 * 1024);
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (stream, _peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => { backoff = Duration::from_millis(5); a }
+                Err(e) => {
+                    // EMFILE and friends: keep serving those already here.
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        match limit.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let app2 = app.clone();
+                let conn =
+                    builder.serve_connection(io, service_fn(move |req| handle(app2.clone(), req)));
+                let conn = graceful.watch(conn);
+                let metrics = app.metrics.clone();
+                tokio::spawn(async move {
+                    metrics.open_connections.fetch_add(1, Relaxed);
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    metrics.open_connections.fetch_sub(1, Relaxed);
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                app.metrics.rejected_connections.fetch_add(1, Relaxed);
+                let conn = builder.serve_connection(
+                    io,
+                    service_fn(|_req| async {
+                        let mut resp = ApiError::Unavailable {
+                            message: "Too many connections; try again shortly",
+                            retry_after_s: 1,
+                        }
+                        .into_response();
+                        resp.headers_mut()
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                        Ok::<_, Infallible>(resp)
+                    }),
+                );
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, conn).await;
+                });
+            }
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(DRAIN_TIMEOUT) => {
+            tracing::warn!("connections still open after the drain timeout; closing them");
+        }
+    }
+}

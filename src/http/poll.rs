@@ -1,0 +1,458 @@
+//! GET /api/chat/messages/poll/ — the true long poll.
+//!
+//! The poll registers with the hub *before* it reads anything, then loops:
+//! answer from the hub's memory if it can, else read the database (the
+//! cold path); if nothing is due, wait — holding no database connection —
+//! until the hub wakes it, the timeout passes, the client goes away (hyper
+//! drops this future, and the subscription guard unregisters) or shutdown
+//! begins (answer with the cursor at once).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CACHE_CONTROL};
+use hyper::{Request, Response, StatusCode};
+use tokio::time::Instant;
+
+use super::chat::require_participant;
+use super::error::ApiError;
+use super::{authenticate, json_response, query_get, query_pairs, Body};
+use crate::app::App;
+use crate::cursor::{Cursor, Lower, Origin, Position, Snapshot};
+use crate::db::messages::{self, Read};
+use crate::db::DbError;
+use crate::hub::HubRead;
+use crate::message::{format_ts, StoredMessage};
+
+const DEFAULT_LIMIT: u32 = 100;
+
+/// Where a poll starts, from `since`.
+#[derive(Debug)]
+pub enum Since {
+    /// No `since`: the latest messages, at once.
+    Latest,
+    /// An ISO timestamp (the seed frontend): created after it.
+    CreatedAfter(DateTime<Utc>),
+    Cursor(Cursor),
+}
+
+/// Parses `since`: empty is absent; an ISO-8601 timestamp with `Z` or an
+/// offset (a `+` that arrived as a space is read as `+`); else a cursor.
+pub fn parse_since(raw: Option<&str>) -> Result<Since, ApiError> {
+    let Some(raw) = raw.filter(|s| !s.is_empty()) else {
+        return Ok(Since::Latest);
+    };
+    if let Some(ts) = parse_iso(raw) {
+        return Ok(Since::CreatedAfter(ts));
+    }
+    Cursor::decode(raw).map(Since::Cursor).map_err(|_| {
+        ApiError::bad(
+            "invalid_since",
+            "since must be a cursor from an earlier response or an ISO-8601 timestamp",
+        )
+    })
+}
+
+fn parse_iso(raw: &str) -> Option<DateTime<Utc>> {
+    if raw.len() > 64 {
+        return None;
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
+        return Some(t.with_timezone(&Utc));
+    }
+    // `2026-01-15T10:00:00 00:00`: a `+` decoded as a space.
+    let i = raw.rfind(' ')?;
+    let fixed = format!("{}+{}", &raw[..i], &raw[i + 1..]);
+    DateTime::parse_from_rfc3339(&fixed)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// A whole number in `min..=max`, or a 400 naming the parameter.
+fn whole(
+    raw: Option<&str>,
+    name: &'static str,
+    code: &'static str,
+    min: u64,
+    max: u64,
+    default: u64,
+) -> Result<u64, ApiError> {
+    let Some(raw) = raw else { return Ok(default) };
+    let bad = || {
+        ApiError::bad(
+            code,
+            format!("{name} must be a whole number from {min} to {max}"),
+        )
+    };
+    if raw.is_empty() || raw.len() > 19 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let v: u64 = raw.parse().map_err(|_| bad())?;
+    if v < min || v > max {
+        return Err(bad());
+    }
+    Ok(v)
+}
+
+pub fn parse_room_id(raw: Option<&str>) -> Result<i64, ApiError> {
+    let raw = raw.ok_or_else(|| ApiError::bad("invalid_room_id", "room_id is required"))?;
+    raw.parse::<i64>()
+        .ok()
+        .filter(|&r| r > 0 && raw.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| ApiError::bad("invalid_room_id", "room_id must be a positive integer"))
+}
+
+/// The cursor's database must be this one.
+pub fn check_origin(cursor: &Cursor, origin: Origin) -> Result<(), ApiError> {
+    if cursor.origin != origin {
+        return Err(ApiError::CursorReset);
+    }
+    Ok(())
+}
+
+pub async fn poll(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let pairs = query_pairs(&req);
+    let user = authenticate(app, &req, &pairs).await?;
+    drop(req);
+    let room = parse_room_id(query_get(&pairs, "room_id"))?;
+    let since = parse_since(query_get(&pairs, "since"))?;
+    let cfg = &app.config;
+    let timeout = whole(
+        query_get(&pairs, "timeout"),
+        "timeout",
+        "invalid_timeout",
+        0,
+        cfg.poll_timeout_max_s,
+        cfg.poll_timeout_default_s.min(cfg.poll_timeout_max_s),
+    )?;
+    let limit = whole(
+        query_get(&pairs, "limit"),
+        "limit",
+        "invalid_limit",
+        1,
+        u64::from(cfg.poll_limit_max),
+        u64::from(DEFAULT_LIMIT.min(cfg.poll_limit_max)),
+    )? as usize;
+    require_participant(app, room, user.id).await?;
+    let origin = app.origin();
+    if let Since::Cursor(c) = &since {
+        check_origin(c, origin)?;
+    }
+
+    // Register before the first read: a row committing in between still wakes us.
+    let sub = app.hub.subscribe(&[room], false);
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let mut shutdown = app.shutdown.clone();
+    let mut pos = match since {
+        Since::Latest => {
+            let f = cold(
+                app,
+                room,
+                Read::Latest {
+                    limit: limit as i64,
+                },
+            )
+            .await?;
+            let cursor = Cursor::at(origin, f.head);
+            return Ok(respond(&f.rows, &cursor, false));
+        }
+        Since::CreatedAfter(since) => {
+            let f = cold(
+                app,
+                room,
+                Read::CreatedAfter {
+                    since,
+                    limit: limit as i64 + 1,
+                },
+            )
+            .await?;
+            match page(f.rows, limit, Lower::CreatedAfter(since), &f.head) {
+                Some((rows, next, more)) => {
+                    return Ok(respond(
+                        &rows,
+                        &Cursor {
+                            origin,
+                            position: next,
+                        },
+                        more,
+                    ))
+                }
+                None => Position::At(f.head),
+            }
+        }
+        Since::Cursor(c) => c.position,
+    };
+    let _waiting = WaitingGauge::new(app);
+    loop {
+        // 1. Answer what is due, from memory if the hub can.
+        match &pos {
+            Position::At(s) => match app.hub.read(&[room], s, limit) {
+                HubRead::Due {
+                    rows,
+                    head,
+                    more,
+                    heard,
+                } => {
+                    app.metrics.polls_answered_from_memory.fetch_add(1, Relaxed);
+                    let next = match (more, rows.last()) {
+                        (true, Some(last)) => Position::Paging {
+                            lower: Lower::Snapshot(s.clone()),
+                            upper: head,
+                            after_id: last.id,
+                        },
+                        _ => Position::At(head),
+                    };
+                    let resp = respond(
+                        &rows,
+                        &Cursor {
+                            origin,
+                            position: next,
+                        },
+                        more,
+                    );
+                    app.metrics.delivery_latency.observe(heard.elapsed());
+                    return Ok(resp);
+                }
+                HubRead::Nothing => {}
+                HubRead::Unknown => {
+                    let f = cold(
+                        app,
+                        room,
+                        Read::After {
+                            lower: s,
+                            limit: limit as i64 + 1,
+                        },
+                    )
+                    .await?;
+                    if s.xmax > f.head.xmax {
+                        return Err(ApiError::CursorReset);
+                    }
+                    match page(f.rows, limit, Lower::Snapshot(s.clone()), &f.head) {
+                        Some((rows, next, more)) => {
+                            return Ok(respond(
+                                &rows,
+                                &Cursor {
+                                    origin,
+                                    position: next,
+                                },
+                                more,
+                            ))
+                        }
+                        None => pos = Position::At(f.head),
+                    }
+                }
+            },
+            Position::Paging {
+                lower,
+                upper,
+                after_id,
+            } => {
+                if let Lower::Snapshot(l) = lower {
+                    if !upper.contains(l) {
+                        return Err(ApiError::bad(
+                            "invalid_since",
+                            "since is not a valid cursor",
+                        ));
+                    }
+                }
+                let f = cold(
+                    app,
+                    room,
+                    Read::Batch {
+                        lower,
+                        upper,
+                        after_id: *after_id,
+                        limit: limit as i64 + 1,
+                    },
+                )
+                .await?;
+                if upper.xmax > f.head.xmax
+                    || matches!(lower, Lower::Snapshot(l) if l.xmax > f.head.xmax)
+                {
+                    return Err(ApiError::CursorReset);
+                }
+                let mut rows = f.rows;
+                if rows.len() > limit {
+                    rows.truncate(limit);
+                    let last = rows.last().map_or(*after_id, |m| m.id);
+                    let next = Position::Paging {
+                        lower: lower.clone(),
+                        upper: upper.clone(),
+                        after_id: last,
+                    };
+                    return Ok(respond(
+                        &rows,
+                        &Cursor {
+                            origin,
+                            position: next,
+                        },
+                        true,
+                    ));
+                }
+                // The batch is done: the client has seen everything in `upper`.
+                let next = Position::At(upper.clone());
+                if !rows.is_empty() {
+                    return Ok(respond(
+                        &rows,
+                        &Cursor {
+                            origin,
+                            position: next,
+                        },
+                        f.beyond,
+                    ));
+                }
+                pos = next;
+                continue;
+            }
+        }
+        // 2. Nothing due: wait.
+        if Instant::now() >= deadline || shutdown.is_fired() {
+            return Ok(respond(
+                &[],
+                &Cursor {
+                    origin,
+                    position: pos,
+                },
+                false,
+            ));
+        }
+        tokio::select! {
+            _ = sub.notified() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = shutdown.wait() => {}
+        }
+    }
+}
+
+/// Splits a read of `limit + 1` rows new relative to `lower` (read at
+/// `head`) into the response page and the next position. None when empty.
+fn page(
+    mut rows: Vec<Arc<StoredMessage>>,
+    limit: usize,
+    lower: Lower,
+    head: &Arc<Snapshot>,
+) -> Option<(Vec<Arc<StoredMessage>>, Position, bool)> {
+    if rows.is_empty() {
+        return None;
+    }
+    if rows.len() > limit {
+        rows.truncate(limit);
+        let after_id = rows.last().map_or(0, |m| m.id);
+        let next = Position::Paging {
+            lower,
+            upper: head.clone(),
+            after_id,
+        };
+        return Some((rows, next, true));
+    }
+    Some((rows, Position::At(head.clone()), false))
+}
+
+/// A cold read on a pooled connection, released before any wait.
+async fn cold(app: &App, room: i64, read: Read<'_>) -> Result<messages::Fetched, ApiError> {
+    app.metrics.cold_queries.fetch_add(1, Relaxed);
+    let client = app.pool.get().await.map_err(DbError::from)?;
+    let f = messages::read(&client, &[room], read).await?;
+    app.hub.observe(&f.head);
+    Ok(f)
+}
+
+/// The response: messages are already JSON, so this only concatenates.
+fn respond(rows: &[Arc<StoredMessage>], cursor: &Cursor, has_more: bool) -> Response<Body> {
+    let cursor = cursor.encode();
+    let now = format_ts(&Utc::now());
+    let mut body = Vec::with_capacity(
+        96 + cursor.len() + rows.iter().map(|m| m.json.len() + 1).sum::<usize>(),
+    );
+    body.extend_from_slice(b"{\"messages\":[");
+    for (i, m) in rows.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&m.json);
+    }
+    body.extend_from_slice(b"],\"timestamp\":\"");
+    body.extend_from_slice(now.as_bytes());
+    body.extend_from_slice(b"\",\"cursor\":\"");
+    body.extend_from_slice(cursor.as_bytes());
+    body.extend_from_slice(if has_more {
+        b"\",\"has_more\":true}"
+    } else {
+        b"\",\"has_more\":false}"
+    });
+    let mut resp = json_response(StatusCode::OK, body);
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Counts this poll in `hark_waiting_polls` while it lives.
+struct WaitingGauge<'a>(&'a App);
+
+impl<'a> WaitingGauge<'a> {
+    fn new(app: &'a App) -> Self {
+        app.metrics.waiting_polls.fetch_add(1, Relaxed);
+        WaitingGauge(app)
+    }
+}
+
+impl Drop for WaitingGauge<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.waiting_polls.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_forms() {
+        assert!(matches!(parse_since(None), Ok(Since::Latest)));
+        assert!(matches!(parse_since(Some("")), Ok(Since::Latest)));
+        for iso in [
+            "2026-01-15T10:00:00Z",
+            "2026-01-15T10:00:00.123456Z",
+            "2026-01-15T10:00:00+02:00",
+            "2026-01-15T10:00:00.5 02:00",
+        ] {
+            assert!(
+                matches!(parse_since(Some(iso)), Ok(Since::CreatedAfter(_))),
+                "{iso}"
+            );
+        }
+        for bad in [
+            "yesterday",
+            "2026-01-15",
+            "2026-01-15T10:00:00",
+            "12",
+            "%%%",
+        ] {
+            match parse_since(Some(bad)) {
+                Err(ApiError::BadRequest { code, .. }) => assert_eq!(code, "invalid_since"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn whole_numbers_only() {
+        assert_eq!(whole(None, "t", "c", 0, 60, 25).unwrap(), 25);
+        assert_eq!(whole(Some("0"), "t", "c", 0, 60, 25).unwrap(), 0);
+        assert_eq!(whole(Some("60"), "t", "c", 0, 60, 25).unwrap(), 60);
+        for bad in [
+            "61",
+            "-1",
+            "1.5",
+            "",
+            "abc",
+            " 1",
+            "99999999999999999999999",
+        ] {
+            assert!(whole(Some(bad), "t", "c", 0, 60, 25).is_err(), "{bad}");
+        }
+    }
+}

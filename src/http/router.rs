@@ -1,0 +1,120 @@
+//! `(method, path)` → handler. Every path works with and without its
+//! trailing slash; unknown paths are JSON 404s and wrong methods JSON 405s
+//! with `Allow`; `OPTIONS` answers preflights.
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+
+use super::error::ApiError;
+use super::{chat, events, ops, poll, Body};
+use crate::app::App;
+
+enum Route {
+    Index,
+    Healthz,
+    Readyz,
+    Metrics,
+    Events,
+    Rooms,
+    Room(i64),
+    Typing(i64),
+    Read(i64),
+    Messages,
+    Poll,
+}
+
+impl Route {
+    fn allow(&self) -> &'static str {
+        match self {
+            Route::Typing(_) | Route::Read(_) | Route::Messages => "POST, OPTIONS",
+            _ => "GET, OPTIONS",
+        }
+    }
+
+    fn method(&self) -> Method {
+        match self {
+            Route::Typing(_) | Route::Read(_) | Route::Messages => Method::POST,
+            _ => Method::GET,
+        }
+    }
+}
+
+fn parse(path: &str) -> Option<Route> {
+    let trimmed = path.strip_suffix('/').unwrap_or(path);
+    let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
+    let id = |s: &str| -> Option<i64> {
+        // Django's <int:…> converter: digits only, so `/rooms/abc/` is a 404.
+        if s.is_empty() || s.len() > 18 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            None
+        } else {
+            s.parse().ok()
+        }
+    };
+    Some(match segments.as_slice() {
+        [] | [""] => Route::Index,
+        ["healthz"] => Route::Healthz,
+        ["readyz"] => Route::Readyz,
+        ["metrics"] => Route::Metrics,
+        ["events"] => Route::Events,
+        ["api", "chat", "rooms"] => Route::Rooms,
+        ["api", "chat", "rooms", r] => Route::Room(id(r)?),
+        ["api", "chat", "rooms", r, "typing"] => Route::Typing(id(r)?),
+        ["api", "chat", "rooms", r, "read"] => Route::Read(id(r)?),
+        ["api", "chat", "messages"] => Route::Messages,
+        ["api", "chat", "messages", "poll"] => Route::Poll,
+        _ => return None,
+    })
+}
+
+pub async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let Some(route) = parse(req.uri().path()) else {
+        return Err(ApiError::NotFound("Not found"));
+    };
+    if req.method() == Method::OPTIONS {
+        return Ok(app
+            .cors
+            .preflight(route.allow(), req.headers().get(hyper::header::ORIGIN)));
+    }
+    if *req.method() != route.method() {
+        return Err(ApiError::MethodNotAllowed(route.allow()));
+    }
+    match route {
+        Route::Index => Ok(ops::index()),
+        Route::Healthz => Ok(ops::healthz()),
+        Route::Readyz => ops::readyz(app).await,
+        Route::Metrics => Ok(ops::metrics(app)),
+        Route::Events => events::events(app, req).await,
+        Route::Rooms => chat::rooms(app, req, None).await,
+        Route::Room(id) => chat::rooms(app, req, Some(id)).await,
+        Route::Typing(id) => chat::typing(app, req, id).await,
+        Route::Read(id) => chat::mark_read(app, req, id).await,
+        Route::Messages => chat::send_message(app, req).await,
+        Route::Poll => poll::poll(app, req).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_with_and_without_slash() {
+        for p in ["/api/chat/rooms", "/api/chat/rooms/"] {
+            assert!(matches!(parse(p), Some(Route::Rooms)));
+        }
+        assert!(matches!(
+            parse("/api/chat/rooms/12/typing/"),
+            Some(Route::Typing(12))
+        ));
+        assert!(matches!(
+            parse("/api/chat/rooms/12/typing"),
+            Some(Route::Typing(12))
+        ));
+        assert!(matches!(parse("/"), Some(Route::Index)));
+        assert!(parse("/api/chat/rooms/abc/").is_none());
+        assert!(parse("/api/chat/rooms/-1/").is_none());
+        assert!(parse("/api/chat/rooms/99999999999999999999/").is_none());
+        assert!(parse("/nope").is_none());
+        assert!(parse("/api/chat/rooms//").is_none());
+    }
+}

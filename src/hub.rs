@@ -1,0 +1,741 @@
+//! The in-process hub: who is waiting on which room, and the recent
+//! messages of those rooms, so that one catch-up query per wake-up serves
+//! every waiting poll and stream (DESIGN §2).
+//!
+//! ## What the hub knows
+//! `head` is the snapshot of the latest catch-up. For each watched room the
+//! hub keeps a *bound* snapshot and a ring of rows, with the invariant
+//!
+//! > ring = every row of the room visible in `head` and not in `bound`.
+//!
+//! A cursor `At(S)` with `S ⊇ bound` is then answered from memory, exactly:
+//! the rows due are the ring rows not visible in S (see
+//! [`Snapshot::contains`]). Anything else — an older cursor, a room whose
+//! coverage has not started, a snapshot newer than anything the hub has
+//! seen — is [`HubRead::Unknown`], and the caller reads the database.
+//!
+//! ## Keeping the invariant
+//! * A room registered while no catch-up runs is covered from `head` at
+//!   once (empty ring). One registered during a catch-up (whose room list
+//!   was taken without it) waits for that catch-up to end and is covered
+//!   from its new head.
+//! * A catch-up reads every row of every covered room that is new relative
+//!   to `head`, then moves `head` — so every covered ring stays complete,
+//!   including rooms whose NOTIFY has not arrived yet.
+//! * Trimming drops whole batches from the front and moves `bound` to the
+//!   snapshot that ended the dropped batch.
+//!
+//! ## Waking
+//! Each subscriber owns a `Notify`; a catch-up that adds rows to a room
+//! calls `notify_one` on that room's subscribers. `notify_one` stores a
+//! permit, so a subscriber that checked the ring and is about to wait
+//! cannot miss it: register, then read. The lock is a std `Mutex`, held
+//! only for map and ring work, never across an `.await`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::cursor::{Origin, Snapshot};
+use crate::message::{StoredMessage, User};
+use crate::metrics::Metrics;
+
+/// Most rows one catch-up may return before the hub gives up on memory and
+/// sends every waiter to the database (overload, or a long listener outage).
+pub const CATCHUP_LIMIT: usize = 10_000;
+/// Typing events kept per room for streams that are between two reads.
+const TYPING_RING: usize = 64;
+
+/// A typing change as streams deliver it.
+#[derive(Debug, Clone)]
+pub struct TypingEvent {
+    pub room: i64,
+    pub user: User,
+    pub is_typing: bool,
+    /// The event's `data:` line, serialised once.
+    pub json: bytes::Bytes,
+}
+
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    /// Wakes the listener's catch-up loop.
+    catchup: Notify,
+    ring_capacity: usize,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct State {
+    head: Option<Arc<Snapshot>>,
+    /// Highest xmax of any snapshot read from this database: a cursor
+    /// beyond it may lie in the database's future, so the database decides.
+    known_xmax: u64,
+    origin: Option<Origin>,
+    catchup_running: bool,
+    /// A watched room was notified (or the listener reconnected).
+    catchup_due: bool,
+    listener_up: bool,
+    rooms: HashMap<i64, Room>,
+    /// Subscribers that follow every room of a user (membership changes).
+    users: HashMap<i64, HashMap<u64, Arc<Notify>>>,
+    next_key: u64,
+    typing_seq: u64,
+}
+
+struct Room {
+    subs: HashMap<u64, Sub>,
+    /// None until the catch-up running at registration time has ended.
+    bound: Option<Arc<Snapshot>>,
+    ring: VecDeque<Entry>,
+    typing: VecDeque<(u64, Arc<TypingEvent>)>,
+    /// When the first NOTIFY since the last catch-up arrived: the start of
+    /// the delivery latency of the rows that catch-up finds.
+    heard: Option<Instant>,
+}
+
+struct Sub {
+    notify: Arc<Notify>,
+    /// Event streams also want typing and membership wake-ups; polls don't.
+    stream: bool,
+}
+
+struct Entry {
+    /// The head snapshot of the catch-up that found this row.
+    batch: Arc<Snapshot>,
+    msg: Arc<StoredMessage>,
+    heard: Instant,
+}
+
+/// The answer of [`Hub::read`].
+#[derive(Debug)]
+pub enum HubRead {
+    /// The hub cannot tell for this cursor; read the database.
+    Unknown,
+    /// Nothing is due as of the hub's head: wait.
+    Nothing,
+    /// Rows due, ascending id; `more` when `limit` cut the list.
+    Due {
+        rows: Vec<Arc<StoredMessage>>,
+        head: Arc<Snapshot>,
+        more: bool,
+        heard: Instant,
+    },
+}
+
+/// What a catch-up must read.
+pub struct CatchupPlan {
+    /// None before the first catch-up: only a snapshot is needed.
+    pub lower: Option<Arc<Snapshot>>,
+    pub rooms: Vec<i64>,
+    started: Instant,
+}
+
+impl Hub {
+    pub fn new(ring_capacity: usize, metrics: Arc<Metrics>) -> Hub {
+        Hub {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                catchup: Notify::new(),
+                ring_capacity: ring_capacity.max(1),
+                metrics,
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers interest in `rooms`. The returned guard unregisters on drop
+    /// (a client that hangs up frees its place at once).
+    pub fn subscribe(&self, rooms: &[i64], stream: bool) -> Subscription {
+        let notify = Arc::new(Notify::new());
+        let mut st = self.state();
+        st.next_key += 1;
+        let key = st.next_key;
+        let cover = if st.catchup_running {
+            None
+        } else {
+            st.head.clone()
+        };
+        for &room in rooms {
+            let entry = st.rooms.entry(room).or_insert_with(|| Room {
+                subs: HashMap::new(),
+                bound: cover.clone(),
+                ring: VecDeque::new(),
+                typing: VecDeque::new(),
+                heard: None,
+            });
+            entry.subs.insert(
+                key,
+                Sub {
+                    notify: notify.clone(),
+                    stream,
+                },
+            );
+        }
+        drop(st);
+        Subscription {
+            hub: self.clone(),
+            key,
+            rooms: rooms.to_vec(),
+            user: None,
+            notify,
+        }
+    }
+
+    /// Answers "what is due after `At(cursor)` in `rooms`" from memory, or
+    /// says it cannot. The caller must hold a [`Subscription`] for `rooms`
+    /// taken before this call, so nothing slips between read and wait.
+    pub fn read(&self, rooms: &[i64], cursor: &Snapshot, limit: usize) -> HubRead {
+        let st = self.state();
+        let Some(head) = st.head.clone() else {
+            return HubRead::Unknown;
+        };
+        if cursor.xmax > st.known_xmax {
+            return HubRead::Unknown;
+        }
+        let mut due: Vec<&Entry> = Vec::new();
+        for room in rooms {
+            let Some(r) = st.rooms.get(room) else {
+                return HubRead::Unknown;
+            };
+            match &r.bound {
+                Some(bound) if cursor.contains(bound) => {}
+                _ => return HubRead::Unknown,
+            }
+            due.extend(r.ring.iter().filter(|e| !cursor.is_visible(e.msg.txid)));
+        }
+        if due.is_empty() {
+            return HubRead::Nothing;
+        }
+        due.sort_unstable_by_key(|e| e.msg.id);
+        let more = due.len() > limit;
+        due.truncate(limit);
+        let heard = due
+            .iter()
+            .map(|e| e.heard)
+            .min()
+            .unwrap_or_else(Instant::now);
+        HubRead::Due {
+            rows: due.iter().map(|e| e.msg.clone()).collect(),
+            head,
+            more,
+            heard,
+        }
+    }
+
+    /// The database identity cursors must carry, once the listener knows it.
+    pub fn origin(&self) -> Option<Origin> {
+        self.state().origin
+    }
+
+    /// Records a snapshot read on the cold path: cursors up to it are not
+    /// from the future.
+    pub fn observe(&self, snapshot: &Snapshot) {
+        let mut st = self.state();
+        st.known_xmax = st.known_xmax.max(snapshot.xmax);
+    }
+
+    pub fn listener_up(&self) -> bool {
+        self.state().listener_up
+    }
+
+    // ---- listener side ----------------------------------------------------
+
+    /// The listener (re)connected to a database with this identity. A
+    /// different identity (failover, restore) invalidates every ring.
+    pub fn connected(&self, origin: Origin) {
+        let mut st = self.state();
+        if st.origin.is_some_and(|o| o != origin) {
+            tracing::warn!(
+                ?origin,
+                "database identity changed; dropping the hub's memory"
+            );
+            st.head = None;
+            st.known_xmax = 0;
+            for r in st.rooms.values_mut() {
+                r.bound = None;
+                r.ring.clear();
+            }
+        }
+        st.origin = Some(origin);
+        st.listener_up = true;
+        // Notifications were lost while disconnected: the cursor, not the
+        // notification, is the truth, so catch up from head.
+        st.catchup_due = true;
+        drop(st);
+        self.inner.catchup.notify_one();
+    }
+
+    pub fn disconnected(&self) {
+        self.state().listener_up = false;
+    }
+
+    /// A message NOTIFY for `room`.
+    pub fn message_notified(&self, room: i64) {
+        let mut st = self.state();
+        let Some(r) = st.rooms.get_mut(&room) else {
+            return;
+        };
+        r.heard.get_or_insert_with(Instant::now);
+        st.catchup_due = true;
+        drop(st);
+        self.inner.catchup.notify_one();
+    }
+
+    /// Resolves when a catch-up is due; returns its plan (and marks it
+    /// running). Bursts of notifications during a catch-up coalesce into
+    /// the next one.
+    pub async fn next_catchup(&self) -> CatchupPlan {
+        loop {
+            {
+                let mut st = self.state();
+                if st.catchup_due || st.head.is_none() {
+                    st.catchup_due = false;
+                    st.catchup_running = true;
+                    let rooms = st
+                        .rooms
+                        .iter()
+                        .filter(|(_, r)| r.bound.is_some())
+                        .map(|(&id, _)| id)
+                        .collect();
+                    return CatchupPlan {
+                        lower: st.head.clone(),
+                        rooms,
+                        started: Instant::now(),
+                    };
+                }
+            }
+            self.inner.catchup.notified().await;
+        }
+    }
+
+    /// A catch-up failed (connection lost): it will be redone.
+    pub fn catchup_failed(&self) {
+        let mut st = self.state();
+        st.catchup_running = false;
+        st.catchup_due = true;
+    }
+
+    /// Applies a catch-up's result: `rows` are every row of `plan.rooms`
+    /// new relative to `plan.lower` and visible in `head`, ascending id (at
+    /// most CATCHUP_LIMIT + 1 of them).
+    pub fn finish_catchup(
+        &self,
+        plan: CatchupPlan,
+        head: Arc<Snapshot>,
+        rows: Vec<Arc<StoredMessage>>,
+    ) {
+        self.inner.metrics.catchup_queries.fetch_add(1, Relaxed);
+        let mut wake: Vec<Arc<Notify>> = Vec::new();
+        let mut st = self.state();
+        st.catchup_running = false;
+        st.known_xmax = st.known_xmax.max(head.xmax);
+        st.head = Some(head.clone());
+        let overflow = rows.len() > CATCHUP_LIMIT || plan.lower.is_none();
+        if overflow {
+            if plan.lower.is_some() {
+                tracing::warn!(
+                    rows = rows.len(),
+                    "catch-up overflow; waiters re-read from the database"
+                );
+            }
+            // Start over from the new head: every waiter's cursor is older,
+            // so each reads the database once.
+            for r in st.rooms.values_mut() {
+                r.bound = Some(head.clone());
+                r.ring.clear();
+                r.heard = None;
+                wake.extend(r.subs.values().map(|s| s.notify.clone()));
+            }
+        } else {
+            let capacity = self.inner.ring_capacity;
+            let mut touched: Vec<i64> = Vec::new();
+            for msg in rows {
+                let Some(r) = st.rooms.get_mut(&msg.room) else {
+                    continue; // nobody watches it any more
+                };
+                if r.bound.is_none() {
+                    // Re-registered while this catch-up ran: covered from its head.
+                    continue;
+                }
+                let heard = r.heard.unwrap_or(plan.started);
+                if !touched.contains(&msg.room) {
+                    touched.push(msg.room);
+                }
+                r.ring.push_back(Entry {
+                    batch: head.clone(),
+                    msg,
+                    heard,
+                });
+            }
+            for r in st.rooms.values_mut() {
+                // Rooms registered during this catch-up start at its head.
+                if r.bound.is_none() {
+                    r.bound = Some(head.clone());
+                }
+                r.heard = None;
+                trim(r, capacity);
+            }
+            for room in touched {
+                if let Some(r) = st.rooms.get(&room) {
+                    wake.extend(r.subs.values().map(|s| s.notify.clone()));
+                }
+            }
+        }
+        drop(st);
+        for n in wake {
+            n.notify_one();
+        }
+    }
+
+    // ---- typing and membership ------------------------------------------
+
+    /// A typing NOTIFY: kept for the room's streams and woken to them.
+    pub fn typing(&self, ev: TypingEvent) {
+        let mut st = self.state();
+        st.typing_seq += 1;
+        let seq = st.typing_seq;
+        let Some(r) = st.rooms.get_mut(&ev.room) else {
+            return;
+        };
+        r.typing.push_back((seq, Arc::new(ev)));
+        while r.typing.len() > TYPING_RING {
+            r.typing.pop_front();
+        }
+        let wake: Vec<_> = r
+            .subs
+            .values()
+            .filter(|s| s.stream)
+            .map(|s| s.notify.clone())
+            .collect();
+        drop(st);
+        for n in wake {
+            n.notify_one();
+        }
+    }
+
+    /// The newest typing sequence number: a stream starts after it.
+    pub fn typing_seq(&self) -> u64 {
+        self.state().typing_seq
+    }
+
+    /// Typing events of `rooms` after `seq`, oldest first.
+    pub fn typing_since(&self, rooms: &[i64], seq: u64) -> (Vec<Arc<TypingEvent>>, u64) {
+        let st = self.state();
+        let mut out: Vec<(u64, Arc<TypingEvent>)> = Vec::new();
+        for room in rooms {
+            if let Some(r) = st.rooms.get(room) {
+                out.extend(r.typing.iter().filter(|(s, _)| *s > seq).cloned());
+            }
+        }
+        out.sort_unstable_by_key(|(s, _)| *s);
+        (out.into_iter().map(|(_, e)| e).collect(), st.typing_seq)
+    }
+
+    /// A participant joined or left `room` (or the room went away): wake
+    /// the streams that may need to change their room set.
+    pub fn membership_changed(&self, room: i64, user: Option<i64>) {
+        let st = self.state();
+        let mut wake: Vec<Arc<Notify>> = Vec::new();
+        if let Some(r) = st.rooms.get(&room) {
+            wake.extend(
+                r.subs
+                    .values()
+                    .filter(|s| s.stream)
+                    .map(|s| s.notify.clone()),
+            );
+        }
+        if let Some(subs) = user.and_then(|u| st.users.get(&u)) {
+            wake.extend(subs.values().cloned());
+        }
+        drop(st);
+        for n in wake {
+            n.notify_one();
+        }
+    }
+
+    #[cfg(test)]
+    fn room_count(&self) -> usize {
+        self.state().rooms.len()
+    }
+}
+
+/// Drops whole batches from the front until the ring fits (a single batch
+/// larger than the capacity is kept whole: it came from one catch-up).
+fn trim(r: &mut Room, capacity: usize) {
+    while r.ring.len() > capacity {
+        let Some(front) = r.ring.front() else { break };
+        let batch = front.batch.clone();
+        let batch_len = r
+            .ring
+            .iter()
+            .take_while(|e| Arc::ptr_eq(&e.batch, &batch))
+            .count();
+        if batch_len == r.ring.len() {
+            break;
+        }
+        r.ring.drain(..batch_len);
+        r.bound = Some(batch);
+    }
+}
+
+/// A registration in the hub; unregisters on drop.
+pub struct Subscription {
+    hub: Hub,
+    key: u64,
+    rooms: Vec<i64>,
+    user: Option<i64>,
+    notify: Arc<Notify>,
+}
+
+impl Subscription {
+    pub fn rooms(&self) -> &[i64] {
+        &self.rooms
+    }
+
+    /// Resolves after the next wake-up for this subscriber (at once if one
+    /// happened since the last call).
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Also wake this subscriber when `user`'s memberships change.
+    pub fn follow_user(&mut self, user: i64) {
+        let mut st = self.hub.state();
+        st.users
+            .entry(user)
+            .or_default()
+            .insert(self.key, self.notify.clone());
+        drop(st);
+        self.user = Some(user);
+    }
+
+    /// Replaces the room set (a stream following its user's rooms).
+    pub fn set_rooms(&mut self, rooms: &[i64]) {
+        let mut st = self.hub.state();
+        let cover = if st.catchup_running {
+            None
+        } else {
+            st.head.clone()
+        };
+        for room in &self.rooms {
+            if !rooms.contains(room) {
+                remove_sub(&mut st, *room, self.key);
+            }
+        }
+        for &room in rooms {
+            if self.rooms.contains(&room) {
+                continue;
+            }
+            let entry = st.rooms.entry(room).or_insert_with(|| Room {
+                subs: HashMap::new(),
+                bound: cover.clone(),
+                ring: VecDeque::new(),
+                typing: VecDeque::new(),
+                heard: None,
+            });
+            entry.subs.insert(
+                self.key,
+                Sub {
+                    notify: self.notify.clone(),
+                    stream: true,
+                },
+            );
+        }
+        drop(st);
+        self.rooms = rooms.to_vec();
+    }
+}
+
+fn remove_sub(st: &mut State, room: i64, key: u64) {
+    if let Some(r) = st.rooms.get_mut(&room) {
+        r.subs.remove(&key);
+        // Forget rooms nobody watches (mini-redis #63: pub/sub maps that
+        // never shrink).
+        if r.subs.is_empty() {
+            st.rooms.remove(&room);
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut st = self.hub.state();
+        for room in &self.rooms {
+            remove_sub(&mut st, *room, self.key);
+        }
+        if let Some(user) = self.user {
+            if let Some(subs) = st.users.get_mut(&user) {
+                subs.remove(&self.key);
+                if subs.is_empty() {
+                    st.users.remove(&user);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Message, User};
+    use chrono::Utc;
+
+    fn snap(xmin: u64, xmax: u64, xip: &[u64]) -> Arc<Snapshot> {
+        Arc::new(Snapshot::new(xmin, xmax, xip.to_vec()).unwrap())
+    }
+
+    fn msg(id: i64, room: i64, txid: u64) -> Arc<StoredMessage> {
+        let m = Message {
+            id,
+            room,
+            sender: User {
+                id: 1,
+                username: "a".into(),
+                first_name: String::new(),
+                last_name: String::new(),
+            },
+            content: format!("m{id}"),
+            created_at: Utc::now(),
+        };
+        Arc::new(StoredMessage::new(&m, txid))
+    }
+
+    fn ids(r: &HubRead) -> Vec<i64> {
+        match r {
+            HubRead::Due { rows, .. } => rows.iter().map(|m| m.id).collect(),
+            HubRead::Nothing => vec![],
+            HubRead::Unknown => panic!("unknown"),
+        }
+    }
+
+    async fn started_hub(head: Arc<Snapshot>) -> Hub {
+        let hub = Hub::new(4, Metrics::new());
+        let plan = hub.next_catchup().await;
+        hub.finish_catchup(plan, head, vec![]);
+        hub
+    }
+
+    #[tokio::test]
+    async fn out_of_order_commits_are_delivered_once() {
+        // Tx 100 (id 10) is open while tx 101 (id 11) commits.
+        let hub = started_hub(snap(100, 100, &[])).await;
+        let sub = hub.subscribe(&[1], false);
+        let s0 = snap(100, 100, &[]);
+        assert!(matches!(hub.read(&[1], &s0, 10), HubRead::Nothing));
+
+        hub.message_notified(1);
+        let plan = hub.next_catchup().await;
+        let s1 = snap(100, 102, &[100]);
+        hub.finish_catchup(plan, s1.clone(), vec![msg(11, 1, 101)]);
+        sub.notified().await;
+        assert_eq!(ids(&hub.read(&[1], &s0, 10)), vec![11]);
+        // A client now at s1 has nothing due until 100 commits.
+        assert!(matches!(hub.read(&[1], &s1, 10), HubRead::Nothing));
+
+        hub.message_notified(1);
+        let plan = hub.next_catchup().await;
+        let s2 = snap(102, 102, &[]);
+        hub.finish_catchup(plan, s2.clone(), vec![msg(10, 1, 100)]);
+        assert_eq!(ids(&hub.read(&[1], &s1, 10)), vec![10]);
+        assert_eq!(ids(&hub.read(&[1], &s0, 10)), vec![10, 11]);
+        assert!(matches!(hub.read(&[1], &s2, 10), HubRead::Nothing));
+    }
+
+    #[tokio::test]
+    async fn unknown_when_cursor_precedes_coverage_or_is_newer_than_known() {
+        let hub = started_hub(snap(50, 50, &[])).await;
+        let _sub = hub.subscribe(&[1], false);
+        // Older than the room's coverage.
+        assert!(matches!(
+            hub.read(&[1], &snap(40, 45, &[]), 10),
+            HubRead::Unknown
+        ));
+        // Beyond anything read from the database: may be from the future.
+        assert!(matches!(
+            hub.read(&[1], &snap(60, 60, &[]), 10),
+            HubRead::Unknown
+        ));
+        hub.observe(&snap(60, 60, &[]));
+        assert!(matches!(
+            hub.read(&[1], &snap(60, 60, &[]), 10),
+            HubRead::Nothing
+        ));
+        // A room nobody subscribed to.
+        assert!(matches!(
+            hub.read(&[2], &snap(50, 50, &[]), 10),
+            HubRead::Unknown
+        ));
+    }
+
+    #[tokio::test]
+    async fn room_registered_during_catchup_waits_for_its_end() {
+        let hub = started_hub(snap(10, 10, &[])).await;
+        let _a = hub.subscribe(&[1], false);
+        hub.message_notified(1);
+        let plan = hub.next_catchup().await;
+        let _b = hub.subscribe(&[2], false); // not in plan.rooms
+        assert!(matches!(
+            hub.read(&[2], &snap(10, 10, &[]), 10),
+            HubRead::Unknown
+        ));
+        // Room 2 had a row in this window, but the plan did not read room 2.
+        hub.finish_catchup(plan, snap(12, 12, &[]), vec![msg(1, 1, 10), msg(2, 2, 11)]);
+        assert!(matches!(
+            hub.read(&[2], &snap(10, 10, &[]), 10),
+            HubRead::Unknown
+        ));
+        assert!(matches!(
+            hub.read(&[2], &snap(12, 12, &[]), 10),
+            HubRead::Nothing
+        ));
+        assert_eq!(ids(&hub.read(&[1], &snap(10, 10, &[]), 10)), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn trimming_moves_the_bound_and_limit_pages() {
+        let hub = started_hub(snap(1, 1, &[])).await;
+        let _s = hub.subscribe(&[1], false);
+        for i in 0..6u64 {
+            hub.message_notified(1);
+            let plan = hub.next_catchup().await;
+            hub.finish_catchup(plan, snap(i + 2, i + 2, &[]), vec![msg(i as i64, 1, i + 1)]);
+        }
+        // Capacity 4: rows 0 and 1 dropped, bound moved to snapshot 3:3.
+        assert!(matches!(
+            hub.read(&[1], &snap(1, 1, &[]), 10),
+            HubRead::Unknown
+        ));
+        assert_eq!(ids(&hub.read(&[1], &snap(3, 3, &[]), 10)), vec![2, 3, 4, 5]);
+        match hub.read(&[1], &snap(3, 3, &[]), 3) {
+            HubRead::Due { rows, more, .. } => {
+                assert_eq!(rows.len(), 3);
+                assert!(more);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn last_subscriber_leaving_forgets_the_room() {
+        let hub = started_hub(snap(1, 1, &[])).await;
+        let a = hub.subscribe(&[1, 2], false);
+        let b = hub.subscribe(&[2], true);
+        assert_eq!(hub.room_count(), 2);
+        drop(a);
+        assert_eq!(hub.room_count(), 1);
+        drop(b);
+        assert_eq!(hub.room_count(), 0);
+    }
+}

@@ -1,0 +1,228 @@
+//! The one LISTEN connection of the process (DESIGN §2–3).
+//!
+//! A dedicated tokio-postgres connection — not a pooled one: pooled
+//! connections drop notifications and deadpool's recycling runs
+//! `UNLISTEN *`. A driver task polls the connection with `poll_message` and
+//! routes each NOTIFY (`{"k": kind, …}`) to the hub, the directory and the
+//! typing sweeper. The owner loop runs the hub's catch-up queries on the
+//! same connection and probes it, because a LISTEN session can die
+//! silently. When the connection is lost it reconnects with backoff,
+//! LISTENs again and catches up from the hub's head: the cursor, not the
+//! notification, is the source of truth.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::DateTime;
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::db::messages::{self, Read};
+use crate::db::{CachingClient, DbError};
+use crate::directory::Directory;
+use crate::hub::{Hub, TypingEvent, CATCHUP_LIMIT};
+use crate::message::User;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::typing::Typing;
+
+/// The NOTIFY channel every trigger and typing write uses.
+pub const CHANNEL: &str = "hark";
+/// `application_name` of the LISTEN session, to find it in pg_stat_activity.
+pub const APPLICATION_NAME: &str = "hark-listener";
+
+const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub struct Listener {
+    pub pg: tokio_postgres::Config,
+    pub hub: Hub,
+    pub directory: Directory,
+    pub typing: Typing,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A NOTIFY payload. Kinds: `m` message (room), `t` typing (room, user,
+/// on, exp), `p` participant change (room, user id), `r` room deleted,
+/// `u` user changed.
+#[derive(Deserialize)]
+struct Payload {
+    k: String,
+    r: Option<i64>,
+    u: Option<serde_json::Value>,
+    on: Option<bool>,
+    exp: Option<i64>,
+}
+
+impl Listener {
+    /// Runs until shutdown.
+    pub async fn run(self, mut shutdown: Shutdown) {
+        let mut backoff = BACKOFF_MIN;
+        let mut connected_once = false;
+        let mut pg = self.pg.clone();
+        pg.application_name(APPLICATION_NAME);
+        loop {
+            let mut listening = false;
+            match self
+                .session(&pg, &mut shutdown, connected_once, &mut listening)
+                .await
+            {
+                Ok(()) => return, // shutdown
+                Err(e) => {
+                    self.hub.disconnected();
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "LISTEN connection lost");
+                }
+            }
+            if listening {
+                // It worked for a while: retry soon, then back off again.
+                connected_once = true;
+                backoff = BACKOFF_MIN;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.wait() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection's life. Ok(()) only on shutdown.
+    async fn session(
+        &self,
+        pg: &tokio_postgres::Config,
+        shutdown: &mut Shutdown,
+        reconnect: bool,
+        listening: &mut bool,
+    ) -> Result<(), DbError> {
+        let (client, mut connection) = pg.connect(NoTls).await?;
+        let hub = self.hub.clone();
+        let directory = self.directory.clone();
+        let typing = self.typing.clone();
+        let metrics = self.metrics.clone();
+        let mut driver = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(msg) = messages.next().await {
+                match msg {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        metrics.notifications.fetch_add(1, Relaxed);
+                        dispatch(n.payload(), &hub, &directory, &typing);
+                    }
+                    Ok(AsyncMessage::Notice(n)) => {
+                        tracing::debug!(notice = %n.message(), "listener notice");
+                    }
+                    Ok(_) => {}
+                    Err(e) => return e.to_string(),
+                }
+            }
+            "connection closed".to_string()
+        });
+        let client = CachingClient::new(client);
+        use crate::db::Prepared;
+        client
+            .pg()
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await?;
+        let origin = crate::db::origin(client.pg()).await;
+        // Invalidations may have been missed while we were away.
+        self.directory.clear();
+        self.hub.connected(origin);
+        if reconnect {
+            self.metrics.listener_reconnects.fetch_add(1, Relaxed);
+            tracing::info!("LISTEN connection re-established");
+        }
+        *listening = true;
+
+        let mut probe = tokio::time::interval(PROBE_INTERVAL);
+        probe.tick().await;
+        loop {
+            tokio::select! {
+                plan = self.hub.next_catchup() => {
+                    let result = tokio::time::timeout(QUERY_TIMEOUT, async {
+                        match &plan.lower {
+                            Some(lower) => {
+                                let read = Read::After { lower, limit: CATCHUP_LIMIT as i64 + 1 };
+                                messages::read(&client, &plan.rooms, read).await.map(|f| (f.head, f.rows))
+                            }
+                            None => messages::current_snapshot(&client).await.map(|h| (h, Vec::new())),
+                        }
+                    })
+                    .await;
+                    match result {
+                        Ok(Ok((head, rows))) => self.hub.finish_catchup(plan, head, rows),
+                        Ok(Err(e)) => {
+                            self.hub.catchup_failed();
+                            driver.abort();
+                            return Err(e);
+                        }
+                        Err(_) => {
+                            self.hub.catchup_failed();
+                            driver.abort();
+                            return Err(DbError::Unavailable("catch-up query timed out".into()));
+                        }
+                    }
+                }
+                _ = probe.tick() => {
+                    let alive = tokio::time::timeout(QUERY_TIMEOUT, client.pg().simple_query("SELECT 1")).await;
+                    if !matches!(alive, Ok(Ok(_))) {
+                        driver.abort();
+                        return Err(DbError::Unavailable("LISTEN connection stopped answering".into()));
+                    }
+                }
+                why = &mut driver => {
+                    let why = why.unwrap_or_else(|e| e.to_string());
+                    return Err(DbError::Unavailable(why));
+                }
+                _ = shutdown.wait() => {
+                    driver.abort();
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn dispatch(payload: &str, hub: &Hub, directory: &Directory, typing: &Typing) {
+    let Ok(p) = serde_json::from_str::<Payload>(payload) else {
+        tracing::debug!(payload, "ignoring unknown NOTIFY payload");
+        return;
+    };
+    match (p.k.as_str(), p.r) {
+        ("m", Some(room)) => hub.message_notified(room),
+        ("t", Some(room)) => {
+            let Some(user) = p.u.and_then(|u| serde_json::from_value::<User>(u).ok()) else {
+                return;
+            };
+            let is_typing = p.on.unwrap_or(false);
+            if is_typing {
+                if let Some(at) = p.exp.and_then(DateTime::from_timestamp_millis) {
+                    typing.expires_at(at);
+                }
+            }
+            let json = serde_json::json!({"room": room, "user": &user, "is_typing": is_typing});
+            hub.typing(TypingEvent {
+                room,
+                json: bytes::Bytes::from(json.to_string()),
+                user,
+                is_typing,
+            });
+        }
+        ("p", Some(room)) => {
+            directory.invalidate_room(room);
+            hub.membership_changed(room, p.u.and_then(|u| u.as_i64()));
+        }
+        ("r", Some(room)) => {
+            directory.invalidate_room(room);
+            hub.membership_changed(room, None);
+        }
+        ("u", _) => {
+            if let Some(user) = p.u.and_then(|u| u.as_i64()) {
+                directory.invalidate_user(user);
+            }
+        }
+        _ => tracing::debug!(payload, "ignoring unknown NOTIFY payload"),
+    }
+}

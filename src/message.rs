@@ -1,0 +1,81 @@
+//! The wire objects of API.md (User, Message) and their one JSON form.
+//!
+//! A message is serialised once, when it enters hark (catch-up or query),
+//! and kept as bytes: the hub hands the same bytes to every poll and stream
+//! that delivers it, so fan-out to thousands of waiters never re-encodes.
+
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// RFC 3339 in UTC with microseconds, as API.md fixes it.
+pub fn format_ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+pub fn serialize_ts<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_ts(t))
+}
+
+pub fn serialize_opt_ts<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => serialize_ts(t, s),
+        None => s.serialize_none(),
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct User {
+    pub id: i64,
+    pub username: String,
+    pub first_name: String,
+    pub last_name: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Message {
+    pub id: i64,
+    pub room: i64,
+    pub sender: User,
+    pub content: String,
+    #[serde(serialize_with = "serialize_ts")]
+    pub created_at: DateTime<Utc>,
+}
+
+/// A message as the hub keeps it: what it needs to decide who is due it
+/// (`txid`, `id`), and the bytes to send.
+#[derive(Debug)]
+pub struct StoredMessage {
+    pub id: i64,
+    pub room: i64,
+    /// The writing transaction (the row's `hark_txid`).
+    pub txid: u64,
+    pub created_at: DateTime<Utc>,
+    /// The Message object as one line of JSON.
+    pub json: Bytes,
+}
+
+impl StoredMessage {
+    pub fn new(m: &Message, txid: u64) -> StoredMessage {
+        // A Message is plain strings and numbers: serialisation cannot fail.
+        let json = serde_json::to_vec(m).unwrap_or_default();
+        StoredMessage {
+            id: m.id,
+            room: m.room,
+            txid,
+            created_at: m.created_at,
+            json: Bytes::from(json),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_have_microseconds_and_z() {
+        let t = DateTime::from_timestamp_micros(1_768_471_200_123_000).unwrap();
+        assert_eq!(format_ts(&t), "2026-01-15T10:00:00.123000Z");
+    }
+}

@@ -1,0 +1,148 @@
+//! Process metrics in Prometheus text format (`GET /metrics`).
+//!
+//! Plain atomics: every hot path (a message fanned out to thousands of
+//! waiters) updates them without a lock.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the delivery-latency histogram.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
+            self.counts[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cumulative += self.counts[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// All of hark's metrics. Shared as `Arc<Metrics>`.
+#[derive(Default)]
+pub struct Metrics {
+    pub waiting_polls: AtomicI64,
+    pub open_streams: AtomicI64,
+    pub open_connections: AtomicI64,
+    pub notifications: AtomicU64,
+    pub catchup_queries: AtomicU64,
+    /// Reads on the cold path (a cursor the hub could not answer).
+    pub cold_queries: AtomicU64,
+    pub listener_reconnects: AtomicU64,
+    pub polls_answered_from_memory: AtomicU64,
+    pub streams_cut_slow: AtomicU64,
+    pub rejected_connections: AtomicU64,
+    /// From the NOTIFY's arrival (the commit, as seen by hark) to the
+    /// response or event being handed to the connection.
+    pub delivery_latency: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let gauges: [(&str, &str, &AtomicI64); 3] = [
+            (
+                "hark_waiting_polls",
+                "Long polls waiting for a message.",
+                &self.waiting_polls,
+            ),
+            (
+                "hark_open_streams",
+                "Open /events streams.",
+                &self.open_streams,
+            ),
+            (
+                "hark_open_connections",
+                "Open client connections.",
+                &self.open_connections,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
+        let counters: [(&str, &str, &AtomicU64); 7] = [
+            (
+                "hark_notifications_total",
+                "NOTIFY messages received on the LISTEN connection.",
+                &self.notifications,
+            ),
+            (
+                "hark_catchup_queries_total",
+                "Catch-up queries run by the hub after a wake-up.",
+                &self.catchup_queries,
+            ),
+            (
+                "hark_cold_queries_total",
+                "Message reads for cursors the hub could not answer from memory.",
+                &self.cold_queries,
+            ),
+            (
+                "hark_listener_reconnects_total",
+                "Times the LISTEN connection was re-established.",
+                &self.listener_reconnects,
+            ),
+            (
+                "hark_polls_answered_from_memory_total",
+                "Polls answered from the hub without a database query.",
+                &self.polls_answered_from_memory,
+            ),
+            (
+                "hark_streams_cut_slow_total",
+                "Event streams disconnected for falling behind.",
+                &self.streams_cut_slow,
+            ),
+            (
+                "hark_rejected_connections_total",
+                "Connections refused over HARK_MAX_CONNECTIONS.",
+                &self.rejected_connections,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
+        self.delivery_latency.render(
+            &mut out,
+            "hark_delivery_latency_seconds",
+            "From the commit's NOTIFY reaching hark to the message being written to a client.",
+        );
+        out
+    }
+}
