@@ -15,13 +15,18 @@
 //! seen — is [`HubRead::Unknown`], and the caller reads the database.
 //!
 //! ## Keeping the invariant
-//! * A room registered while no catch-up runs is covered from `head` at
-//!   once (empty ring). One registered during a catch-up (whose room list
-//!   was taken without it) waits for that catch-up to end and is covered
-//!   from its new head.
-//! * A catch-up reads every row of every covered room that is new relative
-//!   to `head`, then moves `head` — so every covered ring stays complete,
+//! * A newly watched room is not *live*: the hub knows nothing of what
+//!   committed in it since `head`, because NOTIFYs for rooms nobody watched
+//!   were ignored. Registering it schedules a catch-up; the first catch-up
+//!   whose plan includes it makes it live with `bound` = that catch-up's
+//!   lower snapshot, and wakes its subscribers. Until then reads are
+//!   `Unknown` (the database answers).
+//! * A catch-up reads every row of every planned room that is new relative
+//!   to `head`, then moves `head` — so every live ring stays complete,
 //!   including rooms whose NOTIFY has not arrived yet.
+//! * A room whose last subscriber left lingers (still planned, still
+//!   complete) for [`LINGER`], so a client that polls in a loop finds it
+//!   live; then it is forgotten.
 //! * Trimming drops whole batches from the front and moves `bound` to the
 //!   snapshot that ended the dropped batch.
 //!
@@ -32,9 +37,10 @@
 //! cannot miss it: register, then read. The lock is a std `Mutex`, held
 //! only for map and ring work, never across an `.await`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -48,6 +54,8 @@ use crate::metrics::Metrics;
 pub const CATCHUP_LIMIT: usize = 10_000;
 /// Typing events kept per room for streams that are between two reads.
 const TYPING_RING: usize = 64;
+/// How long a room nobody watches stays live (see the module docs).
+pub const LINGER: Duration = Duration::from_secs(60);
 
 /// A typing change as streams deliver it.
 #[derive(Debug, Clone)]
@@ -92,8 +100,10 @@ struct State {
 
 struct Room {
     subs: HashMap<u64, Sub>,
-    /// None until the catch-up running at registration time has ended.
+    /// None until a catch-up planned after registration has read the room.
     bound: Option<Arc<Snapshot>>,
+    /// Since when nobody watches the room (it lingers for LINGER).
+    idle_since: Option<Instant>,
     ring: VecDeque<Entry>,
     typing: VecDeque<(u64, Arc<TypingEvent>)>,
     /// When the first NOTIFY since the last catch-up arrived: the start of
@@ -162,28 +172,17 @@ impl Hub {
         let mut st = self.state();
         st.next_key += 1;
         let key = st.next_key;
-        let cover = if st.catchup_running {
-            None
-        } else {
-            st.head.clone()
-        };
+        let mut fresh = false;
         for &room in rooms {
-            let entry = st.rooms.entry(room).or_insert_with(|| Room {
-                subs: HashMap::new(),
-                bound: cover.clone(),
-                ring: VecDeque::new(),
-                typing: VecDeque::new(),
-                heard: None,
-            });
-            entry.subs.insert(
-                key,
-                Sub {
-                    notify: notify.clone(),
-                    stream,
-                },
-            );
+            fresh |= add_sub(&mut st, room, key, &notify, stream);
+        }
+        if fresh {
+            st.catchup_due = true;
         }
         drop(st);
+        if fresh {
+            self.inner.catchup.notify_one();
+        }
         Subscription {
             hub: self.clone(),
             key,
@@ -303,12 +302,7 @@ impl Hub {
                 if st.catchup_due || st.head.is_none() {
                     st.catchup_due = false;
                     st.catchup_running = true;
-                    let rooms = st
-                        .rooms
-                        .iter()
-                        .filter(|(_, r)| r.bound.is_some())
-                        .map(|(&id, _)| id)
-                        .collect();
+                    let rooms = st.rooms.keys().copied().collect();
                     return CatchupPlan {
                         lower: st.head.clone(),
                         rooms,
@@ -337,59 +331,64 @@ impl Hub {
         rows: Vec<Arc<StoredMessage>>,
     ) {
         self.inner.metrics.catchup_queries.fetch_add(1, Relaxed);
+        let planned: HashSet<i64> = plan.rooms.iter().copied().collect();
         let mut wake: Vec<Arc<Notify>> = Vec::new();
         let mut st = self.state();
         st.catchup_running = false;
         st.known_xmax = st.known_xmax.max(head.xmax);
         st.head = Some(head.clone());
+        // Rooms nobody has watched for a while are forgotten (bounded memory;
+        // mini-redis #63 is a pub/sub map that never shrinks).
+        st.rooms
+            .retain(|_, r| r.idle_since.is_none_or(|t| t.elapsed() < LINGER));
         let overflow = rows.len() > CATCHUP_LIMIT || plan.lower.is_none();
-        if overflow {
-            if plan.lower.is_some() {
-                tracing::warn!(
-                    rows = rows.len(),
-                    "catch-up overflow; waiters re-read from the database"
-                );
+        if overflow && plan.lower.is_some() {
+            tracing::warn!(
+                rows = rows.len(),
+                "catch-up overflow; waiters re-read from the database"
+            );
+        }
+        let capacity = self.inner.ring_capacity;
+        for (id, r) in st.rooms.iter_mut() {
+            if !planned.contains(id) {
+                continue; // registered during this catch-up: the next one reads it
             }
-            // Start over from the new head: every waiter's cursor is older,
-            // so each reads the database once.
-            for r in st.rooms.values_mut() {
+            if overflow {
+                // Start over from the new head: every waiter's cursor is
+                // older, so each reads the database once.
                 r.bound = Some(head.clone());
                 r.ring.clear();
-                r.heard = None;
+                wake.extend(r.subs.values().map(|s| s.notify.clone()));
+            } else if r.bound.is_none() {
+                // Goes live now; its waiters went to the database meanwhile
+                // and must look again.
+                r.bound = plan.lower.clone();
                 wake.extend(r.subs.values().map(|s| s.notify.clone()));
             }
-        } else {
-            let capacity = self.inner.ring_capacity;
+            r.heard = None;
+        }
+        if !overflow {
             let mut touched: Vec<i64> = Vec::new();
             for msg in rows {
                 let Some(r) = st.rooms.get_mut(&msg.room) else {
                     continue; // nobody watches it any more
                 };
                 if r.bound.is_none() {
-                    // Re-registered while this catch-up ran: covered from its head.
                     continue;
                 }
-                let heard = r.heard.unwrap_or(plan.started);
                 if !touched.contains(&msg.room) {
                     touched.push(msg.room);
+                    wake.extend(r.subs.values().map(|s| s.notify.clone()));
                 }
                 r.ring.push_back(Entry {
                     batch: head.clone(),
                     msg,
-                    heard,
+                    heard: r.heard.unwrap_or(plan.started),
                 });
             }
-            for r in st.rooms.values_mut() {
-                // Rooms registered during this catch-up start at its head.
-                if r.bound.is_none() {
-                    r.bound = Some(head.clone());
-                }
-                r.heard = None;
-                trim(r, capacity);
-            }
             for room in touched {
-                if let Some(r) = st.rooms.get(&room) {
-                    wake.extend(r.subs.values().map(|s| s.notify.clone()));
+                if let Some(r) = st.rooms.get_mut(&room) {
+                    trim(r, capacity);
                 }
             }
         }
@@ -524,47 +523,59 @@ impl Subscription {
     /// Replaces the room set (a stream following its user's rooms).
     pub fn set_rooms(&mut self, rooms: &[i64]) {
         let mut st = self.hub.state();
-        let cover = if st.catchup_running {
-            None
-        } else {
-            st.head.clone()
-        };
         for room in &self.rooms {
             if !rooms.contains(room) {
                 remove_sub(&mut st, *room, self.key);
             }
         }
+        let mut fresh = false;
         for &room in rooms {
-            if self.rooms.contains(&room) {
-                continue;
+            if !self.rooms.contains(&room) {
+                fresh |= add_sub(&mut st, room, self.key, &self.notify, true);
             }
-            let entry = st.rooms.entry(room).or_insert_with(|| Room {
-                subs: HashMap::new(),
-                bound: cover.clone(),
-                ring: VecDeque::new(),
-                typing: VecDeque::new(),
-                heard: None,
-            });
-            entry.subs.insert(
-                self.key,
-                Sub {
-                    notify: self.notify.clone(),
-                    stream: true,
-                },
-            );
+        }
+        if fresh {
+            st.catchup_due = true;
         }
         drop(st);
+        if fresh {
+            self.hub.inner.catchup.notify_one();
+        }
         self.rooms = rooms.to_vec();
     }
+}
+
+/// Adds a subscriber to a room; true when the room is new to the hub (and
+/// so needs a catch-up before it is live).
+fn add_sub(st: &mut State, room: i64, key: u64, notify: &Arc<Notify>, stream: bool) -> bool {
+    let mut fresh = false;
+    let r = st.rooms.entry(room).or_insert_with(|| {
+        fresh = true;
+        Room {
+            subs: HashMap::new(),
+            bound: None,
+            idle_since: None,
+            ring: VecDeque::new(),
+            typing: VecDeque::new(),
+            heard: None,
+        }
+    });
+    r.idle_since = None;
+    r.subs.insert(
+        key,
+        Sub {
+            notify: notify.clone(),
+            stream,
+        },
+    );
+    fresh
 }
 
 fn remove_sub(st: &mut State, room: i64, key: u64) {
     if let Some(r) = st.rooms.get_mut(&room) {
         r.subs.remove(&key);
-        // Forget rooms nobody watches (mini-redis #63: pub/sub maps that
-        // never shrink).
         if r.subs.is_empty() {
-            st.rooms.remove(&room);
+            r.idle_since = Some(Instant::now());
         }
     }
 }
@@ -620,34 +631,56 @@ mod tests {
         }
     }
 
+    async fn catch_up(hub: &Hub, head: Arc<Snapshot>, rows: Vec<Arc<StoredMessage>>) {
+        let plan = hub.next_catchup().await;
+        hub.finish_catchup(plan, head, rows);
+    }
+
     async fn started_hub(head: Arc<Snapshot>) -> Hub {
         let hub = Hub::new(4, Metrics::new());
-        let plan = hub.next_catchup().await;
-        hub.finish_catchup(plan, head, vec![]);
+        catch_up(&hub, head, vec![]).await;
         hub
     }
 
     #[tokio::test]
-    async fn out_of_order_commits_are_delivered_once() {
-        // Tx 100 (id 10) is open while tx 101 (id 11) commits.
+    async fn a_new_room_is_unknown_until_a_catchup_reads_it() {
         let hub = started_hub(snap(100, 100, &[])).await;
         let sub = hub.subscribe(&[1], false);
+        // Rows may have committed since head while nobody listened for them.
+        assert!(matches!(
+            hub.read(&[1], &snap(100, 100, &[]), 10),
+            HubRead::Unknown
+        ));
+        // Registering scheduled a catch-up; it finds such a row and wakes us.
+        catch_up(&hub, snap(101, 101, &[]), vec![msg(5, 1, 100)]).await;
+        sub.notified().await;
+        assert_eq!(ids(&hub.read(&[1], &snap(100, 100, &[]), 10)), vec![5]);
+        assert!(matches!(
+            hub.read(&[1], &snap(101, 101, &[]), 10),
+            HubRead::Nothing
+        ));
+    }
+
+    #[tokio::test]
+    async fn out_of_order_commits_are_delivered_once() {
+        let hub = started_hub(snap(100, 100, &[])).await;
+        let sub = hub.subscribe(&[1], false);
+        catch_up(&hub, snap(100, 100, &[]), vec![]).await;
         let s0 = snap(100, 100, &[]);
         assert!(matches!(hub.read(&[1], &s0, 10), HubRead::Nothing));
 
+        // Tx 100 (id 10) is open while tx 101 (id 11) commits.
         hub.message_notified(1);
-        let plan = hub.next_catchup().await;
         let s1 = snap(100, 102, &[100]);
-        hub.finish_catchup(plan, s1.clone(), vec![msg(11, 1, 101)]);
+        catch_up(&hub, s1.clone(), vec![msg(11, 1, 101)]).await;
         sub.notified().await;
         assert_eq!(ids(&hub.read(&[1], &s0, 10)), vec![11]);
         // A client now at s1 has nothing due until 100 commits.
         assert!(matches!(hub.read(&[1], &s1, 10), HubRead::Nothing));
 
         hub.message_notified(1);
-        let plan = hub.next_catchup().await;
         let s2 = snap(102, 102, &[]);
-        hub.finish_catchup(plan, s2.clone(), vec![msg(10, 1, 100)]);
+        catch_up(&hub, s2.clone(), vec![msg(10, 1, 100)]).await;
         assert_eq!(ids(&hub.read(&[1], &s1, 10)), vec![10]);
         assert_eq!(ids(&hub.read(&[1], &s0, 10)), vec![10, 11]);
         assert!(matches!(hub.read(&[1], &s2, 10), HubRead::Nothing));
@@ -657,6 +690,7 @@ mod tests {
     async fn unknown_when_cursor_precedes_coverage_or_is_newer_than_known() {
         let hub = started_hub(snap(50, 50, &[])).await;
         let _sub = hub.subscribe(&[1], false);
+        catch_up(&hub, snap(50, 50, &[]), vec![]).await;
         // Older than the room's coverage.
         assert!(matches!(
             hub.read(&[1], &snap(40, 45, &[]), 10),
@@ -680,37 +714,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn room_registered_during_catchup_waits_for_its_end() {
+    async fn room_registered_during_catchup_waits_for_the_next() {
         let hub = started_hub(snap(10, 10, &[])).await;
         let _a = hub.subscribe(&[1], false);
-        hub.message_notified(1);
         let plan = hub.next_catchup().await;
-        let _b = hub.subscribe(&[2], false); // not in plan.rooms
-        assert!(matches!(
-            hub.read(&[2], &snap(10, 10, &[]), 10),
-            HubRead::Unknown
-        ));
-        // Room 2 had a row in this window, but the plan did not read room 2.
+        let _b = hub.subscribe(&[2], false); // not in this plan
+                                             // Room 2 had a row in this window, but the plan did not read room 2.
         hub.finish_catchup(plan, snap(12, 12, &[]), vec![msg(1, 1, 10), msg(2, 2, 11)]);
         assert!(matches!(
-            hub.read(&[2], &snap(10, 10, &[]), 10),
+            hub.read(&[2], &snap(12, 12, &[]), 10),
             HubRead::Unknown
         ));
+        assert_eq!(ids(&hub.read(&[1], &snap(10, 10, &[]), 10)), vec![1]);
+        catch_up(&hub, snap(13, 13, &[]), vec![]).await;
         assert!(matches!(
             hub.read(&[2], &snap(12, 12, &[]), 10),
             HubRead::Nothing
         ));
-        assert_eq!(ids(&hub.read(&[1], &snap(10, 10, &[]), 10)), vec![1]);
+        // Its coverage starts at that catch-up's lower snapshot.
+        assert!(matches!(
+            hub.read(&[2], &snap(10, 10, &[]), 10),
+            HubRead::Unknown
+        ));
     }
 
     #[tokio::test]
     async fn trimming_moves_the_bound_and_limit_pages() {
         let hub = started_hub(snap(1, 1, &[])).await;
         let _s = hub.subscribe(&[1], false);
+        catch_up(&hub, snap(1, 1, &[]), vec![]).await;
         for i in 0..6u64 {
             hub.message_notified(1);
-            let plan = hub.next_catchup().await;
-            hub.finish_catchup(plan, snap(i + 2, i + 2, &[]), vec![msg(i as i64, 1, i + 1)]);
+            catch_up(&hub, snap(i + 2, i + 2, &[]), vec![msg(i as i64, 1, i + 1)]).await;
         }
         // Capacity 4: rows 0 and 1 dropped, bound moved to snapshot 3:3.
         assert!(matches!(
@@ -727,15 +762,28 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn last_subscriber_leaving_forgets_the_room() {
+    #[tokio::test(start_paused = true)]
+    async fn an_unwatched_room_lingers_then_is_forgotten() {
         let hub = started_hub(snap(1, 1, &[])).await;
         let a = hub.subscribe(&[1, 2], false);
         let b = hub.subscribe(&[2], true);
-        assert_eq!(hub.room_count(), 2);
+        catch_up(&hub, snap(1, 1, &[]), vec![]).await;
         drop(a);
-        assert_eq!(hub.room_count(), 1);
         drop(b);
-        assert_eq!(hub.room_count(), 0);
+        // Still live for a client that comes straight back.
+        let _c = hub.subscribe(&[2], false);
+        assert!(matches!(
+            hub.read(&[2], &snap(1, 1, &[]), 10),
+            HubRead::Nothing
+        ));
+        assert_eq!(hub.room_count(), 2);
+        tokio::time::advance(LINGER + Duration::from_secs(1)).await;
+        hub.message_notified(2);
+        catch_up(&hub, snap(2, 2, &[]), vec![]).await;
+        assert_eq!(
+            hub.room_count(),
+            1,
+            "room 1 forgotten, room 2 still watched"
+        );
     }
 }

@@ -1,0 +1,328 @@
+//! The long poll over real HTTP against a real PostgreSQL: waiting,
+//! waking on a plain SQL insert, timeouts, parameters, disconnects,
+//! shutdown, and the database cost of a wake-up.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use hyper::{Method, StatusCode};
+
+#[tokio::test]
+async fn poll_blocks_then_returns_a_plain_sql_insert() {
+    let (hark, fx) = setup(&[]).await;
+    let alice = fx.user("alice").await;
+    let bob = fx.user("bob").await;
+    let room = fx.room("r", &[alice, bob]).await;
+    let t = token(alice);
+
+    let (s, first) = get_json(&poll_url(&hark, room, None, ""), Some(&t)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(first["messages"].as_array().unwrap().len(), 0);
+    assert_eq!(first["has_more"], false);
+    let cursor = first["cursor"].as_str().unwrap().to_string();
+
+    let url = poll_url(&hark, room, Some(&cursor), "&timeout=30");
+    let started = Instant::now();
+    let waiter = tokio::spawn(async move { get_json(&url, Some(&t)).await });
+    // The poll is waiting: the gauge says so (no sleep-and-hope).
+    wait_for_metric(&hark, "hark_waiting_polls", 1.0).await;
+    assert!(!waiter.is_finished());
+    let id = fx.insert(room, bob, "hello").await;
+    let (s, body) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the poll was not woken by the insert")
+        .unwrap();
+    assert_eq!(s, StatusCode::OK);
+    let msgs = body["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0]["id"], id);
+    assert_eq!(msgs[0]["content"], "hello");
+    assert_eq!(msgs[0]["room"], room);
+    assert_eq!(msgs[0]["sender"]["id"], bob);
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "woken well before the timeout"
+    );
+    assert_ne!(body["cursor"].as_str().unwrap(), cursor);
+}
+
+/// Polls /metrics until `name` equals `value` (bounded).
+pub async fn wait_for_metric(hark: &Hark, name: &str, value: f64) {
+    for _ in 0..400 {
+        if hark.metric(name).await == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "{name} never reached {value} (now {})",
+        hark.metric(name).await
+    );
+}
+
+#[allow(dead_code)]
+async fn unused(h: &Hark) {
+    let _ = request(Method::GET, &h.url("/"), None, None).await;
+}
+
+async fn room_with_two() -> (Hark, Fixture, i64, i64, i64) {
+    let (hark, fx) = setup(&[]).await;
+    let alice = fx.user("alice").await;
+    let bob = fx.user("bob").await;
+    let room = fx.room("r", &[alice, bob]).await;
+    (hark, fx, alice, bob, room)
+}
+
+async fn cursor_now(hark: &Hark, room: i64, t: &str) -> String {
+    let (s, body) = get_json(&poll_url(hark, room, None, "&limit=1"), Some(t)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    body["cursor"].as_str().unwrap().to_string()
+}
+
+fn ids(body: &serde_json::Value) -> Vec<i64> {
+    body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn timeout_zero_and_timeout_expiry_answer_empty_with_a_cursor() {
+    let (hark, _fx, alice, _bob, room) = room_with_two().await;
+    let t = token(alice);
+    let c = cursor_now(&hark, room, &t).await;
+    let (s, h, b) = request(
+        Method::GET,
+        &poll_url(&hark, room, Some(&c), "&timeout=0"),
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["cache-control"], "no-store");
+    let body = json(&b);
+    assert_eq!(ids(&body), Vec::<i64>::new());
+    assert_eq!(body["has_more"], false);
+    assert!(body["cursor"].as_str().is_some_and(|c| !c.is_empty()));
+    assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
+
+    let started = Instant::now();
+    let (s, body) = get_json(&poll_url(&hark, room, Some(&c), "&timeout=1"), Some(&t)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(ids(&body), Vec::<i64>::new());
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "waited for the timeout"
+    );
+}
+
+#[tokio::test]
+async fn without_since_the_latest_limit_oldest_first() {
+    let (hark, fx, alice, bob, room) = room_with_two().await;
+    let mut all = Vec::new();
+    for i in 0..7 {
+        all.push(
+            fx.insert(room, if i % 2 == 0 { alice } else { bob }, &format!("m{i}"))
+                .await,
+        );
+    }
+    let t = token(alice);
+    let (_, body) = get_json(&poll_url(&hark, room, None, "&limit=5"), Some(&t)).await;
+    assert_eq!(ids(&body), all[2..].to_vec());
+    assert_eq!(body["has_more"], false);
+    // Empty since is the same as none.
+    let (_, body) = get_json(&poll_url(&hark, room, Some(""), "&limit=5"), Some(&t)).await;
+    assert_eq!(ids(&body), all[2..].to_vec());
+    // That cursor is current: nothing more is due.
+    let c = body["cursor"].as_str().unwrap();
+    let (_, body) = get_json(&poll_url(&hark, room, Some(c), "&timeout=0"), Some(&t)).await;
+    assert!(ids(&body).is_empty());
+}
+
+#[tokio::test]
+async fn paging_with_limit_delivers_everything_once_in_order() {
+    let (hark, fx, alice, bob, room) = room_with_two().await;
+    let t = token(alice);
+    let mut cursor = cursor_now(&hark, room, &t).await;
+    let mut expected = Vec::new();
+    for i in 0..25 {
+        expected.push(fx.insert(room, bob, &format!("m{i}")).await);
+    }
+    let mut got = Vec::new();
+    let mut pages = Vec::new();
+    loop {
+        let (s, body) = get_json(
+            &poll_url(&hark, room, Some(&cursor), "&limit=10&timeout=0"),
+            Some(&t),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let page = ids(&body);
+        pages.push((page.len(), body["has_more"].as_bool().unwrap()));
+        got.extend(page);
+        cursor = body["cursor"].as_str().unwrap().to_string();
+        if !body["has_more"].as_bool().unwrap() {
+            break;
+        }
+        assert!(pages.len() < 10, "paging does not end: {pages:?}");
+    }
+    assert_eq!(got, expected);
+    assert_eq!(pages, vec![(10, true), (10, true), (5, false)]);
+    // A message after the last page arrives with the last cursor.
+    let late = fx.insert(room, bob, "late").await;
+    let (_, body) = get_json(
+        &poll_url(&hark, room, Some(&cursor), "&timeout=5"),
+        Some(&t),
+    )
+    .await;
+    assert_eq!(ids(&body), vec![late]);
+}
+
+#[tokio::test]
+async fn iso_since_returns_messages_created_later_and_then_waits() {
+    let (hark, fx, alice, bob, room) = room_with_two().await;
+    let t = token(alice);
+    fx.db
+        .execute(
+            "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) VALUES ($1, $2, 'old', '2026-01-15T10:00:00Z')",
+            &[&room, &bob],
+        )
+        .await
+        .unwrap();
+    let newer = fx.insert(room, bob, "new").await;
+    for since in [
+        "2026-01-15T10:00:00Z",
+        "2026-01-15T12:00:00+02:00",
+        "2026-01-15T10:00:00.000000 00:00",
+    ] {
+        let (s, body) = get_json(&poll_url(&hark, room, Some(since), "&timeout=0"), Some(&t)).await;
+        assert_eq!(s, StatusCode::OK, "{since}: {body}");
+        assert_eq!(ids(&body), vec![newer], "{since}");
+    }
+    // Nothing after now: the poll waits, then a new message wakes it.
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let url = poll_url(&hark, room, Some(&now), "&timeout=20");
+    let t2 = t.clone();
+    let waiter = tokio::spawn(async move { get_json(&url, Some(&t2)).await });
+    wait_for_metric(&hark, "hark_waiting_polls", 1.0).await;
+    let id = fx.insert(room, bob, "wake").await;
+    let (_, body) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&body), vec![id]);
+}
+
+#[tokio::test]
+async fn bad_parameters_are_400s_never_clamped() {
+    let (hark, _fx, alice, _bob, room) = room_with_two().await;
+    let t = token(alice);
+    let c = cursor_now(&hark, room, &t).await;
+    let cases: Vec<(String, &str)> = vec![
+        ("/api/chat/messages/poll/".into(), "invalid_room_id"),
+        (
+            "/api/chat/messages/poll/?room_id=abc".into(),
+            "invalid_room_id",
+        ),
+        (
+            "/api/chat/messages/poll/?room_id=1.5".into(),
+            "invalid_room_id",
+        ),
+        (
+            format!("/api/chat/messages/poll/?room_id={room}&since=yesterday"),
+            "invalid_since",
+        ),
+        (
+            format!("/api/chat/messages/poll/?room_id={room}&since=AAAA"),
+            "invalid_since",
+        ),
+        (
+            format!("/api/chat/messages/poll/?room_id={room}&since={c}&timeout=61"),
+            "invalid_timeout",
+        ),
+        (
+            format!("/api/chat/messages/poll/?room_id={room}&since={c}&timeout=1.5"),
+            "invalid_timeout",
+        ),
+        (
+            format!("/api/chat/messages/poll/?room_id={room}&since={c}&timeout=-1"),
+            "invalid_timeout",
+        ),
+        (
+            format!("/api/chat/messages/poll/?room_id={room}&since={c}&timeout=abc"),
+            "invalid_timeout",
+        ),
+        (
+            format!("/api/chat/messages/poll/?room_id={room}&limit=0"),
+            "invalid_limit",
+        ),
+        (
+            format!("/api/chat/messages/poll/?room_id={room}&limit=1001"),
+            "invalid_limit",
+        ),
+        (
+            format!("/api/chat/messages/poll/?room_id={room}&limit=ten"),
+            "invalid_limit",
+        ),
+    ];
+    for (path, code) in cases {
+        let (s, body) = get_json(&hark.url(&path), Some(&t)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert_eq!(body["code"], code, "{path}");
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    // Unknown room, somebody else's room.
+    let (s, _) = get_json(&poll_url(&hark, 999_999, None, ""), Some(&t)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn other_rooms_are_403_whatever_the_cursor() {
+    let (hark, fx, alice, bob, room) = room_with_two().await;
+    let carol = fx.user("carol").await;
+    let theirs = fx.room("theirs", &[bob, carol]).await;
+    let t = token(alice);
+    let c = cursor_now(&hark, room, &t).await;
+    let (s, body) = get_json(&poll_url(&hark, theirs, None, ""), Some(&t)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(body["error"], "Not a participant");
+    // A valid cursor carries no authority.
+    let (s, _) = get_json(&poll_url(&hark, theirs, Some(&c), "&timeout=0"), Some(&t)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn cursors_from_another_database_or_the_future_are_409_cursor_reset() {
+    use hark::cursor::{Cursor, Position, Snapshot};
+    use std::sync::Arc;
+    let (hark, _fx, alice, _bob, room) = room_with_two().await;
+    let t = token(alice);
+    let real = Cursor::decode(&cursor_now(&hark, room, &t).await).unwrap();
+
+    let mut foreign = real.clone();
+    foreign.origin.system_id ^= 0xdead_beef;
+    let mut other_timeline = real.clone();
+    other_timeline.origin.timeline += 1;
+    let Position::At(s) = &real.position else {
+        panic!("fresh cursor is At")
+    };
+    let future = Cursor {
+        origin: real.origin,
+        position: Position::At(Arc::new(
+            Snapshot::new(s.xmax + 1_000_000, s.xmax + 1_000_000, vec![]).unwrap(),
+        )),
+    };
+    for c in [foreign, other_timeline, future] {
+        let (st, body) = get_json(
+            &poll_url(&hark, room, Some(&c.encode()), "&timeout=0"),
+            Some(&t),
+        )
+        .await;
+        assert_eq!(st, StatusCode::CONFLICT, "{body}");
+        assert_eq!(body["code"], "cursor_reset");
+    }
+}
