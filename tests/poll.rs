@@ -326,3 +326,88 @@ async fn cursors_from_another_database_or_the_future_are_409_cursor_reset() {
         assert_eq!(body["code"], "cursor_reset");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_waiting_polls_cost_one_catchup_per_insert() {
+    let (hark, fx, alice, bob, room) = room_with_two().await;
+    let t = token(alice);
+    let c = cursor_now(&hark, room, &t).await;
+    let url = poll_url(&hark, room, Some(&c), "&timeout=60");
+    let polls: Vec<_> = (0..1000)
+        .map(|_| {
+            let (url, t) = (url.clone(), t.clone());
+            tokio::spawn(async move { get_json(&url, Some(&t)).await })
+        })
+        .collect();
+    wait_for_metric(&hark, "hark_waiting_polls", 1000.0).await;
+    let catchups = hark.metric("hark_catchup_queries_total").await;
+    let cold = hark.metric("hark_cold_queries_total").await;
+    let id = fx.insert(room, bob, "to everyone").await;
+    for p in polls {
+        let (s, body) = tokio::time::timeout(Duration::from_secs(30), p)
+            .await
+            .expect("answered")
+            .unwrap();
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(ids(&body), vec![id]);
+    }
+    let catchups_after = hark.metric("hark_catchup_queries_total").await;
+    assert!(
+        catchups_after - catchups <= 2.0,
+        "{catchups} -> {catchups_after} catch-up queries"
+    );
+    assert_eq!(
+        hark.metric("hark_cold_queries_total").await,
+        cold,
+        "no poll read the database"
+    );
+    assert_eq!(hark.metric("hark_waiting_polls").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_that_hang_up_free_their_waiters() {
+    use tokio::io::AsyncWriteExt;
+    let (hark, _fx, alice, _bob, room) = room_with_two().await;
+    let t = token(alice);
+    let c = cursor_now(&hark, room, &t).await;
+    let path = format!("/api/chat/messages/poll/?room_id={room}&since={c}&timeout=60");
+    let mut sockets = Vec::new();
+    for _ in 0..1000 {
+        let mut s = tokio::net::TcpStream::connect(hark.addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        sockets.push(s);
+    }
+    wait_for_metric(&hark, "hark_waiting_polls", 1000.0).await;
+    drop(sockets);
+    wait_for_metric(&hark, "hark_waiting_polls", 0.0).await;
+    // The connection reading /metrics is the only one left.
+    wait_for_metric(&hark, "hark_open_connections", 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_answers_every_waiting_poll_with_its_cursor_and_exits() {
+    let (mut hark, _fx, alice, _bob, room) = room_with_two().await;
+    let t = token(alice);
+    let c = cursor_now(&hark, room, &t).await;
+    let url = poll_url(&hark, room, Some(&c), "&timeout=60");
+    let polls: Vec<_> = (0..50)
+        .map(|_| {
+            let (url, t) = (url.clone(), t.clone());
+            tokio::spawn(async move { get_json(&url, Some(&t)).await })
+        })
+        .collect();
+    wait_for_metric(&hark, "hark_waiting_polls", 50.0).await;
+    let took = hark.stop().await;
+    for p in polls {
+        let (s, body) = p.await.unwrap();
+        assert_eq!(s, StatusCode::OK);
+        assert!(ids(&body).is_empty());
+        assert_eq!(
+            body["cursor"].as_str().unwrap(),
+            c,
+            "answered with its cursor"
+        );
+    }
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+}

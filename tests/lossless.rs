@@ -1,0 +1,319 @@
+//! Nothing is lost: a client that passes back its cursor gets every message
+//! exactly once — with writers committing out of id order, with the LISTEN
+//! connection killed, and with hark restarted mid-run.
+//!
+//! Each run also drives a naive `id > last_id` reader over the same
+//! workload and checks that it *does* lose messages: the workload really
+//! commits out of order, so these tests would fail if hark's cursor were
+//! an id.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use hyper::{Method, StatusCode};
+
+const WRITERS: usize = 8;
+const MESSAGES: usize = 2000;
+const POLLERS: usize = 4;
+
+/// One writer connection: each message in its own transaction, with a
+/// random pause between INSERT and COMMIT so commits land out of id order.
+async fn writer(conn: String, room: i64, sender: i64, count: usize, seed: u64) {
+    let db = connect(&conn).await;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for i in 0..count {
+        db.batch_execute("BEGIN").await.unwrap();
+        db.execute(
+            "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) VALUES ($1, $2, $3, now())",
+            &[&room, &sender, &format!("w{seed}-{i}")],
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_micros(rng.u64(0..3000))).await;
+        db.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
+/// A client looping on its cursor; retries the same cursor on transport
+/// errors (hark restarting). Returns how often it saw each id.
+async fn poller(
+    base: String,
+    room: i64,
+    token: String,
+    start: String,
+    limit: usize,
+    expected: usize,
+) -> HashMap<i64, usize> {
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    let mut cursor = start;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while seen.len() < expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "poller stalled at {} of {expected}",
+            seen.len()
+        );
+        let url = format!(
+            "{base}/api/chat/messages/poll/?room_id={room}&since={cursor}&timeout=5&limit={limit}"
+        );
+        match try_request(Method::GET, &url, Some(&token), None, &[]).await {
+            Ok((StatusCode::OK, _, body)) => {
+                let body = json(&body);
+                for m in body["messages"].as_array().unwrap() {
+                    *seen.entry(m["id"].as_i64().unwrap()).or_default() += 1;
+                }
+                cursor = body["cursor"].as_str().unwrap().to_string();
+            }
+            // 503 while the database or hark is coming back; transport errors while restarting.
+            Ok((StatusCode::SERVICE_UNAVAILABLE, _, _)) | Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok((status, _, body)) => {
+                panic!("poll answered {status}: {}", String::from_utf8_lossy(&body))
+            }
+        }
+    }
+    seen
+}
+
+/// What a client doing `WHERE id > last_id` sees, reading until `stop`.
+async fn naive_id_reader(conn: String, room: i64, stop: Arc<AtomicBool>) -> Vec<i64> {
+    let db = connect(&conn).await;
+    let mut last = 0i64;
+    let mut got = Vec::new();
+    loop {
+        let done = stop.load(Ordering::SeqCst);
+        let rows = db
+            .query(
+                "SELECT id FROM chat_chatmessage WHERE room_id = $1 AND id > $2 ORDER BY id",
+                &[&room, &last],
+            )
+            .await
+            .unwrap();
+        for r in rows {
+            let id: i64 = r.get(0);
+            got.push(id);
+            last = id;
+        }
+        if done {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+enum Disturb {
+    None,
+    KillListener,
+    RestartHark,
+}
+
+async fn run(disturb: Disturb) {
+    let (mut hark, fx) = setup(&[]).await;
+    let reader = fx.user("reader").await;
+    let writer_user = fx.user("writer").await;
+    let room = fx.room("busy", &[reader, writer_user]).await;
+    let t = token(reader);
+    let (_, first) = get_json(&poll_url(&hark, room, None, ""), Some(&t)).await;
+    let start = first["cursor"].as_str().unwrap().to_string();
+
+    let base = format!("http://{}", hark.addr);
+    let pollers: Vec<_> = (0..POLLERS)
+        .map(|i| {
+            // Different page sizes exercise paging inside batches.
+            let limit = [1000, 7, 50, 1][i % 4];
+            tokio::spawn(poller(
+                base.clone(),
+                room,
+                t.clone(),
+                start.clone(),
+                limit,
+                MESSAGES,
+            ))
+        })
+        .collect();
+    let stop_naive = Arc::new(AtomicBool::new(false));
+    let naive = tokio::spawn(naive_id_reader(hark.db.clone(), room, stop_naive.clone()));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            tokio::spawn(writer(
+                hark.db.clone(),
+                room,
+                writer_user,
+                MESSAGES / WRITERS,
+                w as u64 + 1,
+            ))
+        })
+        .collect();
+
+    match disturb {
+        Disturb::None => {}
+        Disturb::KillListener => {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let killed: i64 = fx
+                    .db
+                    .query_one(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                         WHERE application_name = 'hark-listener' AND datname = current_database()",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(killed, 1, "exactly one LISTEN connection per process");
+                // Wait until it is back before the next kill.
+                for _ in 0..200 {
+                    let (s, _, _) = request(Method::GET, &hark.url("/readyz"), None, None).await;
+                    if s == StatusCode::OK {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            }
+        }
+        Disturb::RestartHark => {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            hark.restart().await;
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            hark.restart().await;
+        }
+    }
+
+    for w in writers {
+        w.await.unwrap();
+    }
+    let all: Vec<i64> = fx
+        .db
+        .query(
+            "SELECT id FROM chat_chatmessage WHERE room_id = $1",
+            &[&room],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(all.len(), MESSAGES);
+    for (i, p) in pollers.into_iter().enumerate() {
+        let seen = tokio::time::timeout(Duration::from_secs(120), p)
+            .await
+            .expect("poller timed out")
+            .unwrap();
+        let dupes: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
+        assert!(dupes.is_empty(), "poller {i} got duplicates: {dupes:?}");
+        let missing: Vec<_> = all.iter().filter(|id| !seen.contains_key(id)).collect();
+        assert!(
+            missing.is_empty(),
+            "poller {i} missed {} messages: {missing:?}",
+            missing.len()
+        );
+        assert_eq!(
+            seen.len(),
+            MESSAGES,
+            "poller {i} saw ids that are not in the room"
+        );
+    }
+
+    stop_naive.store(true, Ordering::SeqCst);
+    let naive = naive.await.unwrap();
+    let naive_missed = MESSAGES - naive.len();
+    assert!(
+        naive_missed > 0,
+        "the workload did not commit out of id order, so it proves nothing"
+    );
+    eprintln!("an `id > last_id` reader missed {naive_missed} of {MESSAGES} messages");
+
+    if let Disturb::KillListener = disturb {
+        assert!(hark.metric("hark_listener_reconnects_total").await >= 3.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn out_of_order_commits_every_poller_gets_every_message_once() {
+    run(Disturb::None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listener_killed_mid_run_loses_nothing() {
+    run(Disturb::KillListener).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hark_restarted_mid_run_loses_nothing() {
+    run(Disturb::RestartHark).await;
+}
+
+/// The textbook case, step by step: A inserts first but commits last.
+/// An id cursor skips A; hark's cursor delivers B, then A.
+#[tokio::test]
+async fn late_commit_with_smaller_id_is_delivered_and_an_id_cursor_would_skip_it() {
+    let (hark, fx) = setup(&[]).await;
+    let u = fx.user("u").await;
+    let v = fx.user("v").await;
+    let room = fx.room("r", &[u, v]).await;
+    let t = token(u);
+    let (_, first) = get_json(&poll_url(&hark, room, None, ""), Some(&t)).await;
+    let cursor = first["cursor"].as_str().unwrap().to_string();
+
+    let a = connect(&hark.db).await;
+    a.batch_execute("BEGIN").await.unwrap();
+    let id_a: i64 = a
+        .query_one(
+            "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) VALUES ($1, $2, 'A', now()) RETURNING id",
+            &[&room, &v],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let id_b = fx.insert(room, v, "B").await; // commits first
+    assert!(id_a < id_b);
+
+    let (_, got) = get_json(
+        &poll_url(&hark, room, Some(&cursor), "&timeout=5"),
+        Some(&t),
+    )
+    .await;
+    let ids: Vec<i64> = got["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id_b]);
+    let cursor = got["cursor"].as_str().unwrap().to_string();
+    // An id cursor is now at id_b.
+    let last_id = *ids.last().unwrap();
+
+    a.batch_execute("COMMIT").await.unwrap();
+    let (_, got) = get_json(
+        &poll_url(&hark, room, Some(&cursor), "&timeout=5"),
+        Some(&t),
+    )
+    .await;
+    let ids: Vec<i64> = got["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id_a], "hark delivers the late commit");
+
+    let naive: Vec<i64> = fx
+        .db
+        .query(
+            "SELECT id FROM chat_chatmessage WHERE room_id = $1 AND id > $2",
+            &[&room, &last_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(naive.is_empty(), "an id cursor never sees A again");
+}
