@@ -131,12 +131,16 @@ pub enum HubRead {
     Unknown,
     /// Nothing is due as of the hub's head: wait.
     Nothing,
-    /// Rows due, ascending id; `more` when `limit` cut the list.
+    /// Rows due, ascending id (possibly none, when only rows beyond the
+    /// paging batch are due); `more` when `limit` cut the list; `beyond`
+    /// when rows after the paging batch's upper snapshot are due too.
     Due {
         rows: Vec<Arc<StoredMessage>>,
         head: Arc<Snapshot>,
         more: bool,
-        heard: Instant,
+        beyond: bool,
+        /// When the earliest of these rows' NOTIFY arrived (latency metric).
+        heard: Option<Instant>,
     },
 }
 
@@ -192,43 +196,68 @@ impl Hub {
         }
     }
 
-    /// Answers "what is due after `At(cursor)` in `rooms`" from memory, or
-    /// says it cannot. The caller must hold a [`Subscription`] for `rooms`
-    /// taken before this call, so nothing slips between read and wait.
-    pub fn read(&self, rooms: &[i64], cursor: &Snapshot, limit: usize) -> HubRead {
+    /// Answers "what is due in `rooms` after `lower`" from memory, or says
+    /// it cannot. With `upper = Some((u, after_id))` only the rest of the
+    /// batch `(lower, u]` past `after_id` is wanted (a paging cursor). The
+    /// caller must hold a [`Subscription`] for `rooms` taken before this
+    /// call, so nothing slips between read and wait.
+    pub fn read(
+        &self,
+        rooms: &[i64],
+        lower: &Snapshot,
+        upper: Option<(&Snapshot, i64)>,
+        limit: usize,
+    ) -> HubRead {
         let st = self.state();
         let Some(head) = st.head.clone() else {
             return HubRead::Unknown;
         };
-        if cursor.xmax > st.known_xmax {
+        if lower.xmax > st.known_xmax {
             return HubRead::Unknown;
         }
+        if let Some((u, _)) = upper {
+            if !head.contains(u) || !u.contains(lower) {
+                return HubRead::Unknown;
+            }
+        }
         let mut due: Vec<&Entry> = Vec::new();
+        let mut beyond = false;
         for room in rooms {
             let Some(r) = st.rooms.get(room) else {
                 return HubRead::Unknown;
             };
             match &r.bound {
-                Some(bound) if cursor.contains(bound) => {}
+                Some(bound) if lower.contains(bound) => {}
                 _ => return HubRead::Unknown,
             }
-            due.extend(r.ring.iter().filter(|e| !cursor.is_visible(e.msg.txid)));
+            for e in &r.ring {
+                if lower.is_visible(e.msg.txid) {
+                    continue;
+                }
+                match upper {
+                    None => due.push(e),
+                    Some((u, after_id)) => {
+                        if !u.is_visible(e.msg.txid) {
+                            beyond = true;
+                        } else if e.msg.id > after_id {
+                            due.push(e);
+                        }
+                    }
+                }
+            }
         }
-        if due.is_empty() {
+        if due.is_empty() && !beyond {
             return HubRead::Nothing;
         }
         due.sort_unstable_by_key(|e| e.msg.id);
         let more = due.len() > limit;
         due.truncate(limit);
-        let heard = due
-            .iter()
-            .map(|e| e.heard)
-            .min()
-            .unwrap_or_else(Instant::now);
+        let heard = due.iter().map(|e| e.heard).min();
         HubRead::Due {
             rows: due.iter().map(|e| e.msg.clone()).collect(),
             head,
             more,
+            beyond,
             heard,
         }
     }
@@ -648,15 +677,18 @@ mod tests {
         let sub = hub.subscribe(&[1], false);
         // Rows may have committed since head while nobody listened for them.
         assert!(matches!(
-            hub.read(&[1], &snap(100, 100, &[]), 10),
+            hub.read(&[1], &snap(100, 100, &[]), None, 10),
             HubRead::Unknown
         ));
         // Registering scheduled a catch-up; it finds such a row and wakes us.
         catch_up(&hub, snap(101, 101, &[]), vec![msg(5, 1, 100)]).await;
         sub.notified().await;
-        assert_eq!(ids(&hub.read(&[1], &snap(100, 100, &[]), 10)), vec![5]);
+        assert_eq!(
+            ids(&hub.read(&[1], &snap(100, 100, &[]), None, 10)),
+            vec![5]
+        );
         assert!(matches!(
-            hub.read(&[1], &snap(101, 101, &[]), 10),
+            hub.read(&[1], &snap(101, 101, &[]), None, 10),
             HubRead::Nothing
         ));
     }
@@ -667,23 +699,23 @@ mod tests {
         let sub = hub.subscribe(&[1], false);
         catch_up(&hub, snap(100, 100, &[]), vec![]).await;
         let s0 = snap(100, 100, &[]);
-        assert!(matches!(hub.read(&[1], &s0, 10), HubRead::Nothing));
+        assert!(matches!(hub.read(&[1], &s0, None, 10), HubRead::Nothing));
 
         // Tx 100 (id 10) is open while tx 101 (id 11) commits.
         hub.message_notified(1);
         let s1 = snap(100, 102, &[100]);
         catch_up(&hub, s1.clone(), vec![msg(11, 1, 101)]).await;
         sub.notified().await;
-        assert_eq!(ids(&hub.read(&[1], &s0, 10)), vec![11]);
+        assert_eq!(ids(&hub.read(&[1], &s0, None, 10)), vec![11]);
         // A client now at s1 has nothing due until 100 commits.
-        assert!(matches!(hub.read(&[1], &s1, 10), HubRead::Nothing));
+        assert!(matches!(hub.read(&[1], &s1, None, 10), HubRead::Nothing));
 
         hub.message_notified(1);
         let s2 = snap(102, 102, &[]);
         catch_up(&hub, s2.clone(), vec![msg(10, 1, 100)]).await;
-        assert_eq!(ids(&hub.read(&[1], &s1, 10)), vec![10]);
-        assert_eq!(ids(&hub.read(&[1], &s0, 10)), vec![10, 11]);
-        assert!(matches!(hub.read(&[1], &s2, 10), HubRead::Nothing));
+        assert_eq!(ids(&hub.read(&[1], &s1, None, 10)), vec![10]);
+        assert_eq!(ids(&hub.read(&[1], &s0, None, 10)), vec![10, 11]);
+        assert!(matches!(hub.read(&[1], &s2, None, 10), HubRead::Nothing));
     }
 
     #[tokio::test]
@@ -693,22 +725,22 @@ mod tests {
         catch_up(&hub, snap(50, 50, &[]), vec![]).await;
         // Older than the room's coverage.
         assert!(matches!(
-            hub.read(&[1], &snap(40, 45, &[]), 10),
+            hub.read(&[1], &snap(40, 45, &[]), None, 10),
             HubRead::Unknown
         ));
         // Beyond anything read from the database: may be from the future.
         assert!(matches!(
-            hub.read(&[1], &snap(60, 60, &[]), 10),
+            hub.read(&[1], &snap(60, 60, &[]), None, 10),
             HubRead::Unknown
         ));
         hub.observe(&snap(60, 60, &[]));
         assert!(matches!(
-            hub.read(&[1], &snap(60, 60, &[]), 10),
+            hub.read(&[1], &snap(60, 60, &[]), None, 10),
             HubRead::Nothing
         ));
         // A room nobody subscribed to.
         assert!(matches!(
-            hub.read(&[2], &snap(50, 50, &[]), 10),
+            hub.read(&[2], &snap(50, 50, &[]), None, 10),
             HubRead::Unknown
         ));
     }
@@ -722,18 +754,18 @@ mod tests {
                                              // Room 2 had a row in this window, but the plan did not read room 2.
         hub.finish_catchup(plan, snap(12, 12, &[]), vec![msg(1, 1, 10), msg(2, 2, 11)]);
         assert!(matches!(
-            hub.read(&[2], &snap(12, 12, &[]), 10),
+            hub.read(&[2], &snap(12, 12, &[]), None, 10),
             HubRead::Unknown
         ));
-        assert_eq!(ids(&hub.read(&[1], &snap(10, 10, &[]), 10)), vec![1]);
+        assert_eq!(ids(&hub.read(&[1], &snap(10, 10, &[]), None, 10)), vec![1]);
         catch_up(&hub, snap(13, 13, &[]), vec![]).await;
         assert!(matches!(
-            hub.read(&[2], &snap(12, 12, &[]), 10),
+            hub.read(&[2], &snap(12, 12, &[]), None, 10),
             HubRead::Nothing
         ));
         // Its coverage starts at that catch-up's lower snapshot.
         assert!(matches!(
-            hub.read(&[2], &snap(10, 10, &[]), 10),
+            hub.read(&[2], &snap(10, 10, &[]), None, 10),
             HubRead::Unknown
         ));
     }
@@ -749,11 +781,14 @@ mod tests {
         }
         // Capacity 4: rows 0 and 1 dropped, bound moved to snapshot 3:3.
         assert!(matches!(
-            hub.read(&[1], &snap(1, 1, &[]), 10),
+            hub.read(&[1], &snap(1, 1, &[]), None, 10),
             HubRead::Unknown
         ));
-        assert_eq!(ids(&hub.read(&[1], &snap(3, 3, &[]), 10)), vec![2, 3, 4, 5]);
-        match hub.read(&[1], &snap(3, 3, &[]), 3) {
+        assert_eq!(
+            ids(&hub.read(&[1], &snap(3, 3, &[]), None, 10)),
+            vec![2, 3, 4, 5]
+        );
+        match hub.read(&[1], &snap(3, 3, &[]), None, 3) {
             HubRead::Due { rows, more, .. } => {
                 assert_eq!(rows.len(), 3);
                 assert!(more);
@@ -773,7 +808,7 @@ mod tests {
         // Still live for a client that comes straight back.
         let _c = hub.subscribe(&[2], false);
         assert!(matches!(
-            hub.read(&[2], &snap(1, 1, &[]), 10),
+            hub.read(&[2], &snap(1, 1, &[]), None, 10),
             HubRead::Nothing
         ));
         assert_eq!(hub.room_count(), 2);

@@ -21,11 +21,10 @@ use super::chat::require_participant;
 use super::error::ApiError;
 use super::{authenticate, json_response, query_get, query_pairs, Body};
 use crate::app::App;
-use crate::cursor::{Cursor, Lower, Origin, Position, Snapshot};
-use crate::db::messages::{self, Read};
-use crate::db::DbError;
-use crate::hub::HubRead;
+use crate::cursor::{Cursor, Lower, Origin, Position};
+use crate::db::messages::Read;
 use crate::message::{format_ts, StoredMessage};
+use crate::reader;
 
 const DEFAULT_LIMIT: u32 = 100;
 
@@ -148,167 +147,68 @@ pub async fn poll(app: &App, req: Request<Incoming>) -> Result<Response<Body>, A
     let mut shutdown = app.shutdown.clone();
     let mut pos = match since {
         Since::Latest => {
-            let f = cold(
+            let f = reader::cold(
                 app,
-                room,
+                &[room],
                 Read::Latest {
                     limit: limit as i64,
                 },
             )
             .await?;
-            let cursor = Cursor::at(origin, f.head);
-            return Ok(respond(&f.rows, &cursor, false));
+            return Ok(respond(&f.rows, &Cursor::at(origin, f.head), false));
         }
         Since::CreatedAfter(since) => {
-            let f = cold(
-                app,
-                room,
-                Read::CreatedAfter {
-                    since,
-                    limit: limit as i64 + 1,
+            let read = Read::CreatedAfter {
+                since,
+                limit: limit as i64 + 1,
+            };
+            let f = reader::cold(app, &[room], read).await?;
+            let mut rows = f.rows;
+            let more = rows.len() > limit;
+            rows.truncate(limit);
+            let next = match (more, rows.last()) {
+                (true, Some(last)) => Position::Paging {
+                    lower: Lower::CreatedAfter(since),
+                    upper: f.head,
+                    after_id: last.id,
                 },
-            )
-            .await?;
-            match page(f.rows, limit, Lower::CreatedAfter(since), &f.head) {
-                Some((rows, next, more)) => {
-                    return Ok(respond(
-                        &rows,
-                        &Cursor {
-                            origin,
-                            position: next,
-                        },
-                        more,
-                    ))
-                }
-                None => Position::At(f.head),
+                _ => Position::At(f.head),
+            };
+            if !rows.is_empty() {
+                return Ok(respond(
+                    &rows,
+                    &Cursor {
+                        origin,
+                        position: next,
+                    },
+                    more,
+                ));
             }
+            next
         }
         Since::Cursor(c) => c.position,
     };
     let _waiting = WaitingGauge::new(app);
     loop {
-        // 1. Answer what is due, from memory if the hub can.
-        match &pos {
-            Position::At(s) => match app.hub.read(&[room], s, limit) {
-                HubRead::Due {
-                    rows,
-                    head,
-                    more,
-                    heard,
-                } => {
-                    app.metrics.polls_answered_from_memory.fetch_add(1, Relaxed);
-                    let next = match (more, rows.last()) {
-                        (true, Some(last)) => Position::Paging {
-                            lower: Lower::Snapshot(s.clone()),
-                            upper: head,
-                            after_id: last.id,
-                        },
-                        _ => Position::At(head),
-                    };
-                    let resp = respond(
-                        &rows,
-                        &Cursor {
-                            origin,
-                            position: next,
-                        },
-                        more,
-                    );
-                    app.metrics.delivery_latency.observe(heard.elapsed());
-                    return Ok(resp);
-                }
-                HubRead::Nothing => {}
-                HubRead::Unknown => {
-                    let f = cold(
-                        app,
-                        room,
-                        Read::After {
-                            lower: s,
-                            limit: limit as i64 + 1,
-                        },
-                    )
-                    .await?;
-                    if s.xmax > f.head.xmax {
-                        return Err(ApiError::CursorReset);
-                    }
-                    match page(f.rows, limit, Lower::Snapshot(s.clone()), &f.head) {
-                        Some((rows, next, more)) => {
-                            return Ok(respond(
-                                &rows,
-                                &Cursor {
-                                    origin,
-                                    position: next,
-                                },
-                                more,
-                            ))
-                        }
-                        None => pos = Position::At(f.head),
-                    }
-                }
-            },
-            Position::Paging {
-                lower,
-                upper,
-                after_id,
-            } => {
-                if let Lower::Snapshot(l) = lower {
-                    if !upper.contains(l) {
-                        return Err(ApiError::bad(
-                            "invalid_since",
-                            "since is not a valid cursor",
-                        ));
-                    }
-                }
-                let f = cold(
-                    app,
-                    room,
-                    Read::Batch {
-                        lower,
-                        upper,
-                        after_id: *after_id,
-                        limit: limit as i64 + 1,
-                    },
-                )
-                .await?;
-                if upper.xmax > f.head.xmax
-                    || matches!(lower, Lower::Snapshot(l) if l.xmax > f.head.xmax)
-                {
-                    return Err(ApiError::CursorReset);
-                }
-                let mut rows = f.rows;
-                if rows.len() > limit {
-                    rows.truncate(limit);
-                    let last = rows.last().map_or(*after_id, |m| m.id);
-                    let next = Position::Paging {
-                        lower: lower.clone(),
-                        upper: upper.clone(),
-                        after_id: last,
-                    };
-                    return Ok(respond(
-                        &rows,
-                        &Cursor {
-                            origin,
-                            position: next,
-                        },
-                        true,
-                    ));
-                }
-                // The batch is done: the client has seen everything in `upper`.
-                let next = Position::At(upper.clone());
-                if !rows.is_empty() {
-                    return Ok(respond(
-                        &rows,
-                        &Cursor {
-                            origin,
-                            position: next,
-                        },
-                        f.beyond,
-                    ));
-                }
-                pos = next;
-                continue;
+        let page = reader::next_page(app, &[room], &pos, limit).await?;
+        pos = page.next;
+        if !page.rows.is_empty() {
+            let resp = respond(
+                &page.rows,
+                &Cursor {
+                    origin,
+                    position: pos,
+                },
+                page.more,
+            );
+            if let Some(heard) = page.heard {
+                app.metrics.delivery_latency.observe(heard.elapsed());
             }
+            return Ok(resp);
         }
-        // 2. Nothing due: wait.
+        if !page.settled {
+            continue;
+        }
         if Instant::now() >= deadline || shutdown.is_fired() {
             return Ok(respond(
                 &[],
@@ -325,39 +225,6 @@ pub async fn poll(app: &App, req: Request<Incoming>) -> Result<Response<Body>, A
             _ = shutdown.wait() => {}
         }
     }
-}
-
-/// Splits a read of `limit + 1` rows new relative to `lower` (read at
-/// `head`) into the response page and the next position. None when empty.
-fn page(
-    mut rows: Vec<Arc<StoredMessage>>,
-    limit: usize,
-    lower: Lower,
-    head: &Arc<Snapshot>,
-) -> Option<(Vec<Arc<StoredMessage>>, Position, bool)> {
-    if rows.is_empty() {
-        return None;
-    }
-    if rows.len() > limit {
-        rows.truncate(limit);
-        let after_id = rows.last().map_or(0, |m| m.id);
-        let next = Position::Paging {
-            lower,
-            upper: head.clone(),
-            after_id,
-        };
-        return Some((rows, next, true));
-    }
-    Some((rows, Position::At(head.clone()), false))
-}
-
-/// A cold read on a pooled connection, released before any wait.
-async fn cold(app: &App, room: i64, read: Read<'_>) -> Result<messages::Fetched, ApiError> {
-    app.metrics.cold_queries.fetch_add(1, Relaxed);
-    let client = app.pool.get().await.map_err(DbError::from)?;
-    let f = messages::read(&client, &[room], read).await?;
-    app.hub.observe(&f.head);
-    Ok(f)
 }
 
 /// The response: messages are already JSON, so this only concatenates.
