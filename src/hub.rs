@@ -39,6 +39,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -67,6 +68,18 @@ pub struct TypingEvent {
     pub json: bytes::Bytes,
 }
 
+impl TypingEvent {
+    pub fn new(room: i64, user: User, is_typing: bool) -> TypingEvent {
+        let json = serde_json::json!({"room": room, "user": &user, "is_typing": is_typing});
+        TypingEvent {
+            room,
+            json: bytes::Bytes::from(json.to_string()),
+            user,
+            is_typing,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Hub {
     inner: Arc<Inner>,
@@ -92,8 +105,9 @@ struct State {
     catchup_due: bool,
     listener_up: bool,
     rooms: HashMap<i64, Room>,
-    /// Subscribers that follow every room of a user (membership changes).
-    users: HashMap<i64, HashMap<u64, Arc<Notify>>>,
+    /// Subscribers that follow every room of a user (membership changes),
+    /// and a counter of that user's membership changes.
+    users: HashMap<i64, (u64, HashMap<u64, Arc<Notify>>)>,
     next_key: u64,
     typing_seq: u64,
 }
@@ -113,8 +127,78 @@ struct Room {
 
 struct Sub {
     notify: Arc<Notify>,
-    /// Event streams also want typing and membership wake-ups; polls don't.
-    stream: bool,
+    /// Event streams (typing and membership wake-ups, lag accounting);
+    /// None for polls.
+    lag: Option<Arc<Lag>>,
+}
+
+impl Sub {
+    fn is_stream(&self) -> bool {
+        self.lag.is_some()
+    }
+}
+
+/// How far an event stream is behind: rows the hub has added to its rooms
+/// that it has not delivered yet. A reader that stops reading stops
+/// delivering while catch-ups keep adding; past the bound the hub cuts it
+/// (its connection is closed) and it resumes losslessly with Last-Event-ID.
+pub struct Lag {
+    pending: AtomicUsize,
+    limit: usize,
+    cut: AtomicBool,
+    kill: Notify,
+    /// Closes the stream's connection. The hub fires it itself: a stream
+    /// whose socket is full is not being polled and cannot notice.
+    close: Option<Arc<Notify>>,
+}
+
+impl Lag {
+    pub fn new(limit: usize, close: Option<Arc<Notify>>) -> Arc<Lag> {
+        Arc::new(Lag {
+            pending: AtomicUsize::new(0),
+            limit: limit.max(1),
+            cut: AtomicBool::new(false),
+            kill: Notify::new(),
+            close,
+        })
+    }
+
+    /// The stream wrote `n` messages.
+    pub fn delivered(&self, n: usize) {
+        let _ = self
+            .pending
+            .fetch_update(Relaxed, Relaxed, |p| Some(p.saturating_sub(n)));
+    }
+
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Relaxed)
+    }
+
+    /// Resolves once the stream has been cut.
+    pub async fn cut(&self) {
+        loop {
+            let notified = self.kill.notified();
+            if self.is_cut() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// `n` more rows are due to this stream; true when that cuts it. A
+    /// stream that had delivered everything is never cut, whatever the
+    /// size of one batch: only one that keeps falling behind is.
+    fn added(&self, n: usize) -> bool {
+        let before = self.pending.fetch_add(n, Relaxed);
+        if before > 0 && before + n > self.limit && !self.cut.swap(true, Relaxed) {
+            self.kill.notify_waiters();
+            if let Some(close) = &self.close {
+                close.notify_one();
+            }
+            return true;
+        }
+        false
+    }
 }
 
 struct Entry {
@@ -171,14 +255,15 @@ impl Hub {
 
     /// Registers interest in `rooms`. The returned guard unregisters on drop
     /// (a client that hangs up frees its place at once).
-    pub fn subscribe(&self, rooms: &[i64], stream: bool) -> Subscription {
+    /// Streams pass their [`Lag`]; polls pass None.
+    pub fn subscribe(&self, rooms: &[i64], lag: Option<Arc<Lag>>) -> Subscription {
         let notify = Arc::new(Notify::new());
         let mut st = self.state();
         st.next_key += 1;
         let key = st.next_key;
         let mut fresh = false;
         for &room in rooms {
-            fresh |= add_sub(&mut st, room, key, &notify, stream);
+            fresh |= add_sub(&mut st, room, key, &notify, &lag);
         }
         if fresh {
             st.catchup_due = true;
@@ -193,6 +278,7 @@ impl Hub {
             rooms: rooms.to_vec(),
             user: None,
             notify,
+            lag,
         }
     }
 
@@ -397,7 +483,7 @@ impl Hub {
             r.heard = None;
         }
         if !overflow {
-            let mut touched: Vec<i64> = Vec::new();
+            let mut touched: Vec<(i64, usize)> = Vec::new();
             for msg in rows {
                 let Some(r) = st.rooms.get_mut(&msg.room) else {
                     continue; // nobody watches it any more
@@ -405,9 +491,12 @@ impl Hub {
                 if r.bound.is_none() {
                     continue;
                 }
-                if !touched.contains(&msg.room) {
-                    touched.push(msg.room);
-                    wake.extend(r.subs.values().map(|s| s.notify.clone()));
+                match touched.iter_mut().find(|(room, _)| *room == msg.room) {
+                    Some((_, n)) => *n += 1,
+                    None => {
+                        touched.push((msg.room, 1));
+                        wake.extend(r.subs.values().map(|s| s.notify.clone()));
+                    }
                 }
                 r.ring.push_back(Entry {
                     batch: head.clone(),
@@ -415,9 +504,14 @@ impl Hub {
                     heard: r.heard.unwrap_or(plan.started),
                 });
             }
-            for room in touched {
+            for (room, n) in touched {
                 if let Some(r) = st.rooms.get_mut(&room) {
                     trim(r, capacity);
+                    for lag in r.subs.values().filter_map(|s| s.lag.as_ref()) {
+                        if lag.added(n) {
+                            self.inner.metrics.streams_cut_slow.fetch_add(1, Relaxed);
+                        }
+                    }
                 }
             }
         }
@@ -444,7 +538,7 @@ impl Hub {
         let wake: Vec<_> = r
             .subs
             .values()
-            .filter(|s| s.stream)
+            .filter(|s| s.is_stream())
             .map(|s| s.notify.clone())
             .collect();
         drop(st);
@@ -474,23 +568,29 @@ impl Hub {
     /// A participant joined or left `room` (or the room went away): wake
     /// the streams that may need to change their room set.
     pub fn membership_changed(&self, room: i64, user: Option<i64>) {
-        let st = self.state();
+        let mut st = self.state();
         let mut wake: Vec<Arc<Notify>> = Vec::new();
         if let Some(r) = st.rooms.get(&room) {
             wake.extend(
                 r.subs
                     .values()
-                    .filter(|s| s.stream)
+                    .filter(|s| s.is_stream())
                     .map(|s| s.notify.clone()),
             );
         }
-        if let Some(subs) = user.and_then(|u| st.users.get(&u)) {
+        if let Some((epoch, subs)) = user.and_then(|u| st.users.get_mut(&u)) {
+            *epoch += 1;
             wake.extend(subs.values().cloned());
         }
         drop(st);
         for n in wake {
             n.notify_one();
         }
+    }
+
+    /// Counts `user`'s membership changes seen while a stream follows them.
+    pub fn user_epoch(&self, user: i64) -> u64 {
+        self.state().users.get(&user).map_or(0, |(e, _)| *e)
     }
 
     #[cfg(test)]
@@ -525,6 +625,7 @@ pub struct Subscription {
     rooms: Vec<i64>,
     user: Option<i64>,
     notify: Arc<Notify>,
+    lag: Option<Arc<Lag>>,
 }
 
 impl Subscription {
@@ -544,6 +645,7 @@ impl Subscription {
         st.users
             .entry(user)
             .or_default()
+            .1
             .insert(self.key, self.notify.clone());
         drop(st);
         self.user = Some(user);
@@ -560,7 +662,7 @@ impl Subscription {
         let mut fresh = false;
         for &room in rooms {
             if !self.rooms.contains(&room) {
-                fresh |= add_sub(&mut st, room, self.key, &self.notify, true);
+                fresh |= add_sub(&mut st, room, self.key, &self.notify, &self.lag);
             }
         }
         if fresh {
@@ -576,7 +678,13 @@ impl Subscription {
 
 /// Adds a subscriber to a room; true when the room is new to the hub (and
 /// so needs a catch-up before it is live).
-fn add_sub(st: &mut State, room: i64, key: u64, notify: &Arc<Notify>, stream: bool) -> bool {
+fn add_sub(
+    st: &mut State,
+    room: i64,
+    key: u64,
+    notify: &Arc<Notify>,
+    lag: &Option<Arc<Lag>>,
+) -> bool {
     let mut fresh = false;
     let r = st.rooms.entry(room).or_insert_with(|| {
         fresh = true;
@@ -594,7 +702,7 @@ fn add_sub(st: &mut State, room: i64, key: u64, notify: &Arc<Notify>, stream: bo
         key,
         Sub {
             notify: notify.clone(),
-            stream,
+            lag: lag.clone(),
         },
     );
     fresh
@@ -616,7 +724,7 @@ impl Drop for Subscription {
             remove_sub(&mut st, *room, self.key);
         }
         if let Some(user) = self.user {
-            if let Some(subs) = st.users.get_mut(&user) {
+            if let Some((_, subs)) = st.users.get_mut(&user) {
                 subs.remove(&self.key);
                 if subs.is_empty() {
                     st.users.remove(&user);
@@ -674,7 +782,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_room_is_unknown_until_a_catchup_reads_it() {
         let hub = started_hub(snap(100, 100, &[])).await;
-        let sub = hub.subscribe(&[1], false);
+        let sub = hub.subscribe(&[1], None);
         // Rows may have committed since head while nobody listened for them.
         assert!(matches!(
             hub.read(&[1], &snap(100, 100, &[]), None, 10),
@@ -696,7 +804,7 @@ mod tests {
     #[tokio::test]
     async fn out_of_order_commits_are_delivered_once() {
         let hub = started_hub(snap(100, 100, &[])).await;
-        let sub = hub.subscribe(&[1], false);
+        let sub = hub.subscribe(&[1], None);
         catch_up(&hub, snap(100, 100, &[]), vec![]).await;
         let s0 = snap(100, 100, &[]);
         assert!(matches!(hub.read(&[1], &s0, None, 10), HubRead::Nothing));
@@ -721,7 +829,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_when_cursor_precedes_coverage_or_is_newer_than_known() {
         let hub = started_hub(snap(50, 50, &[])).await;
-        let _sub = hub.subscribe(&[1], false);
+        let _sub = hub.subscribe(&[1], None);
         catch_up(&hub, snap(50, 50, &[]), vec![]).await;
         // Older than the room's coverage.
         assert!(matches!(
@@ -748,10 +856,10 @@ mod tests {
     #[tokio::test]
     async fn room_registered_during_catchup_waits_for_the_next() {
         let hub = started_hub(snap(10, 10, &[])).await;
-        let _a = hub.subscribe(&[1], false);
+        let _a = hub.subscribe(&[1], None);
         let plan = hub.next_catchup().await;
-        let _b = hub.subscribe(&[2], false); // not in this plan
-                                             // Room 2 had a row in this window, but the plan did not read room 2.
+        let _b = hub.subscribe(&[2], None); // not in this plan
+                                            // Room 2 had a row in this window, but the plan did not read room 2.
         hub.finish_catchup(plan, snap(12, 12, &[]), vec![msg(1, 1, 10), msg(2, 2, 11)]);
         assert!(matches!(
             hub.read(&[2], &snap(12, 12, &[]), None, 10),
@@ -773,7 +881,7 @@ mod tests {
     #[tokio::test]
     async fn trimming_moves_the_bound_and_limit_pages() {
         let hub = started_hub(snap(1, 1, &[])).await;
-        let _s = hub.subscribe(&[1], false);
+        let _s = hub.subscribe(&[1], None);
         catch_up(&hub, snap(1, 1, &[]), vec![]).await;
         for i in 0..6u64 {
             hub.message_notified(1);
@@ -800,13 +908,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unwatched_room_lingers_then_is_forgotten() {
         let hub = started_hub(snap(1, 1, &[])).await;
-        let a = hub.subscribe(&[1, 2], false);
-        let b = hub.subscribe(&[2], true);
+        let a = hub.subscribe(&[1, 2], None);
+        let b = hub.subscribe(&[2], Some(Lag::new(8, None)));
         catch_up(&hub, snap(1, 1, &[]), vec![]).await;
         drop(a);
         drop(b);
         // Still live for a client that comes straight back.
-        let _c = hub.subscribe(&[2], false);
+        let _c = hub.subscribe(&[2], None);
         assert!(matches!(
             hub.read(&[2], &snap(1, 1, &[]), None, 10),
             HubRead::Nothing

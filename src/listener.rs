@@ -202,13 +202,7 @@ fn dispatch(payload: &str, hub: &Hub, directory: &Directory, typing: &Typing) {
                     typing.expires_at(at);
                 }
             }
-            let json = serde_json::json!({"room": room, "user": &user, "is_typing": is_typing});
-            hub.typing(TypingEvent {
-                room,
-                json: bytes::Bytes::from(json.to_string()),
-                user,
-                is_typing,
-            });
+            hub.typing(TypingEvent::new(room, user, is_typing));
         }
         ("p", Some(room)) => {
             directory.invalidate_room(room);

@@ -18,6 +18,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::db::DbError;
+use crate::hub::TypingEvent;
+use crate::message::User;
 use crate::shutdown::Shutdown;
 
 /// The SQL of a typing NOTIFY payload for room `$room` and user `$user`
@@ -122,6 +124,32 @@ impl Typing {
             client.execute(&st, &[&room, &user]).await?;
         }
         Ok(())
+    }
+
+    /// Who is typing in `rooms` now, other than `me` (a new event stream
+    /// starts with these).
+    pub async fn current(&self, rooms: &[i64], me: i64) -> Result<Vec<TypingEvent>, DbError> {
+        let client = self.inner.pool.get().await?;
+        let st = client
+            .prepare_cached(
+                "SELECT t.room_id, u.id, u.username::text, u.first_name::text, u.last_name::text \
+                 FROM hark_typing t JOIN users_user u ON u.id = t.user_id \
+                 WHERE t.room_id = ANY($1) AND t.user_id <> $2 AND t.expires_at > now() \
+                 ORDER BY t.expires_at",
+            )
+            .await?;
+        let rows = client.query(&st, &[&rooms, &me]).await?;
+        rows.iter()
+            .map(|r| {
+                let user = User {
+                    id: r.try_get(1)?,
+                    username: r.try_get(2)?,
+                    first_name: r.try_get(3)?,
+                    last_name: r.try_get(4)?,
+                };
+                Ok(TypingEvent::new(r.try_get(0)?, user, true))
+            })
+            .collect()
     }
 
     /// Called for every typing start heard on the LISTEN connection, from

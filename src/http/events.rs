@@ -1,12 +1,274 @@
-//! GET /events — the Server-Sent Events stream (in progress).
+//! GET /events — the Server-Sent Events stream of messages and typing.
+//!
+//! A stream is a long poll that never answers: it subscribes to the hub
+//! *before* it reads, then loops over [`reader::next_page`] with its cursor
+//! and writes each message with its own cursor as the event `id`, so any
+//! event is a valid `Last-Event-ID` to resume from, exactly once.
+//!
+//! The body is pulled by hyper, one batch per poll: nothing is produced
+//! for a reader whose socket is full, and memory per stream is its
+//! position and subscription. The hub counts what such a stream falls
+//! behind by ([`Lag`]) and, past `HARK_STREAM_BACKLOG`, closes its
+//! connection; the client resumes with Last-Event-ID and loses nothing.
+//!
+//! Streams end themselves on shutdown (hyper's graceful shutdown would wait
+//! for an endless body forever), after writing what they hold.
 
-use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response};
+use tokio::time::{Instant, Sleep};
 
+use super::chat::require_participant;
 use super::error::ApiError;
-use super::Body;
+use super::poll::parse_room_id;
+use super::{authenticate, query_get, query_pairs, Body, ConnectionKill};
 use crate::app::App;
+use crate::cursor::{Cursor, Position};
+use crate::db::messages;
+use crate::db::DbError;
+use crate::directory::Access;
+use crate::hub::{Lag, Subscription, TypingEvent};
+use crate::message::User;
+use crate::reader;
+use crate::shutdown::Shutdown;
 
-pub async fn events(_app: &App, _req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    Err(ApiError::NotFound("Not found"))
+/// The reconnection delay browsers are told to use.
+const RETRY_MS: u64 = 2000;
+/// Most rooms one stream may name.
+const MAX_ROOMS: usize = 100;
+
+pub async fn events(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let pairs = query_pairs(&req);
+    let user = authenticate(app, &req, &pairs).await?;
+    let kill = req.extensions().get::<ConnectionKill>().cloned();
+    let last_event_id = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| query_get(&pairs, "last_event_id").map(str::to_owned))
+        .filter(|s| !s.trim().is_empty());
+    drop(req);
+
+    let mut rooms: Vec<i64> = Vec::new();
+    for (k, v) in &pairs {
+        if k == "room_id" {
+            let room = parse_room_id(Some(v))?;
+            if !rooms.contains(&room) {
+                rooms.push(room);
+            }
+        }
+    }
+    if rooms.len() > MAX_ROOMS {
+        return Err(ApiError::bad(
+            "invalid_room_id",
+            format!("at most {MAX_ROOMS} room_id values per stream"),
+        ));
+    }
+    // 404 for a missing room wins over 403 for someone else's.
+    let mut forbidden = false;
+    for &room in &rooms {
+        match require_participant(app, room, user.id).await {
+            Ok(()) => {}
+            Err(ApiError::NotParticipant) => forbidden = true,
+            Err(e) => return Err(e),
+        }
+    }
+    if forbidden {
+        return Err(ApiError::NotParticipant);
+    }
+    let follow = rooms.is_empty();
+
+    // Register before reading anything (rooms, snapshot, typists).
+    let lag = Lag::new(app.config.stream_backlog as usize, kill.map(|k| k.0));
+    let mut sub = app.hub.subscribe(&rooms, Some(lag.clone()));
+    let mut user_epoch = 0;
+    if follow {
+        sub.follow_user(user.id);
+        user_epoch = app.hub.user_epoch(user.id);
+        rooms = app.directory.rooms_of(user.id).await?;
+        sub.set_rooms(&rooms);
+    }
+    let typing_seq = app.hub.typing_seq();
+    let origin = app.origin();
+    let now = {
+        let client = app.pool.get().await.map_err(DbError::from)?;
+        messages::current_snapshot(&client).await?
+    };
+    app.hub.observe(&now);
+    let typists = app.typing.current(&rooms, user.id).await?;
+
+    let mut head = BytesMut::new();
+    head.extend_from_slice(format!("retry: {RETRY_MS}\n\n").as_bytes());
+    let current = Cursor::at(origin, now.clone());
+    let resumed = last_event_id.and_then(|text| match Cursor::decode(&text) {
+        Ok(c) if c.origin == origin && c.newest_xmax() <= now.xmax => Some((text, c.position)),
+        _ => {
+            let cur = current.encode();
+            head.extend_from_slice(
+                format!("event: reset\ndata: {{\"cursor\":\"{cur}\"}}\n\n").as_bytes(),
+            );
+            None
+        }
+    });
+    let (ready_id, pos) = match resumed {
+        Some((text, pos)) => (text, pos),
+        None => (current.encode(), Position::At(now)),
+    };
+    head.extend_from_slice(
+        format!("event: ready\nid: {ready_id}\ndata: {{\"cursor\":\"{ready_id}\"}}\n\n").as_bytes(),
+    );
+    for ev in &typists {
+        push_typing(&mut head, ev);
+    }
+
+    app.metrics.open_streams.fetch_add(1, Relaxed);
+    let ping_every = app.config.ping_interval();
+    let stream = EventStream {
+        app: app.clone(),
+        user,
+        follow,
+        user_epoch,
+        rooms,
+        sub,
+        lag,
+        pos,
+        typing_seq,
+        out: head,
+        ping: Box::pin(tokio::time::sleep(ping_every)),
+        ping_every,
+        shutdown: app.shutdown.clone(),
+        done: false,
+    };
+    let body = futures::stream::unfold(stream, |mut s| async move {
+        let chunk = s.next_chunk().await?;
+        Some((Ok::<_, std::convert::Infallible>(Frame::data(chunk)), s))
+    });
+    let mut resp = Response::new(StreamBody::new(body).boxed_unsync());
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(resp)
+}
+
+fn push_typing(out: &mut BytesMut, ev: &TypingEvent) {
+    out.extend_from_slice(b"event: typing\ndata: ");
+    out.extend_from_slice(&ev.json);
+    out.extend_from_slice(b"\n\n");
+}
+
+/// One open stream: its position and what it is waiting on.
+struct EventStream {
+    app: Arc<App>,
+    user: Arc<User>,
+    /// Following every room of the user (no `room_id` given).
+    follow: bool,
+    user_epoch: u64,
+    rooms: Vec<i64>,
+    sub: Subscription,
+    lag: Arc<Lag>,
+    pos: Position,
+    typing_seq: u64,
+    /// Events produced and not yet handed to hyper.
+    out: BytesMut,
+    ping: Pin<Box<Sleep>>,
+    ping_every: Duration,
+    shutdown: Shutdown,
+    done: bool,
+}
+
+impl EventStream {
+    /// The next chunk to write, or None to end the stream.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        loop {
+            if !self.out.is_empty() {
+                self.ping.as_mut().reset(Instant::now() + self.ping_every);
+                return Some(self.out.split().freeze());
+            }
+            if self.done || self.lag.is_cut() || self.shutdown.is_fired() {
+                return None;
+            }
+            match self.produce().await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    // The client reconnects after `retry` and resumes.
+                    tracing::info!(error = ?e, "ending event stream");
+                    return None;
+                }
+            }
+            tokio::select! {
+                _ = self.sub.notified() => {}
+                _ = &mut self.ping => {
+                    self.out.extend_from_slice(b": ping\n\n");
+                }
+                _ = self.shutdown.wait() => self.done = true,
+                _ = self.lag.cut() => return None,
+            }
+        }
+    }
+
+    /// Appends what is due to `out`. Ok(true) when it should be called
+    /// again at once (more is due), Ok(false) when it is time to wait.
+    async fn produce(&mut self) -> Result<bool, ApiError> {
+        let app = self.app.clone();
+        if self.follow {
+            let epoch = app.hub.user_epoch(self.user.id);
+            if epoch != self.user_epoch {
+                self.user_epoch = epoch;
+                self.rooms = app.directory.rooms_of(self.user.id).await?;
+                self.sub.set_rooms(&self.rooms);
+            }
+        } else {
+            for &room in &self.rooms {
+                if app.directory.access(room, self.user.id).await? != Access::Participant {
+                    self.done = true;
+                    return Ok(true);
+                }
+            }
+        }
+
+        let (typing, seq) = app.hub.typing_since(&self.rooms, self.typing_seq);
+        self.typing_seq = seq;
+        for ev in typing.iter().filter(|e| e.user.id != self.user.id) {
+            push_typing(&mut self.out, ev);
+        }
+
+        let limit = app.config.stream_backlog as usize;
+        let page = reader::next_page(&app, &self.rooms, &self.pos, limit).await?;
+        let origin = app.origin();
+        for (i, row) in page.rows.iter().enumerate() {
+            let id = Cursor {
+                origin,
+                position: page.position_after(i),
+            }
+            .encode();
+            self.out.extend_from_slice(b"event: message\nid: ");
+            self.out.extend_from_slice(id.as_bytes());
+            self.out.extend_from_slice(b"\ndata: ");
+            self.out.extend_from_slice(&row.json);
+            self.out.extend_from_slice(b"\n\n");
+        }
+        self.lag.delivered(page.rows.len());
+        if let (Some(heard), false) = (page.heard, page.rows.is_empty()) {
+            app.metrics.delivery_latency.observe(heard.elapsed());
+        }
+        self.pos = page.next;
+        Ok(!self.out.is_empty() || !page.settled)
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.app.metrics.open_streams.fetch_sub(1, Relaxed);
+    }
 }

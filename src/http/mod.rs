@@ -173,6 +173,11 @@ pub fn redact_query(uri: &hyper::Uri) -> String {
     format!("{path}?{}", out.finish())
 }
 
+/// Closes the connection a request arrived on (an event stream whose
+/// reader fell too far behind). Handlers find it in the request extensions.
+#[derive(Clone)]
+pub struct ConnectionKill(pub Arc<tokio::sync::Notify>);
+
 /// One request: route, turn errors into responses, add CORS, log a line.
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
@@ -229,14 +234,26 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
                 let app2 = app.clone();
-                let conn =
-                    builder.serve_connection(io, service_fn(move |req| handle(app2.clone(), req)));
+                let kill = Arc::new(tokio::sync::Notify::new());
+                let kill2 = kill.clone();
+                let conn = builder.serve_connection(
+                    io,
+                    service_fn(move |mut req| {
+                        req.extensions_mut().insert(ConnectionKill(kill2.clone()));
+                        handle(app2.clone(), req)
+                    }),
+                );
                 let conn = graceful.watch(conn);
                 let metrics = app.metrics.clone();
                 tokio::spawn(async move {
                     metrics.open_connections.fetch_add(1, Relaxed);
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                    tokio::select! {
+                        r = conn => if let Err(e) = r {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        },
+                        // Dropping the connection closes the socket, even
+                        // one whose reader stopped reading.
+                        _ = kill.notified() => {}
                     }
                     metrics.open_connections.fetch_sub(1, Relaxed);
                     drop(permit);

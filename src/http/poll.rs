@@ -142,7 +142,7 @@ pub async fn poll(app: &App, req: Request<Incoming>) -> Result<Response<Body>, A
     }
 
     // Register before the first read: a row committing in between still wakes us.
-    let sub = app.hub.subscribe(&[room], false);
+    let sub = app.hub.subscribe(&[room], None);
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let mut shutdown = app.shutdown.clone();
     let mut pos = match since {

@@ -2,6 +2,8 @@
 //! trailing slash; unknown paths are JSON 404s and wrong methods JSON 405s
 //! with `Allow`; `OPTIONS` answers preflights.
 
+use std::sync::Arc;
+
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 
@@ -66,7 +68,7 @@ fn parse(path: &str) -> Option<Route> {
     })
 }
 
-pub async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let Some(route) = parse(req.uri().path()) else {
         return Err(ApiError::NotFound("Not found"));
     };
