@@ -7,6 +7,11 @@
 //! would be missed, so the cache is bypassed then and cleared on reconnect.
 //! A generation counter keeps a read that raced an invalidation from
 //! caching what it read.
+//!
+//! The queries cast keys to int8: Django's tables may have `integer` keys
+//! (AutoField, Django's default without DEFAULT_AUTO_FIELD) as well as
+//! `bigint` ones (BigAutoField), and an int4 parameter or column would not
+//! take or give an i64.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,7 +47,7 @@ struct Inner {
 #[derive(Default)]
 struct Cache {
     generation: u64,
-    users: HashMap<i64, Option<Arc<User>>>,
+    users: HashMap<i64, Arc<User>>,
     /// None: the room does not exist.
     rooms: HashMap<i64, Option<Arc<HashSet<i64>>>>,
 }
@@ -67,14 +72,15 @@ impl Directory {
         let generation = {
             let c = self.cache();
             if let Some(hit) = c.users.get(&id) {
-                return Ok(hit.clone());
+                return Ok(Some(hit.clone()));
             }
             c.generation
         };
         let client = self.inner.pool.get().await?;
         let st = client
             .prepare_cached(
-                "SELECT id, username, first_name, last_name FROM users_user WHERE id = $1",
+                "SELECT id::int8, username, first_name, last_name \
+                 FROM users_user WHERE id = $1::int8",
             )
             .await?;
         let user = match client.query_opt(&st, &[&id]).await? {
@@ -86,9 +92,14 @@ impl Directory {
             })),
             None => None,
         };
-        self.store(generation, |c| {
-            c.users.insert(id, user.clone());
-        });
+        // Only users that exist are cached: a user's creation sends no
+        // notification (the trigger covers update and delete), so a cached
+        // "no such user" would refuse their valid token for ever.
+        if let Some(u) = &user {
+            self.store(generation, |c| {
+                c.users.insert(id, u.clone());
+            });
+        }
         Ok(user)
     }
 
@@ -96,17 +107,23 @@ impl Directory {
     pub async fn access(&self, room: i64, user: i64) -> Result<Access, DbError> {
         let generation = {
             let c = self.cache();
+            // Only a "yes" is answered from the cache. A join committed a
+            // moment ago may not have been notified yet, and a client that
+            // Django has just added to a room uses it at once: a refusal
+            // costs one query rather than a wrong 403 or 404.
             if let Some(hit) = c.rooms.get(&room) {
-                return Ok(classify(hit.as_deref(), user));
+                if classify(hit.as_deref(), user) == Access::Participant {
+                    return Ok(Access::Participant);
+                }
             }
             c.generation
         };
         let client = self.inner.pool.get().await?;
         let st = client
             .prepare_cached(
-                "SELECT r.id, array_remove(array_agg(p.user_id), NULL) \
+                "SELECT r.id, array_remove(array_agg(p.user_id::int8), NULL) \
                  FROM chat_chatroom r LEFT JOIN chat_chatroom_participants p ON p.chatroom_id = r.id \
-                 WHERE r.id = $1 GROUP BY r.id",
+                 WHERE r.id = $1::int8 GROUP BY r.id",
             )
             .await?;
         let members: Option<Arc<HashSet<i64>>> = match client.query_opt(&st, &[&room]).await? {
@@ -128,7 +145,8 @@ impl Directory {
         let client = self.inner.pool.get().await?;
         let st = client
             .prepare_cached(
-                "SELECT chatroom_id FROM chat_chatroom_participants WHERE user_id = $1 ORDER BY chatroom_id",
+                "SELECT chatroom_id::int8 FROM chat_chatroom_participants \
+                 WHERE user_id = $1::int8 ORDER BY chatroom_id",
             )
             .await?;
         let rows = client.query(&st, &[&user]).await?;

@@ -12,7 +12,9 @@ pub struct Room {
     pub id: i64,
     #[serde(rename = "type")]
     pub kind: String,
-    pub name: String,
+    /// Null where Django's model allows it (`null=True`, common for direct
+    /// chats), as DRF would send it.
+    pub name: Option<String>,
     pub participants: Vec<User>,
     pub last_message: Option<Message>,
     pub unread_count: i64,
@@ -42,22 +44,24 @@ macro_rules! user_json {
 
 // Typing users: still within their window, other than the requester, and
 // still participants; the most recent `true` (latest expiry) first.
+// Ids are cast to int8 (and `$1` typed so) because Django's tables may have
+// `integer` keys (AutoField) as well as `bigint` ones.
 const ROOMS: &str = concat!(
-    "SELECT r.id, r.type::text AS kind, r.name::text AS name, r.created_at, r.updated_at, \
+    "SELECT r.id::int8 AS id, r.type::text AS kind, r.name::text AS name, r.created_at, r.updated_at, \
        coalesce((SELECT json_agg(", user_json!("u"), " ORDER BY u.id) \
                  FROM chat_chatroom_participants p JOIN users_user u ON u.id = p.user_id \
                  WHERE p.chatroom_id = r.id), '[]'::json) AS participants, \
-       lm.id AS lm_id, lm.content AS lm_content, lm.created_at AS lm_created_at, lm.sender AS lm_sender, \
+       lm.id::int8 AS lm_id, lm.content AS lm_content, lm.created_at AS lm_created_at, lm.sender AS lm_sender, \
        (SELECT count(*) FROM chat_chatmessage c \
-         WHERE c.room_id = r.id AND c.sender_id <> $1 \
+         WHERE c.room_id = r.id AND c.sender_id <> $1::int8 \
            AND (rm.read_at IS NULL OR c.created_at > rm.read_at)) AS unread, \
        coalesce((SELECT json_agg(", user_json!("u"), " ORDER BY t.expires_at DESC, u.id) \
                  FROM hark_typing t JOIN users_user u ON u.id = t.user_id \
                  JOIN chat_chatroom_participants tp ON tp.chatroom_id = t.room_id AND tp.user_id = t.user_id \
-                 WHERE t.room_id = r.id AND t.user_id <> $1 AND t.expires_at > now()), '[]'::json) AS typing \
+                 WHERE t.room_id = r.id AND t.user_id <> $1::int8 AND t.expires_at > now()), '[]'::json) AS typing \
      FROM chat_chatroom r \
-     JOIN chat_chatroom_participants me ON me.chatroom_id = r.id AND me.user_id = $1 \
-     LEFT JOIN hark_read_marker rm ON rm.room_id = r.id AND rm.user_id = $1 \
+     JOIN chat_chatroom_participants me ON me.chatroom_id = r.id AND me.user_id = $1::int8 \
+     LEFT JOIN hark_read_marker rm ON rm.room_id = r.id AND rm.user_id = $1::int8 \
      LEFT JOIN LATERAL (SELECT m.id, m.content, m.created_at, ", user_json!("su"), " AS sender \
                         FROM chat_chatmessage m JOIN users_user su ON su.id = m.sender_id \
                         WHERE m.room_id = r.id ORDER BY m.id DESC LIMIT 1) lm ON true \

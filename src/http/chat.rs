@@ -40,8 +40,10 @@ pub async fn typing(
     let pairs = query_pairs(&req);
     let user = authenticate(app, &req, &pairs).await?;
     let body = read_json(app, req).await?;
+    // Missing is false; anything but a boolean, null included, is refused
+    // (as DRF's BooleanField without allow_null does).
     let on = match body.get("is_typing") {
-        None | Some(Value::Null) => false,
+        None => false,
         Some(Value::Bool(b)) => *b,
         Some(_) => {
             return Err(ApiError::bad(
@@ -100,19 +102,20 @@ pub async fn send_message(app: &App, req: Request<Incoming>) -> Result<Response<
     let pairs = query_pairs(&req);
     let user = authenticate(app, &req, &pairs).await?;
     let body = read_json(app, req).await?;
+    let invalid_room = || ApiError::bad("invalid_room_id", "room_id must be a positive integer");
     let room = match body.get("room_id").or_else(|| body.get("room")) {
-        Some(Value::Number(n)) => n.as_i64().filter(|&r| r > 0).ok_or_else(|| {
-            ApiError::bad("invalid_room_id", "room_id must be a positive integer")
-        })?,
+        Some(Value::Number(n)) => n.as_i64().filter(|&r| r > 0).ok_or_else(invalid_room)?,
+        // A string of digits too, as DRF's primary-key fields accept it
+        // (form-minded clients send ids as strings).
+        Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|&r| r > 0)
+            .ok_or_else(invalid_room)?,
         None | Some(Value::Null) => {
             return Err(ApiError::bad("invalid_room_id", "room_id is required"))
         }
-        Some(_) => {
-            return Err(ApiError::bad(
-                "invalid_room_id",
-                "room_id must be a positive integer",
-            ))
-        }
+        Some(_) => return Err(invalid_room()),
     };
     let content = match body.get("content") {
         Some(Value::String(s)) => s.as_str(),

@@ -97,7 +97,7 @@ pub async fn authenticate(
 }
 
 /// Reads a JSON object body within the size limit. A missing Content-Type
-/// is read as JSON; another explicit type is a 415.
+/// is read as JSON; another explicit type is a 415; an empty body is `{}`.
 pub async fn read_json(
     app: &App,
     req: Request<Incoming>,
@@ -139,6 +139,11 @@ pub async fn read_json(
         }
         Ok(Ok(c)) => c.to_bytes(),
     };
+    // No body at all is an empty object, as DRF reads it: a bare
+    // `POST …/typing/` means `is_typing` missing, i.e. false.
+    if bytes.is_empty() {
+        return Ok(serde_json::Map::new());
+    }
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad(
             "invalid_json",
@@ -167,10 +172,18 @@ pub fn redact_query(uri: &hyper::Uri) -> String {
     };
     let mut out = form_urlencoded::Serializer::new(String::new());
     for (k, v) in form_urlencoded::parse(q.as_bytes()) {
-        let secret = matches!(k.as_ref(), "access_token" | "token" | "jwt");
+        let secret = matches!(k.as_ref(), "access_token" | "token" | "jwt") || has_jwt(&v);
         out.append_pair(&k, if secret { "REDACTED" } else { &v });
     }
     format!("{path}?{}", out.finish())
+}
+
+/// Whether a query value carries something shaped like a JWT (`eyJ…` and
+/// three dot-separated parts): a client that puts its token under another
+/// name (`accessToken`, `auth=Bearer …`) must not get it logged either.
+fn has_jwt(v: &str) -> bool {
+    v.split_whitespace()
+        .any(|w| w.starts_with("eyJ") && w.split('.').count() == 3)
 }
 
 /// Closes the connection a request arrived on (an event stream whose
