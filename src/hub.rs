@@ -217,7 +217,8 @@ pub enum HubRead {
     Nothing,
     /// Rows due, ascending id (possibly none, when only rows beyond the
     /// paging batch are due); `more` when `limit` cut the list; `beyond`
-    /// when rows after the paging batch's upper snapshot are due too.
+    /// when rows after the paging batch's upper snapshot, or not yet read
+    /// by a catch-up, are due too.
     Due {
         rows: Vec<Arc<StoredMessage>>,
         head: Arc<Snapshot>,
@@ -312,6 +313,8 @@ impl Hub {
             let Some(r) = st.rooms.get(room) else {
                 return HubRead::Unknown;
             };
+            // Rows were notified that no catch-up has read yet.
+            beyond |= r.heard.is_some();
             match &r.bound {
                 Some(bound) if lower.contains(bound) => {}
                 _ => return HubRead::Unknown,
@@ -332,7 +335,7 @@ impl Hub {
                 }
             }
         }
-        if due.is_empty() && !beyond {
+        if due.is_empty() && (upper.is_none() || !beyond) {
             return HubRead::Nothing;
         }
         due.sort_unstable_by_key(|e| e.msg.id);
@@ -480,7 +483,10 @@ impl Hub {
                 r.bound = plan.lower.clone();
                 wake.extend(r.subs.values().map(|s| s.notify.clone()));
             }
-            r.heard = None;
+            // A NOTIFY heard after this plan was made may not be covered.
+            if r.heard.is_some_and(|h| h <= plan.started) {
+                r.heard = None;
+            }
         }
         if !overflow {
             let mut touched: Vec<(i64, usize)> = Vec::new();

@@ -49,11 +49,16 @@ impl Page {
 
 /// The next page after `pos` in `rooms`, at most `limit` rows. The caller
 /// holds a hub subscription for `rooms`, taken before this call.
+///
+/// `fresh`: the caller answers now rather than waiting (a poll with
+/// `timeout=0`), so "nothing as of the hub's last catch-up" is not good
+/// enough — a NOTIFY may still be on its way — and the database decides.
 pub async fn next_page(
     app: &App,
     rooms: &[i64],
     pos: &Position,
     limit: usize,
+    fresh: bool,
 ) -> Result<Page, ApiError> {
     match pos {
         Position::At(s) => match app.hub.read(rooms, s, None, limit) {
@@ -61,13 +66,15 @@ pub async fn next_page(
                 rows,
                 head,
                 more,
+                beyond,
                 heard,
-                ..
             } => {
                 app.metrics.polls_answered_from_memory.fetch_add(1, Relaxed);
-                Ok(split(rows, more, Lower::Snapshot(s.clone()), head, heard))
+                let mut page = split(rows, more, Lower::Snapshot(s.clone()), head, heard);
+                page.more |= beyond;
+                Ok(page)
             }
-            HubRead::Nothing => Ok(Page {
+            HubRead::Nothing if !fresh => Ok(Page {
                 rows: Vec::new(),
                 batch: None,
                 next: pos.clone(),
@@ -75,7 +82,7 @@ pub async fn next_page(
                 settled: true,
                 heard: None,
             }),
-            HubRead::Unknown => {
+            HubRead::Nothing | HubRead::Unknown => {
                 let f = cold(
                     app,
                     rooms,
@@ -91,10 +98,7 @@ pub async fn next_page(
                 let mut rows = f.rows;
                 let more = rows.len() > limit;
                 rows.truncate(limit);
-                let settled = rows.is_empty();
-                let mut page = split(rows, more, Lower::Snapshot(s.clone()), f.head, None);
-                page.settled = settled;
-                Ok(page)
+                Ok(split(rows, more, Lower::Snapshot(s.clone()), f.head, None))
             }
         },
         Position::Paging {

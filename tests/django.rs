@@ -487,7 +487,7 @@ async fn integer_keys_and_a_null_room_name_are_served() {
 }
 
 #[tokio::test]
-#[ignore = "src/db/messages.rs binds i64 to integer columns: sending and polling are 500s"]
+
 async fn integer_keys_send_and_poll() {
     let hark = integer_keys_then_hark().await;
     let (s, msg) = post_json(

@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use hark::cursor::{Cursor, Position};
 use hyper::{Method, StatusCode};
 
 #[tokio::test]
@@ -154,6 +155,8 @@ async fn paging_with_limit_delivers_everything_once_in_order() {
     }
     let mut got = Vec::new();
     let mut pages = Vec::new();
+    // The hub may hold only part of what committed when the first page is
+    // read (a NOTIFY still in flight); pages then differ, never the result.
     loop {
         let (s, body) = get_json(
             &poll_url(&hark, room, Some(&cursor), "&limit=10&timeout=0"),
@@ -162,16 +165,18 @@ async fn paging_with_limit_delivers_everything_once_in_order() {
         .await;
         assert_eq!(s, StatusCode::OK, "{body}");
         let page = ids(&body);
-        pages.push((page.len(), body["has_more"].as_bool().unwrap()));
+        let has_more = body["has_more"].as_bool().unwrap();
+        assert!(page.len() <= 10, "a page holds at most `limit`");
+        pages.push((page.len(), has_more));
         got.extend(page);
         cursor = body["cursor"].as_str().unwrap().to_string();
-        if !body["has_more"].as_bool().unwrap() {
+        if got.len() >= expected.len() && !has_more {
             break;
         }
-        assert!(pages.len() < 10, "paging does not end: {pages:?}");
+        assert!(pages.len() < 20, "paging does not end: {pages:?}");
     }
-    assert_eq!(got, expected);
-    assert_eq!(pages, vec![(10, true), (10, true), (5, false)]);
+    assert_eq!(got, expected, "every message once, in id order: {pages:?}");
+    assert_eq!(pages[0], (10, true), "a full first page says more is due");
     // A message after the last page arrives with the last cursor.
     let late = fx.insert(room, bob, "late").await;
     let (_, body) = get_json(
@@ -297,7 +302,7 @@ async fn other_rooms_are_403_whatever_the_cursor() {
 
 #[tokio::test]
 async fn cursors_from_another_database_or_the_future_are_409_cursor_reset() {
-    use hark::cursor::{Cursor, Position, Snapshot};
+    use hark::cursor::Snapshot;
     use std::sync::Arc;
     let (hark, _fx, alice, _bob, room) = room_with_two().await;
     let t = token(alice);
@@ -398,16 +403,20 @@ async fn sigterm_answers_every_waiting_poll_with_its_cursor_and_exits() {
         })
         .collect();
     wait_for_metric(&hark, "hark_waiting_polls", 50.0).await;
+    let start = Cursor::decode(&c).unwrap();
     let took = hark.stop().await;
     for p in polls {
         let (s, body) = p.await.unwrap();
         assert_eq!(s, StatusCode::OK);
         assert!(ids(&body).is_empty());
-        assert_eq!(
-            body["cursor"].as_str().unwrap(),
-            c,
-            "answered with its cursor"
-        );
+        // Its cursor, or a fresher equivalent (the poll may have verified
+        // with the database that nothing was due up to a newer snapshot).
+        let got = Cursor::decode(body["cursor"].as_str().unwrap()).unwrap();
+        let (Position::At(old), Position::At(new)) = (&start.position, &got.position) else {
+            panic!("a waiting poll's cursor is a plain snapshot");
+        };
+        assert_eq!(got.origin, start.origin);
+        assert!(new.contains(old), "the cursor never moves backwards");
     }
     assert!(took < Duration::from_secs(5), "exit took {took:?}");
 }

@@ -6,7 +6,8 @@
 //! returns it, so the rows and the new cursor agree exactly — the property
 //! DESIGN §1 gets from a REPEATABLE READ transaction, in one round trip.
 //! The visibility test here is the SQL twin of
-//! [`crate::cursor::Snapshot::is_visible`].
+//! [`crate::cursor::Snapshot::is_visible`]. Keys are cast to int8 because a
+//! Django project may have `integer` (AutoField) keys.
 
 use std::sync::Arc;
 
@@ -50,10 +51,11 @@ macro_rules! select_messages {
         concat!(
             "WITH s AS MATERIALIZED (SELECT pg_current_snapshot() AS snap) \
              SELECT s.snap::text, r.* FROM s LEFT JOIN LATERAL ( \
-               SELECT m.id, m.room_id, m.content, m.created_at, m.hark_txid::text AS txid, \
-                      u.id AS uid, u.username, u.first_name, u.last_name \
+               SELECT m.id::int8 AS id, m.room_id::int8 AS room_id, m.content, m.created_at, \
+                      m.hark_txid::text AS txid, u.id::int8 AS uid, u.username::text AS username, \
+                      u.first_name::text AS first_name, u.last_name::text AS last_name \
                FROM chat_chatmessage m JOIN users_user u ON u.id = m.sender_id \
-               WHERE m.room_id = ANY($1) AND ",
+               WHERE m.room_id = ANY($1::int8[]) AND ",
             $where,
             " ORDER BY m.id ",
             $order,
@@ -77,16 +79,17 @@ macro_rules! batch {
         concat!(
             "WITH s AS MATERIALIZED (SELECT pg_current_snapshot() AS snap) \
              SELECT s.snap::text, r.*, EXISTS ( \
-                 SELECT 1 FROM chat_chatmessage b WHERE b.room_id = ANY($1) \
+                 SELECT 1 FROM chat_chatmessage b WHERE b.room_id = ANY($1::int8[]) \
                    AND b.hark_txid >= pg_snapshot_xmin($4::text::pg_snapshot) \
                    AND NOT pg_visible_in_snapshot(b.hark_txid, $4::text::pg_snapshot)) AS beyond \
              FROM s LEFT JOIN LATERAL ( \
-               SELECT m.id, m.room_id, m.content, m.created_at, m.hark_txid::text AS txid, \
-                      u.id AS uid, u.username, u.first_name, u.last_name \
+               SELECT m.id::int8 AS id, m.room_id::int8 AS room_id, m.content, m.created_at, \
+                      m.hark_txid::text AS txid, u.id::int8 AS uid, u.username::text AS username, \
+                      u.first_name::text AS first_name, u.last_name::text AS last_name \
                FROM chat_chatmessage m JOIN users_user u ON u.id = m.sender_id \
-               WHERE m.room_id = ANY($1) AND ",
+               WHERE m.room_id = ANY($1::int8[]) AND ",
             $lower,
-            " AND pg_visible_in_snapshot(m.hark_txid, $4::text::pg_snapshot) AND m.id > $5 \
+            " AND pg_visible_in_snapshot(m.hark_txid, $4::text::pg_snapshot) AND m.id > $5::int8 \
                ORDER BY m.id LIMIT $2) r ON true ORDER BY r.id"
         )
     };
@@ -215,9 +218,9 @@ pub async fn send(
 ) -> Result<(i64, DateTime<Utc>), DbError> {
     const SEND: &str = concat!(
                 "WITH ins AS (INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) \
-                              VALUES ($1, $2, $3, now()) RETURNING id, created_at), \
-                      upd AS (UPDATE chat_chatroom SET updated_at = now() WHERE id = $1 RETURNING 1), \
-                      stop AS (DELETE FROM hark_typing WHERE room_id = $1 AND user_id = $2 \
+                              VALUES ($1::int8, $2::int8, $3::text, now()) RETURNING id::int8, created_at), \
+                      upd AS (UPDATE chat_chatroom SET updated_at = now() WHERE id = $1::int8 RETURNING 1), \
+                      stop AS (DELETE FROM hark_typing WHERE room_id = $1::int8 AND user_id = $2::int8 \
                                RETURNING expires_at > now() AS was_typing) \
                  SELECT ins.id, ins.created_at, \
                         (SELECT count(*) FROM upd) AS touched, \

@@ -73,7 +73,7 @@ impl Cors {
             h.insert(
                 ACCESS_CONTROL_ALLOW_HEADERS,
                 HeaderValue::from_static(
-                    "Authorization, Content-Type, Last-Event-ID, Cache-Control",
+                    "Authorization, Content-Type, Last-Event-ID, Cache-Control, X-CSRFToken, X-Requested-With",
                 ),
             );
             h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));

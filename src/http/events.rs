@@ -244,7 +244,7 @@ impl EventStream {
         }
 
         let limit = app.config.stream_backlog as usize;
-        let page = reader::next_page(&app, &self.rooms, &self.pos, limit).await?;
+        let page = reader::next_page(&app, &self.rooms, &self.pos, limit, false).await?;
         let origin = app.origin();
         for (i, row) in page.rows.iter().enumerate() {
             let id = Cursor {

@@ -190,7 +190,7 @@ pub async fn poll(app: &App, req: Request<Incoming>) -> Result<Response<Body>, A
     };
     let _waiting = WaitingGauge::new(app);
     loop {
-        let page = reader::next_page(app, &[room], &pos, limit).await?;
+        let page = reader::next_page(app, &[room], &pos, limit, timeout == 0).await?;
         pos = page.next;
         if !page.rows.is_empty() {
             let resp = respond(
