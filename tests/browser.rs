@@ -1,0 +1,478 @@
+//! The page at `/` in a real browser: headless Chromium driven through
+//! chromedriver (W3C WebDriver over HTTP, see `common/webdriver.rs`).
+//!
+//! Alice opens the page; messages inserted with plain SQL appear; Bob's
+//! typing shows and hides; what Alice types and sends reaches the server;
+//! and when hark restarts the page's own EventSource resumes with
+//! Last-Event-ID and shows what was sent meanwhile exactly once.
+//!
+//! Needs `chromium` and `chromedriver` (`.ci/run` installs them): without
+//! them this test fails, it does not skip.
+
+mod common;
+#[path = "common/webdriver.rs"]
+mod webdriver;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use webdriver::Browser;
+
+/// Bound for anything the page should do "soon".
+const SOON: Duration = Duration::from_secs(20);
+
+/// Runs in every document before the page's scripts: collects uncaught
+/// errors, unhandled rejections and CSP violations, and counts what the
+/// page's EventSources open and receive (`message` events per message id),
+/// so the test sees the server's replay and not only the page's
+/// de-duplicated list.
+const INSTRUMENT: &str = r#"
+(function () {
+  var Native = window.EventSource;
+  var sse = window.__sse = { opened: [], received: {} };
+  var Wrapped = function (url, init) {
+    if (window.__garbleFirstCursor && !sse.opened.length) {
+      // A position the server cannot continue: it must answer `reset`.
+      url = String(url).replace(/last_event_id=[^&]*/, 'last_event_id=garbage');
+    }
+    var es = new Native(url, init);
+    sse.opened.push(String(url).replace(/access_token=[^&]*/, 'access_token=…'));
+    es.addEventListener('message', function (e) {
+      try {
+        var id = JSON.parse(e.data).id;
+        sse.received[id] = (sse.received[id] || 0) + 1;
+      } catch (err) { /* counted by the page's own handler */ }
+    });
+    return es;
+  };
+  Wrapped.prototype = Native.prototype;
+  Wrapped.CONNECTING = Native.CONNECTING;
+  Wrapped.OPEN = Native.OPEN;
+  Wrapped.CLOSED = Native.CLOSED;
+  window.EventSource = Wrapped;
+})();
+window.__testErrors = [];
+window.addEventListener('error', function (e) {
+  window.__testErrors.push('error: ' + e.message + ' at ' + e.filename + ':' + e.lineno);
+});
+window.addEventListener('unhandledrejection', function (e) {
+  window.__testErrors.push('unhandled rejection: ' + String(e.reason && (e.reason.stack || e.reason.message) || e.reason));
+});
+document.addEventListener('securitypolicyviolation', function (e) {
+  window.__testErrors.push('CSP violation: ' + e.violatedDirective + ' blocked ' + e.blockedURI);
+});
+"#;
+
+/// What the page shows, for failure messages.
+const PAGE_STATE: &str = r#"
+var q = function (s) { var e = document.querySelector(s); return e ? e.textContent : null; };
+return {
+  url: location.href,
+  status: q('#status'),
+  state: (document.querySelector('#status') || {dataset: {}}).dataset.state,
+  typing: q('#typing'),
+  messages: Array.from(document.querySelectorAll('#messages [data-id]')).map(function (e) { return e.dataset.id; }),
+  errors: window.__testErrors,
+  sse: window.__sse,
+  roomError: q('#room-error'),
+  sendError: q('#send-error'),
+};
+"#;
+
+fn target_dir() -> PathBuf {
+    // target/<profile>/hark → target
+    PathBuf::from(env!("CARGO_BIN_EXE_hark"))
+        .parent()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+/// A script: true when message `id` is shown exactly once.
+fn shown_once(id: i64) -> String {
+    format!(r#"return document.querySelectorAll('#messages [data-id="{id}"]').length === 1;"#)
+}
+
+struct Page<'a> {
+    browser: &'a Browser,
+}
+
+impl Page<'_> {
+    async fn state(&self) -> Value {
+        self.browser
+            .execute(PAGE_STATE, json!([]))
+            .await
+            .unwrap_or_else(|e| json!({ "unavailable": e }))
+    }
+
+    /// Waits until `script` is truthy; on timeout fails with what the page
+    /// shows and hark's log.
+    async fn wait(&self, what: &str, script: &str, hark: &Hark) -> Value {
+        match self.browser.wait_for(script, SOON).await {
+            Ok(v) => v,
+            Err(e) => panic!(
+                "waiting for {what}: {e}\npage: {:#}\nhark log:\n{}",
+                self.state().await,
+                hark.logs()
+            ),
+        }
+    }
+
+    async fn eval(&self, script: &str) -> Value {
+        self.browser
+            .execute(script, json!([]))
+            .await
+            .unwrap_or_else(|e| panic!("{script}: {e}"))
+    }
+
+    async fn assert_no_errors(&self, when: &str) {
+        let errors = self
+            .eval("return window.__testErrors || ['the error hook is missing'];")
+            .await;
+        assert_eq!(
+            errors,
+            json!([]),
+            "JavaScript errors on the page {when}; page: {:#}",
+            self.state().await
+        );
+    }
+
+    /// Every message id on the page, in order.
+    async fn message_ids(&self) -> Vec<i64> {
+        let v = self
+            .eval("return Array.from(document.querySelectorAll('#messages [data-id]')).map(function (e) { return Number(e.dataset.id); });")
+            .await;
+        serde_json::from_value(v).expect("ids")
+    }
+}
+
+/// Typists of `room` as `user` sees them in the rooms API.
+async fn typing_ids(hark: &Hark, room: i64, as_user: i64) -> Vec<i64> {
+    let (status, v) = get_json(
+        &hark.url(&format!("/api/chat/rooms/{room}/")),
+        Some(&token(as_user)),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    v["typing_users"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|u| u["id"].as_i64()).collect())
+        .unwrap_or_default()
+}
+
+/// Polls the rooms API until `check` holds (bounded).
+async fn wait_typing(
+    hark: &Hark,
+    room: i64,
+    as_user: i64,
+    what: &str,
+    check: impl Fn(&[i64]) -> bool,
+) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let ids = typing_ids(hark, room, as_user).await;
+        if check(&ids) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: typing_users still {ids:?} after {SOON:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_messages_and_typing_and_survives_a_restart() {
+    // Fail (not skip) at once when the browser is missing.
+    webdriver::require_browser();
+    let started = Instant::now();
+
+    let (mut hark, fx) = setup(&[]).await;
+    let alice = fx.user("alice").await;
+    let bob = fx.user("bob").await;
+    let room = fx.room("General", &[alice, bob]).await;
+    let old = fx.insert(room, alice, "An old message, from history").await;
+
+    let browser = Browser::launch(1100, 760).await;
+    let page = Page { browser: &browser };
+    browser.on_new_document(INSTRUMENT).await;
+    browser
+        .goto(&hark.url(&format!("/?token={}&room={room}", token(alice))))
+        .await;
+
+    // History, then the stream.
+    page.wait(
+        "the stream to be live",
+        "var s = document.querySelector('#status'); return s && s.dataset.state === 'live' && /live/i.test(s.textContent);",
+        &hark,
+    )
+    .await;
+    assert_eq!(page.message_ids().await, vec![old], "history");
+    let shown = page.eval(
+        "return {who: document.querySelector('#whoami').textContent, title: document.querySelector('#room-title').textContent, search: location.search, rooms: document.querySelector('#rooms').textContent};",
+    ).await;
+    assert!(shown["who"].as_str().unwrap().contains("Alice"), "{shown}");
+    assert_eq!(shown["title"], "General", "{shown}");
+    assert!(
+        shown["rooms"].as_str().unwrap().contains("General"),
+        "{shown}"
+    );
+    assert!(
+        !shown["search"].as_str().unwrap().contains("token"),
+        "the token stays in the address bar: {shown}"
+    );
+
+    // A message written with plain SQL appears live.
+    let from_sql = fx
+        .insert(room, bob, "Hi Alice, this came through psql")
+        .await;
+    page.wait("the SQL message", &shown_once(from_sql), &hark)
+        .await;
+
+    // Bob's typing shows, and goes away on false (well before the 5 s
+    // server TTL and the page's 6 s safety net).
+    let typing_url = hark.url(&format!("/api/chat/rooms/{room}/typing/"));
+    let (s, v) = post_json(&typing_url, Some(&token(bob)), r#"{"is_typing": true}"#).await;
+    assert_eq!(s, 200, "{v}");
+    page.wait(
+        "Bob is typing",
+        "return /Bob is typing/.test(document.querySelector('#typing').textContent);",
+        &hark,
+    )
+    .await;
+    let (s, v) = post_json(&typing_url, Some(&token(bob)), r#"{"is_typing": false}"#).await;
+    assert_eq!(s, 200, "{v}");
+    let cleared = Instant::now();
+    page.wait(
+        "the typing line to clear",
+        "return document.querySelector('#typing').textContent.trim() === '';",
+        &hark,
+    )
+    .await;
+    assert!(
+        cleared.elapsed() < Duration::from_secs(4),
+        "the typing line cleared only after {:?}: not by the false event",
+        cleared.elapsed()
+    );
+
+    // Alice types: the page tells the server; Bob sees her typing.
+    let composer = browser.find("#composer").await;
+    browser
+        .send_keys(&composer, "Hello Bob, from the browser")
+        .await;
+    wait_typing(&hark, room, bob, "Alice typing in the composer", |ids| {
+        ids.contains(&alice)
+    })
+    .await;
+    // She sends: the message shows once and her typing stops.
+    let send = browser.find("#send").await;
+    browser.click(&send).await;
+    let sent: i64 = page
+        .wait(
+            "the sent message",
+            "var m = Array.from(document.querySelectorAll('#messages li.mine[data-id]')).filter(function (e) { return /Hello Bob, from the browser/.test(e.textContent); }); return m.length === 1 && document.querySelector('#composer').value === '' && Number(m[0].dataset.id);",
+            &hark,
+        )
+        .await
+        .as_i64()
+        .expect("an id");
+    wait_typing(&hark, room, bob, "Alice's typing after sending", |ids| {
+        !ids.contains(&alice)
+    })
+    .await;
+    let (_, v) = get_json(&poll_url(&hark, room, None, "&limit=10"), Some(&token(bob))).await;
+    let stored: Vec<(i64, String)> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_i64().unwrap(),
+                m["content"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        stored.contains(&(sent, "Hello Bob, from the browser".to_string())),
+        "the server has {stored:?}"
+    );
+    page.assert_no_errors("before the restart").await;
+
+    // hark goes away: the page notices; a message is written meanwhile.
+    hark.stop().await;
+    page.wait(
+        "the page to notice the restart",
+        "return document.querySelector('#status').dataset.state === 'reconnecting';",
+        &hark,
+    )
+    .await;
+    let while_down = fx.insert(room, bob, "Written while hark was down").await;
+    hark.restart().await; // the same port; the page's EventSource resumes
+    page.wait(
+        "the message written while hark was down",
+        &shown_once(while_down),
+        &hark,
+    )
+    .await;
+    // A later message is a barrier: the stream is in commit order, so any
+    // duplicate of the earlier ones would have come before it.
+    let after = fx.insert(room, bob, "And one after the restart").await;
+    page.wait(
+        "the stream to be live again",
+        "return document.querySelector('#status').dataset.state === 'live';",
+        &hark,
+    )
+    .await;
+    page.wait("the message after the restart", &shown_once(after), &hark)
+        .await;
+    assert_eq!(
+        page.message_ids().await,
+        vec![old, from_sql, sent, while_down, after],
+        "each message exactly once, in order"
+    );
+    // The browser's own reconnect (one EventSource, resumed with its
+    // Last-Event-ID header), and the server replayed each message once.
+    let sse = page.eval("return window.__sse;").await;
+    assert_eq!(
+        sse["opened"].as_array().map(Vec::len),
+        Some(1),
+        "the page opened more than one EventSource: {sse}"
+    );
+    let mut expected = serde_json::Map::new();
+    for id in [from_sql, sent, while_down, after] {
+        expected.insert(id.to_string(), json!(1));
+    }
+    assert_eq!(
+        sse["received"],
+        Value::Object(expected),
+        "message events over the stream (id → times)"
+    );
+    // Resumed, not reset: the page loaded history once.
+    let history_loads = page
+        .eval("return performance.getEntriesByType('resource').filter(function (e) { return e.name.indexOf('/api/chat/messages/poll/') >= 0; }).length;")
+        .await;
+    assert_eq!(
+        history_loads,
+        json!(1),
+        "the page reloaded its history (a reset?)"
+    );
+    page.assert_no_errors("after the restart").await;
+
+    // Pictures for a person: a desktop window and a 360 px phone.
+    let dir = target_dir();
+    let (s, v) = post_json(&typing_url, Some(&token(bob)), r#"{"is_typing": true}"#).await;
+    assert_eq!(s, 200, "{v}");
+    page.wait(
+        "Bob is typing (for the screenshot)",
+        "return /Bob is typing/.test(document.querySelector('#typing').textContent);",
+        &hark,
+    )
+    .await;
+    let desktop = dir.join("browser-screenshot.png");
+    browser.screenshot(&desktop).await;
+    browser.set_window_size(360, 740).await;
+    let layout = page
+        .wait(
+            "a 360 px wide viewport",
+            "var d = document.documentElement; return window.innerWidth <= 400 && {inner: window.innerWidth, scroll: d.scrollWidth, client: d.clientWidth};",
+            &hark,
+        )
+        .await;
+    assert!(
+        layout["scroll"].as_i64() <= layout["client"].as_i64(),
+        "horizontal scroll at 360 px: {layout}"
+    );
+    let narrow = dir.join("browser-screenshot-360.png");
+    browser.screenshot(&narrow).await;
+    println!(
+        "screenshots: {} and {}",
+        desktop.display(),
+        narrow.display()
+    );
+
+    // Signing out closes the stream and asks for a token again.
+    let signout = browser.find("#signout").await;
+    browser.click(&signout).await;
+    page.wait(
+        "the sign-in form",
+        "return !document.querySelector('#signin').hidden && document.querySelector('#app').hidden && document.activeElement.id === 'token-input' && document.querySelector('#status').dataset.state === 'offline';",
+        &hark,
+    )
+    .await;
+    browser
+        .screenshot(&dir.join("browser-screenshot-signin.png"))
+        .await;
+
+    page.assert_no_errors("at the end").await;
+    // The console too (chromedriver's log): nothing severe but failed
+    // requests while hark was down.
+    let console = browser
+        .console_log()
+        .await
+        .unwrap_or_else(|e| panic!("read the browser console: {e}"));
+    let severe: Vec<&Value> = console
+        .iter()
+        .filter(|e| e["level"] == "SEVERE" && e["source"] != "network")
+        .collect();
+    assert!(severe.is_empty(), "console errors: {console:#?}");
+    browser.quit().await;
+    println!("browser test took {:?}", started.elapsed());
+}
+
+/// A stream that cannot resume (`event: reset`) makes the page reload its
+/// history without losing or doubling anything; a refused token brings
+/// back the sign-in form with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_reloads_on_reset_and_asks_again_for_a_refused_token() {
+    webdriver::require_browser();
+    let (hark, fx) = setup(&[]).await;
+    let alice = fx.user("alice").await;
+    let bob = fx.user("bob").await;
+    let room = fx.room("General", &[alice, bob]).await;
+    let old = fx.insert(room, bob, "Before the reset").await;
+
+    let browser = Browser::launch(900, 700).await;
+    let page = Page { browser: &browser };
+    browser
+        .on_new_document("window.__garbleFirstCursor = true;")
+        .await;
+    browser.on_new_document(INSTRUMENT).await;
+    browser
+        .goto(&hark.url(&format!("/?token={}&room={room}", token(alice))))
+        .await;
+    page.wait(
+        "live, with the history loaded again after the reset",
+        "return document.querySelector('#status').dataset.state === 'live' && performance.getEntriesByType('resource').filter(function (e) { return e.name.indexOf('/api/chat/messages/poll/') >= 0; }).length === 2;",
+        &hark,
+    )
+    .await;
+    let opened = page.eval("return window.__sse.opened;").await;
+    assert!(
+        opened[0]
+            .as_str()
+            .unwrap()
+            .contains("last_event_id=garbage"),
+        "{opened}"
+    );
+    let new = fx.insert(room, bob, "After the reset").await;
+    page.wait("the message after the reset", &shown_once(new), &hark)
+        .await;
+    assert_eq!(page.message_ids().await, vec![old, new]);
+    page.assert_no_errors("after a reset").await;
+
+    // A token the server refuses (its user does not exist).
+    browser
+        .goto(&hark.url(&format!("/?token={}", token(alice + bob + 1000))))
+        .await;
+    page.wait(
+        "the sign-in form with the reason",
+        "return !document.querySelector('#signin').hidden && /refused/.test(document.querySelector('#signin-error').textContent) && !sessionStorage.getItem('hark.token');",
+        &hark,
+    )
+    .await;
+    page.assert_no_errors("after a refused token").await;
+    browser.quit().await;
+}
