@@ -170,6 +170,14 @@ impl Lag {
             .fetch_update(Relaxed, Relaxed, |p| Some(p.saturating_sub(n)));
     }
 
+    /// The stream found nothing due: whatever was counted is covered by
+    /// its position (rows from before it opened, or read from the
+    /// database). A catch-up racing this is under-counted by one batch at
+    /// most, which only makes the cut later, never wrong.
+    pub fn caught_up(&self) {
+        self.pending.store(0, Relaxed);
+    }
+
     pub fn is_cut(&self) -> bool {
         self.cut.load(Relaxed)
     }

@@ -14,6 +14,7 @@
 //! Streams end themselves on shutdown (hyper's graceful shutdown would wait
 //! for an endless body forever), after writing what they hold.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -126,8 +127,10 @@ pub async fn events(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     head.extend_from_slice(
         format!("event: ready\nid: {ready_id}\ndata: {{\"cursor\":\"{ready_id}\"}}\n\n").as_bytes(),
     );
+    let mut typing_told = HashMap::new();
     for ev in &typists {
         push_typing(&mut head, ev);
+        typing_told.insert((ev.room, ev.user.id), true);
     }
 
     app.metrics.open_streams.fetch_add(1, Relaxed);
@@ -142,6 +145,7 @@ pub async fn events(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
         lag,
         pos,
         typing_seq,
+        typing_told,
         out: head,
         ping: Box::pin(tokio::time::sleep(ping_every)),
         ping_every,
@@ -178,6 +182,10 @@ struct EventStream {
     lag: Arc<Lag>,
     pos: Position,
     typing_seq: u64,
+    /// What this stream last told the client about each typist: a start
+    /// already in the initial list may also arrive from the hub, and is
+    /// not repeated.
+    typing_told: HashMap<(i64, i64), bool>,
     /// Events produced and not yet handed to hyper.
     out: BytesMut,
     ping: Pin<Box<Sleep>>,
@@ -240,7 +248,15 @@ impl EventStream {
         let (typing, seq) = app.hub.typing_since(&self.rooms, self.typing_seq);
         self.typing_seq = seq;
         for ev in typing.iter().filter(|e| e.user.id != self.user.id) {
-            push_typing(&mut self.out, ev);
+            let told = self.typing_told.insert((ev.room, ev.user.id), ev.is_typing);
+            // Say only what changes the client's view (a stop for someone
+            // it never saw start is noise too).
+            if told.unwrap_or(false) != ev.is_typing {
+                push_typing(&mut self.out, ev);
+            }
+            if !ev.is_typing {
+                self.typing_told.remove(&(ev.room, ev.user.id));
+            }
         }
 
         let limit = app.config.stream_backlog as usize;
@@ -259,6 +275,9 @@ impl EventStream {
             self.out.extend_from_slice(b"\n\n");
         }
         self.lag.delivered(page.rows.len());
+        if page.settled {
+            self.lag.caught_up();
+        }
         if let (Some(heard), false) = (page.heard, page.rows.is_empty()) {
             app.metrics.delivery_latency.observe(heard.elapsed());
         }

@@ -43,7 +43,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send a request body once its head arrived.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for connections that are not polls or streams.
-const DRAIN_TIMEOUT: Duration = Duration::from_millis(4000);
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(2500);
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed_unsync()
