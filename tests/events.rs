@@ -925,17 +925,26 @@ async fn a_stream_loses_nothing_when_the_listen_connection_dies() {
     let first = fx.insert(room, bob, "before").await;
     assert_eq!(expect_message(&mut s).await.1["id"], first);
     for round in 0..3 {
-        let killed: i64 = fx
-            .db
-            .query_one(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE application_name = 'hark-listener' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(killed, 1, "round {round}");
+        // The previous round's messages may have been caught up by the old
+        // connection before it died: wait for the new one to be there.
+        let mut killed = 0i64;
+        for _ in 0..400 {
+            killed = fx
+                .db
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE application_name = 'hark-listener' AND datname = current_database()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if killed > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(killed, 1, "round {round}: one LISTEN connection");
         let mut sent = Vec::new();
         for i in 0..3 {
             sent.push(fx.insert(room, bob, &format!("during {round}.{i}")).await);

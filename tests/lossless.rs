@@ -156,25 +156,25 @@ async fn run(disturb: Disturb) {
         Disturb::KillListener => {
             for _ in 0..3 {
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                let killed: i64 = fx
-                    .db
-                    .query_one(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                         WHERE application_name = 'hark-listener' AND datname = current_database()",
-                        &[],
-                    )
-                    .await
-                    .unwrap()
-                    .get(0);
-                assert_eq!(killed, 1, "exactly one LISTEN connection per process");
-                // Wait until it is back before the next kill.
-                for _ in 0..200 {
-                    let (s, _, _) = request(Method::GET, &hark.url("/readyz"), None, None).await;
-                    if s == StatusCode::OK {
+                // Wait until the previous kill's replacement is connected.
+                let mut killed = 0i64;
+                for _ in 0..400 {
+                    killed = fx
+                        .db
+                        .query_one(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                             WHERE application_name = 'hark-listener' AND datname = current_database()",
+                            &[],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    if killed > 0 {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(25)).await;
                 }
+                assert_eq!(killed, 1, "exactly one LISTEN connection per process");
             }
         }
         Disturb::RestartHark => {

@@ -229,20 +229,8 @@ impl EventStream {
     /// again at once (more is due), Ok(false) when it is time to wait.
     async fn produce(&mut self) -> Result<bool, ApiError> {
         let app = self.app.clone();
-        if self.follow {
-            let epoch = app.hub.user_epoch(self.user.id);
-            if epoch != self.user_epoch {
-                self.user_epoch = epoch;
-                self.rooms = app.directory.rooms_of(self.user.id).await?;
-                self.sub.set_rooms(&self.rooms);
-            }
-        } else {
-            for &room in &self.rooms {
-                if app.directory.access(room, self.user.id).await? != Access::Participant {
-                    self.done = true;
-                    return Ok(true);
-                }
-            }
+        if !self.membership_holds().await? {
+            return Ok(true);
         }
 
         let (typing, seq) = app.hub.typing_since(&self.rooms, self.typing_seq);
@@ -261,6 +249,12 @@ impl EventStream {
 
         let limit = app.config.stream_backlog as usize;
         let page = reader::next_page(&app, &self.rooms, &self.pos, limit, false).await?;
+        // Membership may have changed while we read: a room just left must
+        // not leak its messages. Drop the page; the next round reads again
+        // from the same position with the new room set.
+        if !self.membership_holds().await? {
+            return Ok(true);
+        }
         let origin = app.origin();
         for (i, row) in page.rows.iter().enumerate() {
             let id = Cursor {
@@ -283,6 +277,33 @@ impl EventStream {
         }
         self.pos = page.next;
         Ok(!self.out.is_empty() || !page.settled)
+    }
+}
+
+impl EventStream {
+    /// True when the stream's room set is still right. An all-rooms stream
+    /// whose user's memberships changed takes the new set (and returns
+    /// false: read again); a stream naming rooms ends when its user is no
+    /// longer in one of them.
+    async fn membership_holds(&mut self) -> Result<bool, ApiError> {
+        let app = &self.app;
+        if self.follow {
+            let epoch = app.hub.user_epoch(self.user.id);
+            if epoch == self.user_epoch {
+                return Ok(true);
+            }
+            self.user_epoch = epoch;
+            self.rooms = app.directory.rooms_of(self.user.id).await?;
+            self.sub.set_rooms(&self.rooms);
+            return Ok(false);
+        }
+        for &room in &self.rooms {
+            if app.directory.access(room, self.user.id).await? != Access::Participant {
+                self.done = true;
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 
