@@ -475,6 +475,10 @@ impl Hub {
             );
         }
         let capacity = self.inner.ring_capacity;
+        // Rooms going live now: their rows in this batch predate every
+        // subscriber's first read (which went to the database), so they are
+        // no stream's backlog.
+        let mut activated: Vec<i64> = Vec::new();
         for (id, r) in st.rooms.iter_mut() {
             if !planned.contains(id) {
                 continue; // registered during this catch-up: the next one reads it
@@ -490,6 +494,7 @@ impl Hub {
                 // and must look again.
                 r.bound = plan.lower.clone();
                 wake.extend(r.subs.values().map(|s| s.notify.clone()));
+                activated.push(*id);
             }
             // A NOTIFY heard after this plan was made may not be covered.
             if r.heard.is_some_and(|h| h <= plan.started) {
@@ -521,6 +526,9 @@ impl Hub {
             for (room, n) in touched {
                 if let Some(r) = st.rooms.get_mut(&room) {
                     trim(r, capacity);
+                    if activated.contains(&room) {
+                        continue;
+                    }
                     for lag in r.subs.values().filter_map(|s| s.lag.as_ref()) {
                         if lag.added(n) {
                             self.inner.metrics.streams_cut_slow.fetch_add(1, Relaxed);

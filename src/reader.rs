@@ -31,6 +31,9 @@ pub struct Page {
     pub settled: bool,
     /// When the NOTIFY of the earliest row from memory arrived.
     pub heard: Option<Instant>,
+    /// The rows were read from the database, which may be ahead of the
+    /// NOTIFYs hark has processed (a membership change among them).
+    pub from_db: bool,
 }
 
 impl Page {
@@ -81,6 +84,7 @@ pub async fn next_page(
                 more: false,
                 settled: true,
                 heard: None,
+                from_db: false,
             }),
             HubRead::Nothing | HubRead::Unknown => {
                 let f = cold(
@@ -98,7 +102,9 @@ pub async fn next_page(
                 let mut rows = f.rows;
                 let more = rows.len() > limit;
                 rows.truncate(limit);
-                Ok(split(rows, more, Lower::Snapshot(s.clone()), f.head, None))
+                let mut page = split(rows, more, Lower::Snapshot(s.clone()), f.head, None);
+                page.from_db = true;
+                Ok(page)
             }
         },
         Position::Paging {
@@ -149,7 +155,9 @@ pub async fn next_page(
             } = f;
             let more = rows.len() > limit;
             rows.truncate(limit);
-            Ok(rest_of_batch(rows, more, beyond, lower, upper, None))
+            let mut page = rest_of_batch(rows, more, beyond, lower, upper, None);
+            page.from_db = true;
+            Ok(page)
         }
     }
 }
@@ -178,6 +186,7 @@ fn split(
         next,
         more,
         heard,
+        from_db: false,
     }
 }
 
@@ -207,6 +216,7 @@ fn rest_of_batch(
         // again from `At(upper)`.
         settled: false,
         heard,
+        from_db: false,
     }
 }
 

@@ -101,19 +101,6 @@ async fn set_typing(hark: &Hark, room: i64, token: &str, on: bool) {
     assert_eq!(s, StatusCode::OK, "{body}");
 }
 
-async fn wait_for_metric(hark: &Hark, name: &str, value: f64) {
-    for _ in 0..400 {
-        if hark.metric(name).await == value {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!(
-        "{name} never reached {value} (now {})",
-        hark.metric(name).await
-    );
-}
-
 #[tokio::test]
 async fn a_message_posted_to_one_process_reaches_streams_on_both() {
     let Two {
@@ -218,7 +205,7 @@ async fn a_long_poll_on_one_process_wakes_for_a_post_to_the_other() {
     let url = poll_url(&b, room, Some(&cursor), "&timeout=30");
     let started = std::time::Instant::now();
     let waiter = tokio::spawn(async move { get_json(&url, Some(&ta)).await });
-    wait_for_metric(&b, "hark_waiting_polls", 1.0).await;
+    b.wait_for_metric("hark_waiting_polls", 1.0).await;
     assert!(!waiter.is_finished());
     let posted = post_message(&a, room, &tb, "wake B").await;
     let (s, body) = tokio::time::timeout(T, waiter)
@@ -228,7 +215,7 @@ async fn a_long_poll_on_one_process_wakes_for_a_post_to_the_other() {
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["messages"], json!([posted]));
     assert!(started.elapsed() < Duration::from_secs(25));
-    wait_for_metric(&b, "hark_waiting_polls", 0.0).await;
+    b.wait_for_metric("hark_waiting_polls", 0.0).await;
 }
 
 #[tokio::test]

@@ -167,20 +167,6 @@ async fn poll_ids(hark: &Hark, room: i64, since: &str, token: &str, n: usize) ->
     }
 }
 
-/// Polls /metrics until `name` equals `value` (bounded).
-async fn wait_for_metric(hark: &Hark, name: &str, value: f64) {
-    for _ in 0..400 {
-        if hark.metric(name).await == value {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!(
-        "{name} never reached {value} (now {})",
-        hark.metric(name).await
-    );
-}
-
 fn enc(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
@@ -927,23 +913,7 @@ async fn a_stream_loses_nothing_when_the_listen_connection_dies() {
     for round in 0..3 {
         // The previous round's messages may have been caught up by the old
         // connection before it died: wait for the new one to be there.
-        let mut killed = 0i64;
-        for _ in 0..400 {
-            killed = fx
-                .db
-                .query_one(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                     WHERE application_name = 'hark-listener' AND datname = current_database()",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if killed > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let killed = kill_listener(&fx.db).await;
         assert_eq!(killed, 1, "round {round}: one LISTEN connection");
         let mut sent = Vec::new();
         for i in 0..3 {
@@ -1196,7 +1166,7 @@ async fn a_slow_reader_is_cut_and_resumes_losslessly() {
         cut,
         "a reader that stopped reading was not cut after {inserted} messages of 9,000 characters"
     );
-    wait_for_metric(&hark, "hark_open_streams", 0.0).await;
+    hark.wait_for_metric("hark_open_streams", 0.0).await;
 
     // The server closed the connection: read what the kernel still holds,
     // up to the close (an event cut short is discarded, as EventSource does).
@@ -1286,7 +1256,7 @@ async fn head_answers_the_stream_headers_and_holds_no_stream() {
         .is_some_and(|c| c.starts_with("text/event-stream")));
     assert!(matches!(s.next_event(T).await, Next::End));
     drop(s);
-    wait_for_metric(&hark, "hark_open_streams", 0.0).await;
+    hark.wait_for_metric("hark_open_streams", 0.0).await;
 }
 
 /// Rows a stream never had to deliver (they were history when it opened)
@@ -1344,7 +1314,7 @@ async fn sigterm_ends_open_streams_and_exits_within_5_s() {
     let (mut s2, _) = opened(&hark, "", &token(bob)).await;
     let id = fx.insert(room, bob, "before shutdown").await;
     assert_eq!(expect_message(&mut s1).await.1["id"], id);
-    wait_for_metric(&hark, "hark_open_streams", 2.0).await;
+    hark.wait_for_metric("hark_open_streams", 2.0).await;
 
     let took = hark.stop().await;
     eprintln!("exit with two open streams took {took:?}");
@@ -1411,12 +1381,12 @@ async fn open_streams_gauge_returns_to_zero_when_clients_leave() {
     let (a, _) = opened(&hark, &format!("?room_id={room}"), &t).await;
     let (b, _) = opened(&hark, "", &t).await;
     let (c, _) = opened(&hark, &format!("?room_id={room}&room_id={room}"), &t).await;
-    wait_for_metric(&hark, "hark_open_streams", 3.0).await;
+    hark.wait_for_metric("hark_open_streams", 3.0).await;
     drop(a);
-    wait_for_metric(&hark, "hark_open_streams", 2.0).await;
+    hark.wait_for_metric("hark_open_streams", 2.0).await;
     drop(b);
     drop(c);
-    wait_for_metric(&hark, "hark_open_streams", 0.0).await;
+    hark.wait_for_metric("hark_open_streams", 0.0).await;
     // Polls through the same process still work and the gauge stays put.
     let (s, _) = get_json(&poll_url(&hark, room, None, ""), Some(&t)).await;
     assert_eq!(s, StatusCode::OK);

@@ -157,23 +157,7 @@ async fn run(disturb: Disturb) {
             for _ in 0..3 {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 // Wait until the previous kill's replacement is connected.
-                let mut killed = 0i64;
-                for _ in 0..400 {
-                    killed = fx
-                        .db
-                        .query_one(
-                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                             WHERE application_name = 'hark-listener' AND datname = current_database()",
-                            &[],
-                        )
-                        .await
-                        .unwrap()
-                        .get(0);
-                    if killed > 0 {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                }
+                let killed = kill_listener(&fx.db).await;
                 assert_eq!(killed, 1, "exactly one LISTEN connection per process");
             }
         }

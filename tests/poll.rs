@@ -28,7 +28,7 @@ async fn poll_blocks_then_returns_a_plain_sql_insert() {
     let started = Instant::now();
     let waiter = tokio::spawn(async move { get_json(&url, Some(&t)).await });
     // The poll is waiting: the gauge says so (no sleep-and-hope).
-    wait_for_metric(&hark, "hark_waiting_polls", 1.0).await;
+    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
     assert!(!waiter.is_finished());
     let id = fx.insert(room, bob, "hello").await;
     let (s, body) = tokio::time::timeout(Duration::from_secs(10), waiter)
@@ -47,20 +47,6 @@ async fn poll_blocks_then_returns_a_plain_sql_insert() {
         "woken well before the timeout"
     );
     assert_ne!(body["cursor"].as_str().unwrap(), cursor);
-}
-
-/// Polls /metrics until `name` equals `value` (bounded).
-pub async fn wait_for_metric(hark: &Hark, name: &str, value: f64) {
-    for _ in 0..400 {
-        if hark.metric(name).await == value {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!(
-        "{name} never reached {value} (now {})",
-        hark.metric(name).await
-    );
 }
 
 #[allow(dead_code)]
@@ -213,7 +199,7 @@ async fn iso_since_returns_messages_created_later_and_then_waits() {
     let url = poll_url(&hark, room, Some(&now), "&timeout=20");
     let t2 = t.clone();
     let waiter = tokio::spawn(async move { get_json(&url, Some(&t2)).await });
-    wait_for_metric(&hark, "hark_waiting_polls", 1.0).await;
+    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
     let id = fx.insert(room, bob, "wake").await;
     let (_, body) = tokio::time::timeout(Duration::from_secs(10), waiter)
         .await
@@ -344,7 +330,7 @@ async fn a_thousand_waiting_polls_cost_one_catchup_per_insert() {
             tokio::spawn(async move { get_json(&url, Some(&t)).await })
         })
         .collect();
-    wait_for_metric(&hark, "hark_waiting_polls", 1000.0).await;
+    hark.wait_for_metric("hark_waiting_polls", 1000.0).await;
     let catchups = hark.metric("hark_catchup_queries_total").await;
     let cold = hark.metric("hark_cold_queries_total").await;
     let id = fx.insert(room, bob, "to everyone").await;
@@ -383,11 +369,11 @@ async fn clients_that_hang_up_free_their_waiters() {
         s.write_all(req.as_bytes()).await.unwrap();
         sockets.push(s);
     }
-    wait_for_metric(&hark, "hark_waiting_polls", 1000.0).await;
+    hark.wait_for_metric("hark_waiting_polls", 1000.0).await;
     drop(sockets);
-    wait_for_metric(&hark, "hark_waiting_polls", 0.0).await;
+    hark.wait_for_metric("hark_waiting_polls", 0.0).await;
     // The connection reading /metrics is the only one left.
-    wait_for_metric(&hark, "hark_open_connections", 1.0).await;
+    hark.wait_for_metric("hark_open_connections", 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -402,7 +388,7 @@ async fn sigterm_answers_every_waiting_poll_with_its_cursor_and_exits() {
             tokio::spawn(async move { get_json(&url, Some(&t)).await })
         })
         .collect();
-    wait_for_metric(&hark, "hark_waiting_polls", 50.0).await;
+    hark.wait_for_metric("hark_waiting_polls", 50.0).await;
     let start = Cursor::decode(&c).unwrap();
     let took = hark.stop().await;
     for p in polls {

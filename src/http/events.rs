@@ -251,9 +251,23 @@ impl EventStream {
         let page = reader::next_page(&app, &self.rooms, &self.pos, limit, false).await?;
         // Membership may have changed while we read: a room just left must
         // not leak its messages. Drop the page; the next round reads again
-        // from the same position with the new room set.
+        // from the same position with the new room set. Rows read from the
+        // database may be newer than the membership NOTIFYs processed so
+        // far, so for those ask the database too.
         if !self.membership_holds().await? {
             return Ok(true);
+        }
+        if page.from_db && !page.rows.is_empty() {
+            let now_in = app.directory.rooms_of(self.user.id).await?;
+            if page.rows.iter().any(|m| !now_in.contains(&m.room)) {
+                if self.follow {
+                    self.rooms = now_in;
+                    self.sub.set_rooms(&self.rooms);
+                } else {
+                    self.done = true;
+                }
+                return Ok(true);
+            }
         }
         let origin = app.origin();
         for (i, row) in page.rows.iter().enumerate() {

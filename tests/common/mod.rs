@@ -273,6 +273,20 @@ impl Hark {
         panic!("hark never became ready; log:\n{}", self.logs());
     }
 
+    /// Polls /metrics until `name` equals `value` (bounded).
+    pub async fn wait_for_metric(&self, name: &str, value: f64) {
+        for _ in 0..400 {
+            if self.metric(name).await == value {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "{name} never reached {value} (now {})",
+            self.metric(name).await
+        );
+    }
+
     /// A metric's value from /metrics.
     pub async fn metric(&self, name: &str) -> f64 {
         let (_, _, body) = request(Method::GET, &self.url("/metrics"), None, None).await;
@@ -421,6 +435,28 @@ impl Fixture {
             .expect("insert message")
             .get(0)
     }
+}
+
+/// Terminates the LISTEN backend(s) of hark processes on `db`'s database,
+/// first waiting (bounded) until one is connected — after an earlier kill
+/// the replacement may still be on its way. Returns how many were killed.
+pub async fn kill_listener(db: &tokio_postgres::Client) -> i64 {
+    for _ in 0..400 {
+        let killed: i64 = db
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = 'hark-listener' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .expect("terminate the listener")
+            .get(0);
+        if killed > 0 {
+            return killed;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    0
 }
 
 /// Starts hark on a fresh database (its schema applied) and returns both.
