@@ -151,8 +151,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
         shutdown: shutdown.clone(),
         startup_origin: origin,
     });
-    let tcp = TcpListener::bind(app.config.bind)
-        .await
+    let tcp = listen(app.config.bind)
         .map_err(|e| StartError(format!("cannot listen on {}: {e}", app.config.bind)))?;
     let addr = tcp.local_addr().map_err(err)?;
     announce(addr, &secret, &demo);
@@ -166,6 +165,20 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
     let _ = sweeper_task.await;
     pool.close();
     Ok(())
+}
+
+/// Binds with a deep accept queue: thousands of clients reconnect at once
+/// after a restart, and std's default backlog of 128 drops their SYNs
+/// (they retry only after a second). The kernel caps it at somaxconn.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// The signing secret: configured, or (embedded mode only) generated once
