@@ -1,0 +1,1120 @@
+//! Shared support for hark's long-poll benchmarks (harness = false).
+//!
+//! Every benchmark starts a private PostgreSQL through hark's embedded
+//! module (ephemeral: its watchdog stops it and deletes its directory when
+//! this process exits, however it exits), runs the *release* `hark` binary
+//! against it on 127.0.0.1 and talks to it over real TCP with a tiny
+//! HTTP/1.1 client (one request at a time per connection, keep-alive), so
+//! that 10,000 connections cost the load generator little memory and CPU.
+//!
+//! Cleanup: [`Hark`] kills its process on drop and the child gets
+//! `PR_SET_PDEATHSIG(SIGKILL)`, so neither an error, a panic nor a Ctrl-C
+//! of the benchmark leaves hark running; [`Pg`] stops PostgreSQL on drop.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use hark::db::embedded::{EmbeddedOptions, EmbeddedPg};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_postgres::NoTls;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Result<T> = std::result::Result<T, BoxError>;
+
+pub fn err(msg: impl Into<String>) -> BoxError {
+    msg.into().into()
+}
+
+/// The JWT secret hark is started with; tokens are made with
+/// `hark::auth::issue`.
+pub const SECRET: &str = "bench-secret-for-hark";
+pub const DB_NAME: &str = "hark_bench";
+
+/// An environment variable parsed as a number, or the default.
+pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to the hard limit; returns it.
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            if lim.rlim_cur < lim.rlim_max {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    lim.rlim_cur
+}
+
+/// A multi-threaded runtime like hark's own (one worker per core).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Runs a benchmark's body, printing the error and exiting non-zero on failure.
+pub fn main_with(
+    name: &str,
+    body: impl std::future::Future<Output = Result<()>>,
+) -> std::process::ExitCode {
+    let nofile = raise_nofile();
+    println!("== hark benchmark: {name} ==");
+    print_machine();
+    println!("load generator: RLIMIT_NOFILE {nofile}");
+    println!("load average at start: {}", loadavg());
+    let rt = runtime();
+    let result = rt.block_on(body);
+    println!("load average at end: {}", loadavg());
+    // Connection tasks may still be parked on sockets of a hark that is gone.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("benchmark {name} failed: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The hark binary Cargo built for this bench target; refuses a debug build.
+pub fn hark_binary() -> Result<&'static str> {
+    let path = env!("CARGO_BIN_EXE_hark");
+    if !path.contains("/release/") {
+        return Err(err(format!(
+            "{path} is not a release build: run through `cargo bench` (the bench profile inherits release)"
+        )));
+    }
+    Ok(path)
+}
+
+/// /proc/loadavg's first three fields: other work on the machine skews
+/// every number here.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+pub fn print_machine() {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    println!(
+        "machine: {cpus} CPUs ({model}), {:.1} GiB RAM; hark and the load generator share them",
+        mem_kib as f64 / 1048576.0
+    );
+}
+
+// ---- PostgreSQL ---------------------------------------------------------
+
+/// A private, ephemeral PostgreSQL cluster with the bench database.
+pub struct Pg {
+    pg: Option<EmbeddedPg>,
+    /// tokio-postgres connection string of the bench database.
+    pub conn: String,
+}
+
+impl Pg {
+    /// Starts the cluster; `extra` adds `-c name=value` settings.
+    pub async fn start(extra: &[(&str, &str)]) -> Result<Pg> {
+        let dir = std::env::temp_dir().join(format!(
+            "hark-bench-pg-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        // Durability is not what is measured: commits return as soon as
+        // the row is in shared memory (as on a well-provisioned server).
+        let mut settings: Vec<(String, String)> = [
+            ("fsync", "off"),
+            ("synchronous_commit", "off"),
+            ("full_page_writes", "off"),
+            ("max_connections", "200"),
+            ("shared_buffers", "256MB"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        settings.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let started = Instant::now();
+        let pg = EmbeddedPg::start(EmbeddedOptions {
+            data_dir: dir,
+            ephemeral: true,
+            settings,
+        })
+        .await?;
+        pg.ensure_database(DB_NAME).await?;
+        let conn = pg.connection_string(DB_NAME);
+        println!(
+            "postgres: embedded PostgreSQL started in {:.1} s (fsync=off, synchronous_commit=off)",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(Pg { pg: Some(pg), conn })
+    }
+
+    /// Stops the server and removes its directory.
+    pub async fn stop(mut self) {
+        if let Some(pg) = self.pg.take() {
+            if let Err(e) = pg.stop().await {
+                eprintln!("warning: {e}");
+            }
+        }
+    }
+}
+
+pub async fn connect_db(conn: &str) -> Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(conn, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Users, rooms and messages written with plain SQL, as Django or psql would.
+pub struct Fixture {
+    pub db: tokio_postgres::Client,
+}
+
+impl Fixture {
+    pub async fn new(conn: &str) -> Result<Fixture> {
+        Ok(Fixture {
+            db: connect_db(conn).await?,
+        })
+    }
+
+    pub async fn user(&self, username: &str) -> Result<i64> {
+        Ok(self
+            .db
+            .query_one(
+                "INSERT INTO users_user (username, first_name, last_name) VALUES ($1::text, initcap($1::text), 'Bench') RETURNING id",
+                &[&username],
+            )
+            .await?
+            .get(0))
+    }
+
+    pub async fn room(&self, name: &str, members: &[i64]) -> Result<i64> {
+        let id: i64 = self
+            .db
+            .query_one(
+                "INSERT INTO chat_chatroom (type, name) VALUES ('group', $1) RETURNING id",
+                &[&name],
+            )
+            .await?
+            .get(0);
+        for m in members {
+            self.db
+                .execute(
+                    "INSERT INTO chat_chatroom_participants (chatroom_id, user_id) VALUES ($1, $2)",
+                    &[&id, m],
+                )
+                .await?;
+        }
+        Ok(id)
+    }
+
+    /// One message in its own transaction; returns once COMMIT has returned.
+    pub async fn insert_committed(
+        &mut self,
+        room: i64,
+        sender: i64,
+        content: &str,
+    ) -> Result<Instant> {
+        let tx = self.db.transaction().await?;
+        tx.execute(
+            "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) VALUES ($1, $2, $3, now())",
+            &[&room, &sender, &content],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Instant::now())
+    }
+
+    /// `n` messages in one statement (one transaction).
+    pub async fn insert_many(&self, room: i64, sender: i64, n: i64) -> Result<()> {
+        self.db
+            .execute(
+                "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) \
+                 SELECT $1, $2, 'bench message number ' || g || ', about as long as a chat line', now() \
+                 FROM generate_series(1, $3::bigint) g",
+                &[&room, &sender, &n],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// A writer on a thread and runtime of its own, so that the instant its
+/// COMMIT returns is not delayed by the load generator's tasks (thousands
+/// of poll responses arrive at that very moment on the main runtime).
+pub struct Writer {
+    tx: tokio::sync::mpsc::UnboundedSender<(
+        i64,
+        i64,
+        String,
+        tokio::sync::oneshot::Sender<Result<Instant>>,
+    )>,
+}
+
+impl Writer {
+    /// `explicit_tx`: BEGIN; INSERT; COMMIT (else one autocommit INSERT).
+    pub async fn start(conn: &str, explicit_tx: bool) -> Result<Writer> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(
+            i64,
+            i64,
+            String,
+            tokio::sync::oneshot::Sender<Result<Instant>>,
+        )>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+        let conn = conn.to_string();
+        std::thread::Builder::new()
+            .name("bench-writer".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("writer runtime");
+                // Real-time priority, so that the instant COMMIT returns is
+                // taken at once even when both cores are saturated (as root;
+                // without the right, the thread keeps normal priority).
+                let param = libc::sched_param { sched_priority: 10 };
+                // SAFETY: sets this thread's own scheduling policy.
+                let rt_prio = unsafe {
+                    libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param)
+                } == 0;
+                rt.block_on(async move {
+                    if !rt_prio {
+                        eprintln!("note: the writer thread could not get SCHED_FIFO priority");
+                    }
+                    let mut client = match connect_db(&conn).await {
+                        Ok(c) => {
+                            let _ = ready_tx.send(Ok(()));
+                            c
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    while let Some((room, sender, content, reply)) = rx.recv().await {
+                        const INSERT: &str = "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) VALUES ($1, $2, $3, now())";
+                        let r = async {
+                            if explicit_tx {
+                                let tx = client.transaction().await?;
+                                tx.execute(INSERT, &[&room, &sender, &content]).await?;
+                                tx.commit().await?;
+                            } else {
+                                client.execute(INSERT, &[&room, &sender, &content]).await?;
+                            }
+                            Ok::<Instant, BoxError>(Instant::now())
+                        }
+                        .await;
+                        let _ = reply.send(r);
+                    }
+                });
+            })?;
+        ready_rx.await.map_err(|_| err("writer thread died"))??;
+        Ok(Writer { tx })
+    }
+
+    /// Inserts one message in its own transaction; returns the instant
+    /// COMMIT returned (taken on the writer's thread).
+    pub async fn insert(&self, room: i64, sender: i64, content: &str) -> Result<Instant> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((room, sender, content.to_string(), reply))
+            .map_err(|_| err("writer thread gone"))?;
+        rx.await.map_err(|_| err("writer thread gone"))?
+    }
+}
+
+pub fn token(user: i64) -> String {
+    hark::auth::issue(SECRET.as_bytes(), user, chrono::Duration::hours(6))
+}
+
+// ---- the hark process ---------------------------------------------------
+
+/// A running release `hark`.
+pub struct Hark {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub pid: u32,
+    pub log: PathBuf,
+}
+
+impl Hark {
+    /// Starts hark on `db` at a free port of 127.0.0.1. `env` adds or
+    /// overrides settings; hark's log (stderr) goes to a file in
+    /// target/bench-logs/.
+    pub async fn start(db: &str, name: &str, env: &[(&str, &str)]) -> Result<Hark> {
+        let bin = hark_binary()?;
+        let log_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-logs");
+        std::fs::create_dir_all(&log_dir)?;
+        let log = log_dir.join(format!("{name}-hark-{}.log", std::process::id()));
+        let log_file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(bin);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", db)
+            .env("HARK_BIND", "127.0.0.1:0")
+            .env("HARK_JWT_SECRET", SECRET)
+            .env("HARK_LOG", "warn")
+            .env("HARK_MAX_CONNECTIONS", "25000")
+            .env("HARK_POLL_TIMEOUT_MAX_S", "3600")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to
+        // SIGKILL the child when this (spawning) thread dies.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let pid = child.id().ok_or_else(|| err("hark exited at once"))?;
+        let stdout = child.stdout.take().ok_or_else(|| err("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.strip_prefix("hark is listening on http://") {
+                    return rest.trim().parse::<SocketAddr>().ok();
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        let mut hark = Hark {
+            child: Some(child),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            pid,
+            log: log.clone(),
+        };
+        let Some(addr) = addr else {
+            hark.kill();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(err(format!("hark did not start; its log:\n{text}")));
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        hark.addr = addr;
+        // Ready = the pool and the LISTEN connection are up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut c) = Conn::connect(addr).await {
+                if let Ok(r) = c.get("/readyz").await {
+                    if r.status == 200 {
+                        break;
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(err("hark never became ready"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "hark: {bin} (pid {pid}) on http://{addr}, log {}",
+            log.display()
+        );
+        Ok(hark)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            // Reap it; the runtime may be gone, so do it synchronously.
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe {
+                libc::waitpid(self.pid as i32, &mut status, 0);
+            }
+        }
+    }
+
+    /// SIGTERM, then wait (bounded) for the exit; SIGKILL if it hangs.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: a signal to our own child.
+            unsafe {
+                libc::kill(self.pid as i32, libc::SIGTERM);
+            }
+            match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+                Ok(Ok(status)) if !status.success() => {
+                    eprintln!("warning: hark exited with {status}")
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    eprintln!("warning: hark did not exit within 10 s of SIGTERM; killing it");
+                    let _ = child.kill().await;
+                }
+            }
+        }
+    }
+
+    /// Resident set size (VmRSS) in bytes.
+    pub fn rss(&self) -> Result<u64> {
+        proc_status_kib(self.pid, "VmRSS:").map(|k| k * 1024)
+    }
+
+    /// CPU time (user + system) the process has used so far.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        cpu_time_of(self.pid)
+    }
+
+    pub fn threads(&self) -> Result<u64> {
+        threads_of(self.pid)
+    }
+}
+
+/// CPU time (user + system) of a process so far.
+pub fn cpu_time_of(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').ok_or_else(|| err("bad stat"))?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Ok(Duration::from_micros(ticks * 1_000_000 / hz.max(1)))
+}
+
+/// This process's CPU time (the load generator's).
+pub fn own_cpu_time() -> Result<Duration> {
+    cpu_time_of(std::process::id())
+}
+
+fn threads_of(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| err("no Threads line"))
+}
+
+impl Drop for Hark {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn proc_status_kib(pid: u32, key: &str) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| err(format!("no {key} in /proc/{pid}/status")))
+}
+
+// ---- a minimal HTTP/1.1 client ------------------------------------------
+
+pub struct Resp {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_slice(&self.body).map_err(|e| {
+            err(format!(
+                "not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            ))
+        })
+    }
+}
+
+/// One keep-alive connection, one request at a time.
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+impl Conn {
+    pub async fn connect(addr: SocketAddr) -> io::Result<Conn> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream,
+            buf: Vec::with_capacity(1024),
+        })
+    }
+
+    /// Writes a whole pre-formatted request.
+    pub async fn send_raw(&mut self, req: &[u8]) -> io::Result<()> {
+        self.stream.write_all(req).await
+    }
+
+    pub async fn send_get(&mut self, target: &str) -> io::Result<()> {
+        let req = format!("GET {target} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+        self.stream.write_all(req.as_bytes()).await
+    }
+
+    async fn fill(&mut self) -> io::Result<()> {
+        if self.buf.capacity() - self.buf.len() < 2048 {
+            self.buf.reserve(8192);
+        }
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed by hark",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads one whole response (Content-Length or chunked body).
+    pub async fn read_response(&mut self) -> io::Result<Resp> {
+        let head_end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.fill().await?;
+        };
+        let (status, length, chunked) = parse_head(&self.buf[..head_end])?;
+        if chunked {
+            let mut body = Vec::new();
+            let mut at = head_end;
+            loop {
+                let line_end = loop {
+                    if let Some(i) = find(&self.buf[at..], b"\r\n") {
+                        break at + i;
+                    }
+                    self.fill().await?;
+                };
+                let size_txt = std::str::from_utf8(&self.buf[at..line_end]).unwrap_or("");
+                let size =
+                    usize::from_str_radix(size_txt.split(';').next().unwrap_or("").trim(), 16)
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::InvalidData, "bad chunk size")
+                        })?;
+                let need = line_end + 2 + size + 2;
+                while self.buf.len() < need {
+                    self.fill().await?;
+                }
+                body.extend_from_slice(&self.buf[line_end + 2..line_end + 2 + size]);
+                at = need;
+                if size == 0 {
+                    break;
+                }
+            }
+            self.buf.drain(..at);
+            return Ok(Resp { status, body });
+        }
+        let need = head_end + length;
+        while self.buf.len() < need {
+            self.fill().await?;
+        }
+        let body = self.buf[head_end..need].to_vec();
+        self.buf.drain(..need);
+        Ok(Resp { status, body })
+    }
+
+    pub async fn get(&mut self, target: &str) -> io::Result<Resp> {
+        self.send_get(target).await?;
+        self.read_response().await
+    }
+
+    /// Reads a response head only (for a stream); returns its status.
+    pub async fn read_head(&mut self) -> io::Result<u16> {
+        let head_end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.fill().await?;
+        };
+        let (status, _, _) = parse_head(&self.buf[..head_end])?;
+        self.buf.drain(..head_end);
+        Ok(status)
+    }
+
+    /// Reads raw bytes until `needle` has been seen (for event streams).
+    pub async fn read_until(&mut self, needle: &[u8]) -> io::Result<()> {
+        loop {
+            if find(&self.buf, needle).is_some() {
+                self.buf.clear();
+                return Ok(());
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Reads and discards until the connection ends.
+    pub async fn drain(mut self) {
+        loop {
+            self.buf.clear();
+            if self.fill().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn parse_head(head: &[u8]) -> io::Result<(u16, usize, bool)> {
+    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
+    let text = std::str::from_utf8(head).map_err(|_| bad("non-UTF-8 head"))?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().ok_or_else(|| bad("empty head"))?;
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let mut length = 0usize;
+    let mut chunked = false;
+    for line in lines {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        if k.eq_ignore_ascii_case("content-length") {
+            length = v.parse().map_err(|_| bad("bad content-length"))?;
+        } else if k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked") {
+            chunked = true;
+        }
+    }
+    Ok((status, length, chunked))
+}
+
+/// Opens `n` connections to hark, `batch` at a time, waiting after each
+/// batch until hark has accepted it (hark_open_connections). hark listens
+/// with a backlog of 128 (tokio's `TcpListener::bind`): connecting faster
+/// than it accepts overflows the accept queue, and the kernel drops SYNs
+/// that the client retransmits only after 1 s — connection setup is not
+/// what these benchmarks measure.
+///
+/// `others`: connections to hark the caller keeps open besides these (the
+/// metrics connection included).
+pub async fn connect_many(
+    mc: &mut MetricsClient,
+    n: usize,
+    batch: usize,
+    others: usize,
+) -> Result<Vec<Conn>> {
+    use futures::stream::{self, StreamExt, TryStreamExt};
+    let addr = mc.addr;
+    let base = others as f64;
+    let mut conns: Vec<Conn> = Vec::with_capacity(n);
+    while conns.len() < n {
+        let k = batch.min(n - conns.len());
+        let more: Vec<Conn> = stream::iter(0..k)
+            .map(|_| Conn::connect(addr))
+            .buffer_unordered(k)
+            .try_collect()
+            .await?;
+        conns.extend(more);
+        let want = base + conns.len() as f64;
+        if let Err(e) = mc
+            .wait_until("hark_open_connections", Duration::from_secs(30), |v| {
+                v >= want
+            })
+            .await
+        {
+            let ss = std::process::Command::new("ss")
+                .args(["-ltn", &format!("sport = :{}", addr.port())])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            return Err(err(format!(
+                "{e} (waiting for {want} after opening {} connections); hark's listening socket:\n{ss}",
+                conns.len()
+            )));
+        }
+    }
+    Ok(conns)
+}
+
+/// TcpExt ListenOverflows from /proc/net/netstat (accept-queue overflows,
+/// system-wide).
+pub fn listen_overflows() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    if lines.len() < 2 {
+        return 0;
+    }
+    let names = lines[0].split_whitespace();
+    let values = lines[1].split_whitespace();
+    names
+        .zip(values)
+        .find(|(k, _)| *k == "ListenOverflows")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+// ---- /metrics -----------------------------------------------------------
+
+/// Reads hark's Prometheus metrics over one kept-alive connection.
+pub struct MetricsClient {
+    pub addr: SocketAddr,
+    conn: Option<Conn>,
+}
+
+impl MetricsClient {
+    pub fn new(addr: SocketAddr) -> MetricsClient {
+        MetricsClient { addr, conn: None }
+    }
+
+    pub async fn scrape(&mut self) -> Result<HashMap<String, f64>> {
+        for _ in 0..2 {
+            if self.conn.is_none() {
+                self.conn = Some(Conn::connect(self.addr).await?);
+            }
+            let c = self.conn.as_mut().unwrap();
+            match c.get("/metrics").await {
+                Ok(r) if r.status == 200 => {
+                    let text = String::from_utf8_lossy(&r.body);
+                    return Ok(text
+                        .lines()
+                        .filter(|l| !l.starts_with('#'))
+                        .filter_map(|l| {
+                            let (k, v) = l.rsplit_once(' ')?;
+                            Some((k.to_string(), v.parse().ok()?))
+                        })
+                        .collect());
+                }
+                Ok(r) => return Err(err(format!("/metrics answered {}", r.status))),
+                Err(_) => self.conn = None, // closed while idle: reconnect once
+            }
+        }
+        Err(err("cannot read /metrics"))
+    }
+
+    pub async fn get(&mut self, name: &str) -> Result<f64> {
+        self.scrape()
+            .await?
+            .get(name)
+            .copied()
+            .ok_or_else(|| err(format!("metric {name} not found")))
+    }
+
+    /// Polls /metrics (every 10 ms) until `name` satisfies `ok`; fails
+    /// after `timeout`.
+    pub async fn wait_until(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        ok: impl Fn(f64) -> bool,
+    ) -> Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.get(name).await?;
+            if ok(v) {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                return Err(err(format!(
+                    "{name} is {v} after {:.0} s",
+                    timeout.as_secs_f64()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+// ---- requests and numbers -----------------------------------------------
+
+/// Path and query of a poll; `token` goes in `access_token`.
+pub fn poll_path(room: i64, since: Option<&str>, timeout: u64, token: &str) -> String {
+    let mut p = format!("/api/chat/messages/poll/?room_id={room}&timeout={timeout}");
+    if let Some(s) = since {
+        p.push_str("&since=");
+        p.extend(form_urlencoded::byte_serialize(s.as_bytes()));
+    }
+    p.push_str("&access_token=");
+    p.push_str(token);
+    p
+}
+
+/// A poll response: (number of messages, cursor).
+pub fn poll_result(r: &Resp) -> Result<(usize, String)> {
+    if r.status != 200 {
+        return Err(err(format!(
+            "poll answered {}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        )));
+    }
+    let v = r.json()?;
+    let n = v["messages"].as_array().map_or(0, |a| a.len());
+    let cursor = v["cursor"]
+        .as_str()
+        .ok_or_else(|| err("no cursor in poll response"))?
+        .to_string();
+    Ok((n, cursor))
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn pct<T: Copy>(sorted: &[T], p: f64) -> T {
+    let n = sorted.len();
+    let rank = ((p / 100.0) * n as f64).ceil() as usize;
+    sorted[rank.clamp(1, n) - 1]
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+pub fn kib(bytes: f64) -> String {
+    format!("{:.1}", bytes / 1024.0)
+}
+
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / 1048576.0)
+}
+
+/// Prints a left-aligned table with a header row.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:>width$}", c, width = w[i]))
+            .collect();
+        println!("| {} |", parts.join(" | "));
+    };
+    line(header.to_vec());
+    println!(
+        "|{}|",
+        w.iter()
+            .map(|n| "-".repeat(n + 2))
+            .collect::<Vec<_>>()
+            .join("|")
+    );
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+/// /proc/net/sockstat's TCP line (sockets in use, kernel memory in pages).
+pub fn tcp_sockstat() -> String {
+    std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("TCP:"))
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+// ---- groups of long pollers ---------------------------------------------
+
+/// One poll's answer as a poller saw it.
+pub struct Sample {
+    pub round: usize,
+    /// When the response had been fully received.
+    pub at: Instant,
+    pub messages: usize,
+    pub error: Option<String>,
+}
+
+/// One round's answers, latencies measured from `t0`.
+pub struct Round {
+    /// Sorted.
+    pub lat: Vec<Duration>,
+    pub errors: usize,
+    /// Answers that did not carry exactly one message.
+    pub wrong: usize,
+    /// Answers received before `t0` (counted as 0 ms).
+    pub early: usize,
+    pub first_error: Option<String>,
+}
+
+/// N long pollers in one room, each on its own connection. Each sends
+/// `polls_each` polls in sequence, every one with the cursor of the
+/// previous answer, and reports every answer.
+pub struct Pollers {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Sample>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub n: usize,
+    go: tokio::sync::watch::Sender<usize>,
+}
+
+impl Pollers {
+    /// Pollers that re-poll as soon as they have an answer.
+    pub fn spawn(
+        conns: Vec<Conn>,
+        room: i64,
+        token: &str,
+        cursor: &str,
+        polls_each: usize,
+    ) -> Pollers {
+        Pollers::spawn_with(conns, room, token, cursor, polls_each, false)
+    }
+
+    /// `barrier`: each poller sends its poll `k` (k ≥ 1) only after
+    /// [`Pollers::release`] has been called with k — so the re-polls do
+    /// not compete with the delivery of the previous message.
+    pub fn spawn_with(
+        conns: Vec<Conn>,
+        room: i64,
+        token: &str,
+        cursor: &str,
+        polls_each: usize,
+        barrier: bool,
+    ) -> Pollers {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (go_tx, go_rx) = tokio::sync::watch::channel(0usize);
+        let n = conns.len();
+        let mut tasks = Vec::with_capacity(n);
+        for mut conn in conns {
+            let tx = tx.clone();
+            let token = token.to_string();
+            let mut cursor = cursor.to_string();
+            let mut go = go_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                for round in 0..polls_each {
+                    if barrier && round > 0 && go.wait_for(|&k| k >= round).await.is_err() {
+                        return;
+                    }
+                    let path = poll_path(room, Some(&cursor), 3600, &token);
+                    let resp = match conn.send_get(&path).await {
+                        Ok(()) => conn.read_response().await,
+                        Err(e) => Err(e),
+                    };
+                    let at = Instant::now();
+                    let (messages, error) =
+                        match resp.map_err(BoxError::from).and_then(|r| poll_result(&r)) {
+                            Ok((messages, next)) => {
+                                cursor = next;
+                                (messages, None)
+                            }
+                            Err(e) => (0, Some(e.to_string())),
+                        };
+                    let failed = error.is_some();
+                    let _ = tx.send(Sample {
+                        round,
+                        at,
+                        messages,
+                        error,
+                    });
+                    if failed {
+                        return;
+                    }
+                }
+                // Keep the connection open until the group is dropped:
+                // closing 10,000 connections is not part of any round.
+                std::future::pending::<()>().await;
+                drop(conn);
+            }));
+        }
+        Pollers {
+            rx,
+            tasks,
+            n,
+            go: go_tx,
+        }
+    }
+
+    /// Lets barrier pollers send their poll number `k`.
+    pub fn release(&self, k: usize) {
+        let _ = self.go.send(k);
+    }
+
+    /// Waits (bounded) for every poller's answer of `round`.
+    pub async fn collect(&mut self, round: usize, t0: Instant, timeout: Duration) -> Result<Round> {
+        let mut r = Round {
+            lat: Vec::with_capacity(self.n),
+            errors: 0,
+            wrong: 0,
+            early: 0,
+            first_error: None,
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        while r.lat.len() + r.errors < self.n {
+            let s = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .map_err(|_| {
+                    err(format!(
+                        "round {round}: only {} of {} polls answered within {:.0} s",
+                        r.lat.len(),
+                        self.n,
+                        timeout.as_secs_f64()
+                    ))
+                })?
+                .ok_or_else(|| err("every poller ended"))?;
+            if s.round != round {
+                return Err(err(format!(
+                    "a poller answered round {} during round {round}",
+                    s.round
+                )));
+            }
+            if let Some(e) = s.error {
+                r.errors += 1;
+                r.first_error.get_or_insert(e);
+                continue;
+            }
+            if s.messages != 1 {
+                r.wrong += 1;
+            }
+            if s.at < t0 {
+                r.early += 1;
+            }
+            r.lat.push(s.at.saturating_duration_since(t0));
+        }
+        r.lat.sort_unstable();
+        Ok(r)
+    }
+}
+
+impl Drop for Pollers {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Memory per waiting poll: hark's RSS (/proc/PID/status VmRSS) idle, with
+//! N open (idle, keep-alive) connections, and with N long polls waiting in
+//! one room, over two cycles (the second shows whether freed memory is
+//! reused).
+//!
+//!     cargo bench --bench memory
+//!
+//! Settings (environment): MEMORY_POLLS (10000), MEMORY_CYCLES (2),
+//! MEMORY_CONNECT_BATCH (64).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn main() -> std::process::ExitCode {
+    main_with("memory", run())
+}
+
+async fn run() -> Result<()> {
+    let polls: usize = env_num("MEMORY_POLLS", 10_000);
+    let cycles: usize = env_num("MEMORY_CYCLES", 2);
+    let parallel: usize = env_num("MEMORY_CONNECT_BATCH", 64);
+    let pg = Pg::start(&[]).await?;
+    let result = async {
+        let mut hark = Hark::start(&pg.conn, "memory", &[]).await?;
+        let r = measure(&hark, &pg.conn, polls, cycles, parallel).await;
+        hark.stop().await;
+        r
+    }
+    .await;
+    pg.stop().await;
+    result
+}
+
+/// RSS, sampled a few times 50 ms apart (the median), once hark is quiet.
+async fn rss(hark: &Hark) -> Result<u64> {
+    let mut v = Vec::new();
+    for _ in 0..5 {
+        v.push(hark.rss()?);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    v.sort_unstable();
+    Ok(v[2])
+}
+
+async fn measure(
+    hark: &Hark,
+    db: &str,
+    polls: usize,
+    cycles: usize,
+    parallel: usize,
+) -> Result<()> {
+    let fx = Fixture::new(db).await?;
+    let w = Writer::start(db, true).await?;
+    let reader = fx.user("reader").await?;
+    let writer = fx.user("writer").await?;
+    let room = fx.room("memory", &[reader, writer]).await?;
+    let token = token(reader);
+    let mut mc = MetricsClient::new(hark.addr);
+
+    // Warm up: token check, user and room caches, the pool, the hub.
+    let mut c = Conn::connect(hark.addr).await?;
+    let (_, mut cursor) = poll_result(&c.get(&poll_path(room, None, 0, &token)).await?)?;
+    for _ in 0..20 {
+        poll_result(&c.get(&poll_path(room, Some(&cursor), 0, &token)).await?)?;
+    }
+    drop(c);
+    mc.wait_until("hark_open_connections", Duration::from_secs(10), |v| {
+        v <= 1.0
+    })
+    .await?;
+    let idle0 = rss(hark).await?;
+    println!("hark idle RSS after warm-up: {} MiB", mib(idle0));
+
+    let mut rows = Vec::new();
+    let mut per_poll = Vec::new();
+    for cycle in 0..cycles {
+        let idle = rss(hark).await?;
+        let started = Instant::now();
+        let mut conns = connect_many(&mut mc, polls, parallel, 1).await?;
+        // hark counts a connection once its task runs.
+        mc.wait_until("hark_open_connections", Duration::from_secs(30), |v| {
+            v as usize > polls
+        })
+        .await?;
+        let connected = rss(hark).await?;
+        let connect_s = started.elapsed().as_secs_f64();
+        if connect_s > 8.0 {
+            eprintln!(
+                "warning: connecting took {connect_s:.1} s; hark's 10 s header-read timeout may close idle connections"
+            );
+        }
+        // Every connection sends one long poll.
+        let path = poll_path(room, Some(&cursor), 3600, &token);
+        for c in conns.iter_mut() {
+            c.send_get(&path).await?;
+        }
+        mc.wait_until("hark_waiting_polls", Duration::from_secs(120), |v| {
+            v as usize >= polls
+        })
+        .await?;
+        let waiting = rss(hark).await?;
+        let sockstat = tcp_sockstat();
+        // Release them: one message answers every poll.
+        w.insert(room, writer, &format!("memory cycle {cycle}"))
+            .await?;
+        let mut tasks = Vec::with_capacity(polls);
+        for mut c in conns {
+            tasks.push(tokio::spawn(async move {
+                c.read_response().await.map(|r| (r, c))
+            }));
+        }
+        let mut answered = 0;
+        let mut next = None;
+        for t in tasks {
+            if let Ok(Ok((r, _c))) = t.await {
+                if let Ok((1, cur)) = poll_result(&r) {
+                    answered += 1;
+                    next = Some(cur);
+                }
+            }
+        }
+        if answered != polls {
+            return Err(err(format!(
+                "cycle {cycle}: {answered} of {polls} polls answered"
+            )));
+        }
+        cursor = next.unwrap();
+        mc.wait_until("hark_open_connections", Duration::from_secs(30), |v| {
+            v <= 1.0
+        })
+        .await?;
+        let after = rss(hark).await?;
+        let d = |a: u64, b: u64| a as f64 - b as f64;
+        rows.push(vec![
+            (cycle + 1).to_string(),
+            mib(idle),
+            mib(connected),
+            mib(waiting),
+            mib(after),
+            kib(d(connected, idle) / polls as f64),
+            kib(d(waiting, connected) / polls as f64),
+            kib(d(waiting, idle) / polls as f64),
+        ]);
+        per_poll.push(d(waiting, idle) / polls as f64);
+        println!("cycle {}: {sockstat}", cycle + 1);
+    }
+    println!();
+    println!(
+        "Memory: hark VmRSS (MiB) and bytes per connection / waiting poll (KiB), {polls} polls"
+    );
+    table(
+        &[
+            "cycle",
+            "idle",
+            "N connected",
+            "N polls waiting",
+            "after release",
+            "KiB/conn",
+            "KiB/poll on top",
+            "KiB per waiting poll",
+        ],
+        &rows,
+    );
+    let worst = per_poll.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "worst bytes per waiting poll: {} KiB (target < 16 KiB: {})",
+        kib(worst),
+        if worst < 16.0 * 1024.0 {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+    println!("(kernel socket buffers are not in VmRSS; /proc/net/sockstat above counts both ends)");
+    Ok(())
+}
