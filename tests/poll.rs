@@ -406,3 +406,60 @@ async fn sigterm_answers_every_waiting_poll_with_its_cursor_and_exits() {
     }
     assert!(took < Duration::from_secs(5), "exit took {took:?}");
 }
+
+/// While the LISTEN connection cannot come back, /readyz says 503 and a
+/// waiting poll keeps waiting; once it is back, the poll gets what
+/// committed meanwhile.
+#[tokio::test]
+async fn listener_outage_readyz_503_and_waiting_polls_get_what_committed() {
+    let (hark, fx, alice, bob, room) = room_with_two().await;
+    let t = token(alice);
+    let c = cursor_now(&hark, room, &t).await;
+    let url = poll_url(&hark, room, Some(&c), "&timeout=60");
+    let t2 = t.clone();
+    let waiter = tokio::spawn(async move { get_json(&url, Some(&t2)).await });
+    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
+
+    // Refuse new connections to this database, then cut the listener.
+    let dbname: String = fx
+        .db
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let admin = connect(
+        &hark
+            .db
+            .replace(&format!("dbname={dbname}"), "dbname=postgres"),
+    )
+    .await;
+    admin
+        .batch_execute(&format!("ALTER DATABASE {dbname} ALLOW_CONNECTIONS false"))
+        .await
+        .unwrap();
+    assert_eq!(kill_listener(&fx.db).await, 1);
+    let mut down = false;
+    for _ in 0..200 {
+        let (s, _, _) = request(Method::GET, &hark.url("/readyz"), None, None).await;
+        if s == StatusCode::SERVICE_UNAVAILABLE {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(down, "/readyz stayed 200 with the listener down");
+    let id = fx.insert(room, bob, "while the listener was down").await;
+    assert!(!waiter.is_finished(), "the poll keeps waiting");
+
+    admin
+        .batch_execute(&format!("ALTER DATABASE {dbname} ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    let (s, body) = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("answered after the listener came back")
+        .unwrap();
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(ids(&body), vec![id]);
+    hark.wait_ready().await;
+}
