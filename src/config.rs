@@ -104,16 +104,6 @@ pub struct Config {
 }
 
 impl Config {
-    /// Parses settings for tests and embedding, from flags only (the
-    /// environment still applies).
-    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
-    where
-        I: IntoIterator<Item = T>,
-        T: Into<std::ffi::OsString> + Clone,
-    {
-        Config::try_parse_from(args)
-    }
-
     pub fn typing_ttl(&self) -> Duration {
         Duration::from_millis(self.typing_ttl_ms)
     }

@@ -17,13 +17,6 @@ pub fn serialize_ts<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::
     s.serialize_str(&format_ts(t))
 }
 
-pub fn serialize_opt_ts<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
-    match t {
-        Some(t) => serialize_ts(t, s),
-        None => s.serialize_none(),
-    }
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct User {
     pub id: i64,
