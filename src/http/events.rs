@@ -292,9 +292,7 @@ impl EventStream {
         self.pos = page.next;
         Ok(!self.out.is_empty() || !page.settled)
     }
-}
 
-impl EventStream {
     /// True when the stream's room set is still right. An all-rooms stream
     /// whose user's memberships changed takes the new set (and returns
     /// false: read again); a stream naming rooms ends when its user is no
