@@ -205,7 +205,9 @@ impl EventStream {
             if self.done || self.lag.is_cut() || self.shutdown.is_fired() {
                 return None;
             }
-            match self.produce().await {
+            // Boxed: an idle stream keeps only the waiting state below,
+            // not the (larger) state of a database read.
+            match Box::pin(self.produce()).await {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => {

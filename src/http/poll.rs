@@ -114,7 +114,7 @@ pub fn check_origin(cursor: &Cursor, origin: Origin) -> Result<(), ApiError> {
 
 pub async fn poll(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
-    let user = authenticate(app, &req, &pairs).await?;
+    let user = Box::pin(authenticate(app, &req, &pairs)).await?;
     drop(req);
     let room = parse_room_id(query_get(&pairs, "room_id"))?;
     let since = parse_since(query_get(&pairs, "since"))?;
@@ -135,7 +135,7 @@ pub async fn poll(app: &App, req: Request<Incoming>) -> Result<Response<Body>, A
         u64::from(cfg.poll_limit_max),
         u64::from(DEFAULT_LIMIT.min(cfg.poll_limit_max)),
     )? as usize;
-    require_participant(app, room, user.id).await?;
+    Box::pin(require_participant(app, room, user.id)).await?;
     let origin = app.origin();
     if let Since::Cursor(c) = &since {
         check_origin(c, origin)?;
@@ -147,14 +147,10 @@ pub async fn poll(app: &App, req: Request<Incoming>) -> Result<Response<Body>, A
     let mut shutdown = app.shutdown.clone();
     let mut pos = match since {
         Since::Latest => {
-            let f = reader::cold(
-                app,
-                &[room],
-                Read::Latest {
-                    limit: limit as i64,
-                },
-            )
-            .await?;
+            let read = Read::Latest {
+                limit: limit as i64,
+            };
+            let f = Box::pin(reader::cold(app, &[room], read)).await?;
             return Ok(respond(&f.rows, &Cursor::at(origin, f.head), false));
         }
         Since::CreatedAfter(since) => {
@@ -162,7 +158,7 @@ pub async fn poll(app: &App, req: Request<Incoming>) -> Result<Response<Body>, A
                 since,
                 limit: limit as i64 + 1,
             };
-            let f = reader::cold(app, &[room], read).await?;
+            let f = Box::pin(reader::cold(app, &[room], read)).await?;
             let mut rows = f.rows;
             let more = rows.len() > limit;
             rows.truncate(limit);
@@ -190,7 +186,7 @@ pub async fn poll(app: &App, req: Request<Incoming>) -> Result<Response<Body>, A
     };
     let _waiting = WaitingGauge::new(app);
     loop {
-        let page = reader::next_page(app, &[room], &pos, limit, timeout == 0).await?;
+        let page = Box::pin(reader::next_page(app, &[room], &pos, limit, timeout == 0)).await?;
         pos = page.next;
         if !page.rows.is_empty() {
             let resp = respond(

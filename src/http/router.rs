@@ -83,18 +83,20 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     if *req.method() != route.method() && !get_as_head {
         return Err(ApiError::MethodNotAllowed(route.allow()));
     }
+    // Each handler's future is boxed: a waiting poll or an open stream then
+    // holds only its own state, not the size of the largest handler.
     match route {
         Route::Index => Ok(ops::index()),
         Route::Healthz => Ok(ops::healthz()),
-        Route::Readyz => ops::readyz(app).await,
+        Route::Readyz => Box::pin(ops::readyz(app)).await,
         Route::Metrics => Ok(ops::metrics(app)),
-        Route::Events => events::events(app, req).await,
-        Route::Rooms => chat::rooms(app, req, None).await,
-        Route::Room(id) => chat::rooms(app, req, Some(id)).await,
-        Route::Typing(id) => chat::typing(app, req, id).await,
-        Route::Read(id) => chat::mark_read(app, req, id).await,
-        Route::Messages => chat::send_message(app, req).await,
-        Route::Poll => poll::poll(app, req).await,
+        Route::Events => Box::pin(events::events(app, req)).await,
+        Route::Rooms => Box::pin(chat::rooms(app, req, None)).await,
+        Route::Room(id) => Box::pin(chat::rooms(app, req, Some(id))).await,
+        Route::Typing(id) => Box::pin(chat::typing(app, req, id)).await,
+        Route::Read(id) => Box::pin(chat::mark_read(app, req, id)).await,
+        Route::Messages => Box::pin(chat::send_message(app, req)).await,
+        Route::Poll => Box::pin(poll::poll(app, req)).await,
     }
 }
 
