@@ -134,3 +134,36 @@ async fn without_database_url_hark_runs_its_own_postgres_and_a_demo() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Without PostgreSQL installed (its directory hidden in a private mount
+/// namespace) and without DATABASE_URL: one clear sentence, exit code 1.
+#[tokio::test]
+async fn without_postgres_installed_hark_says_so_in_one_sentence() {
+    let empty = temp_path("no-postgres-empty");
+    let data = temp_path("no-postgres-data");
+    std::fs::create_dir_all(&empty).unwrap();
+    let script = format!(
+        "mount --bind {empty} /usr/lib/postgresql && exec env -i PATH=/usr/bin:/bin HARK_DATA_DIR={data} HARK_BIND=127.0.0.1:0 {bin}",
+        empty = empty.display(),
+        data = data.display(),
+        bin = env!("CARGO_BIN_EXE_hark"),
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run unshare (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("mount:") && !stderr.contains("unshare:"),
+        "this test hides /usr/lib/postgresql in a mount namespace and needs root: {stderr}"
+    );
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one sentence: {stderr}");
+    assert!(lines[0].contains("PostgreSQL is not installed"), "{stderr}");
+    assert!(lines[0].contains("DATABASE_URL"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&empty);
+    let _ = std::fs::remove_dir_all(&data);
+}
