@@ -93,3 +93,9 @@ CREATE TABLE IF NOT EXISTS hark_read_marker (
     read_at timestamptz NOT NULL,
     PRIMARY KEY (room_id, user_id)
 );
+
+-- Statistics for the new column now: until autovacuum analyzes a large
+-- Django table (after ~10% of it changes), the planner knows nothing of
+-- hark_txid and may answer a catch-up by walking the primary key through
+-- the whole table instead of reading the (room_id, hark_txid) index.
+ANALYZE chat_chatmessage;
