@@ -1118,3 +1118,563 @@ impl Drop for Pollers {
         }
     }
 }
+
+// ---- /events streams (Server-Sent Events) ---------------------------------
+
+/// The `event:` of an SSE event, as far as the benchmarks care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SseKind {
+    Ready,
+    Message,
+    Typing,
+    Reset,
+    Other,
+}
+
+/// One complete event (its terminating blank line has been received).
+pub struct SseEvent<'a> {
+    pub kind: SseKind,
+    pub id: &'a str,
+    pub data: &'a [u8],
+}
+
+/// What the decoder hands out: an event, or a comment line (`: ping`).
+pub enum SseItem<'a> {
+    Event(SseEvent<'a>),
+    Comment(&'a [u8]),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum ChunkState {
+    /// Reading a chunk-size line.
+    Size {
+        size: usize,
+        ext: bool,
+        digits: usize,
+    },
+    /// Inside a chunk: bytes left.
+    Data(usize),
+    /// The CRLF after a chunk's data: bytes left.
+    Crlf(u8),
+    /// The last (zero-size) chunk was seen.
+    End,
+}
+
+/// Incremental decoder of a chunked `text/event-stream` body: feed it the
+/// bytes as they arrive, in pieces of any size; it calls back once per
+/// complete event or comment.
+pub struct SseDecoder {
+    chunk: ChunkState,
+    line: Vec<u8>,
+    kind: SseKind,
+    id: String,
+    data: Vec<u8>,
+    fields: bool,
+    /// Body bytes (de-chunked), events and comments seen so far.
+    pub body_bytes: u64,
+    pub events: u64,
+    pub comments: u64,
+}
+
+impl Default for SseDecoder {
+    fn default() -> Self {
+        SseDecoder {
+            chunk: ChunkState::Size {
+                size: 0,
+                ext: false,
+                digits: 0,
+            },
+            line: Vec::new(),
+            kind: SseKind::Other,
+            id: String::new(),
+            data: Vec::new(),
+            fields: false,
+            body_bytes: 0,
+            events: 0,
+            comments: 0,
+        }
+    }
+}
+
+impl SseDecoder {
+    /// True once the body's last chunk has been received.
+    pub fn ended(&self) -> bool {
+        matches!(self.chunk, ChunkState::End)
+    }
+
+    /// Feeds raw (chunked) body bytes.
+    pub fn feed(&mut self, mut bytes: &[u8], f: &mut dyn FnMut(SseItem<'_>)) -> io::Result<()> {
+        let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
+        while !bytes.is_empty() {
+            match self.chunk {
+                ChunkState::Size { size, ext, digits } => {
+                    let b = bytes[0];
+                    bytes = &bytes[1..];
+                    self.chunk = match b {
+                        b'\n' if digits == 0 => return Err(bad("empty chunk size")),
+                        b'\n' if size == 0 => ChunkState::End,
+                        b'\n' => ChunkState::Data(size),
+                        b'\r' => ChunkState::Size { size, ext, digits },
+                        _ if ext => ChunkState::Size { size, ext, digits },
+                        b';' => ChunkState::Size {
+                            size,
+                            ext: true,
+                            digits,
+                        },
+                        _ => {
+                            let v = (b as char)
+                                .to_digit(16)
+                                .ok_or_else(|| bad("bad chunk size"))?;
+                            ChunkState::Size {
+                                size: size * 16 + v as usize,
+                                ext,
+                                digits: digits + 1,
+                            }
+                        }
+                    };
+                }
+                ChunkState::Data(left) => {
+                    let k = left.min(bytes.len());
+                    self.body_bytes += k as u64;
+                    self.feed_body(&bytes[..k], f);
+                    bytes = &bytes[k..];
+                    self.chunk = if k == left {
+                        ChunkState::Crlf(2)
+                    } else {
+                        ChunkState::Data(left - k)
+                    };
+                }
+                ChunkState::Crlf(left) => {
+                    bytes = &bytes[1..];
+                    self.chunk = if left == 1 {
+                        ChunkState::Size {
+                            size: 0,
+                            ext: false,
+                            digits: 0,
+                        }
+                    } else {
+                        ChunkState::Crlf(left - 1)
+                    };
+                }
+                ChunkState::End => return Ok(()), // trailers: ignored
+            }
+        }
+        Ok(())
+    }
+
+    fn feed_body(&mut self, mut bytes: &[u8], f: &mut dyn FnMut(SseItem<'_>)) {
+        while let Some(i) = bytes.iter().position(|&b| b == b'\n') {
+            if self.line.is_empty() {
+                self.line_done(&bytes[..i], f);
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&bytes[..i]);
+                self.line_done(&line, f);
+                line.clear();
+                self.line = line;
+            }
+            bytes = &bytes[i + 1..];
+        }
+        self.line.extend_from_slice(bytes);
+    }
+
+    fn line_done(&mut self, line: &[u8], f: &mut dyn FnMut(SseItem<'_>)) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            if self.fields {
+                self.events += 1;
+                f(SseItem::Event(SseEvent {
+                    kind: self.kind,
+                    id: &self.id,
+                    data: &self.data,
+                }));
+            }
+            self.kind = SseKind::Other;
+            self.id.clear();
+            self.data.clear();
+            self.fields = false;
+            return;
+        }
+        if line[0] == b':' {
+            self.comments += 1;
+            f(SseItem::Comment(&line[1..]));
+            return;
+        }
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"event" => {
+                self.kind = match value {
+                    b"ready" => SseKind::Ready,
+                    b"message" => SseKind::Message,
+                    b"typing" => SseKind::Typing,
+                    b"reset" => SseKind::Reset,
+                    _ => SseKind::Other,
+                };
+                self.fields = true;
+            }
+            b"data" => {
+                if self.fields && !self.data.is_empty() {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+                self.fields = true;
+            }
+            b"id" => {
+                self.id.clear();
+                self.id.push_str(&String::from_utf8_lossy(value));
+                self.fields = true;
+            }
+            _ => {} // retry and unknown fields
+        }
+    }
+}
+
+/// One open `/events` stream: exactly one socket (one file descriptor),
+/// a fixed read buffer and the decoder.
+pub struct SseStream {
+    stream: TcpStream,
+    buf: Box<[u8]>,
+    pub dec: SseDecoder,
+    /// Bytes read from the socket after the response head (chunk framing
+    /// included).
+    pub wire_bytes: u64,
+}
+
+/// Read buffer per stream in the load generator.
+const SSE_BUF: usize = 4096;
+
+impl SseStream {
+    /// Connects, sends `GET target`, checks the head (200, chunked
+    /// `text/event-stream`) and reads up to the `ready` event; returns the
+    /// stream and the ready cursor. Events before `ready` (`reset`) are
+    /// skipped.
+    pub async fn open(addr: SocketAddr, target: &str) -> Result<(SseStream, String)> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let req = format!(
+            "GET {target} HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await?;
+        let mut s = SseStream {
+            stream,
+            buf: vec![0u8; SSE_BUF].into_boxed_slice(),
+            dec: SseDecoder::default(),
+            wire_bytes: 0,
+        };
+        // The head: read until its end (it fits the buffer).
+        let mut have = 0;
+        let head_end = loop {
+            if let Some(i) = find(&s.buf[..have], b"\r\n\r\n") {
+                break i + 4;
+            }
+            if have == s.buf.len() {
+                return Err(err("response head larger than the read buffer"));
+            }
+            let n = s.stream.read(&mut s.buf[have..]).await?;
+            if n == 0 {
+                return Err(err("connection closed before the response head"));
+            }
+            have += n;
+        };
+        let (status, _, chunked) = parse_head(&s.buf[..head_end])?;
+        if status != 200 {
+            let text = String::from_utf8_lossy(&s.buf[head_end..have]).into_owned();
+            return Err(err(format!("/events answered {status}: {text}")));
+        }
+        let head_text = String::from_utf8_lossy(&s.buf[..head_end]).to_ascii_lowercase();
+        if !chunked || !head_text.contains("text/event-stream") {
+            return Err(err(format!("not a chunked event stream:\n{head_text}")));
+        }
+        let mut ready: Option<String> = None;
+        let rest = s.buf[head_end..have].to_vec();
+        s.wire_bytes += rest.len() as u64;
+        s.dec.feed(&rest, &mut |item| {
+            if let SseItem::Event(e) = item {
+                if e.kind == SseKind::Ready && ready.is_none() {
+                    ready = Some(e.id.to_string());
+                }
+            }
+        })?;
+        while ready.is_none() {
+            s.read_some(&mut |item| {
+                if let SseItem::Event(e) = item {
+                    if e.kind == SseKind::Ready && ready.is_none() {
+                        ready = Some(e.id.to_string());
+                    }
+                }
+            })
+            .await?;
+        }
+        Ok((s, ready.unwrap()))
+    }
+
+    /// One read from the socket; every event and comment it completes is
+    /// handed to `f`. An error when the connection or the body ended.
+    pub async fn read_some(
+        &mut self,
+        f: &mut (dyn FnMut(SseItem<'_>) + Send),
+    ) -> io::Result<usize> {
+        let n = self.stream.read(&mut self.buf).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "stream closed by hark",
+            ));
+        }
+        self.wire_bytes += n as u64;
+        let (buf, dec) = (&self.buf, &mut self.dec);
+        dec.feed(&buf[..n], f)?;
+        if dec.ended() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "stream ended by hark",
+            ));
+        }
+        Ok(n)
+    }
+}
+
+/// `/events` for one room (the token in `access_token`).
+pub fn events_path(rooms: &[i64], token: &str) -> String {
+    let mut p = String::from("/events?");
+    for r in rooms {
+        p.push_str(&format!("room_id={r}&"));
+    }
+    p.push_str("access_token=");
+    p.push_str(token);
+    p
+}
+
+/// Opens `n` streams, `parallel` at a time, stream `i` at `target(i)`; then
+/// waits until hark counts `others + n` open streams. Returns each stream
+/// with its ready cursor, in order of `i`.
+pub async fn open_streams(
+    mc: &mut MetricsClient,
+    n: usize,
+    parallel: usize,
+    others: usize,
+    target: impl Fn(usize) -> String,
+) -> Result<Vec<(SseStream, String)>> {
+    use futures::stream::{self, StreamExt};
+    let addr = mc.addr;
+    let mut out: Vec<Option<(SseStream, String)>> = (0..n).map(|_| None).collect();
+    let mut opened = stream::iter(0..n)
+        .map(|i| {
+            let t = target(i);
+            async move { (i, SseStream::open(addr, &t).await) }
+        })
+        .buffer_unordered(parallel.max(1));
+    let mut count = 0;
+    while let Some((i, r)) = opened.next().await {
+        match r {
+            Ok(s) => {
+                out[i] = Some(s);
+                count += 1;
+            }
+            Err(e) => {
+                return Err(err(format!(
+                    "opening stream {i} failed after {count} were open: {e}"
+                )))
+            }
+        }
+    }
+    let want = (others + n) as f64;
+    mc.wait_until("hark_open_streams", Duration::from_secs(60), |v| v >= want)
+        .await?;
+    Ok(out.into_iter().map(|s| s.unwrap()).collect())
+}
+
+// ---- file descriptors and CPU ----------------------------------------------
+
+/// (soft RLIMIT_NOFILE, descriptors open now) of a process.
+pub fn fd_usage(pid: u32) -> Result<(u64, u64)> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| err("no Max open files"))?;
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
+    Ok((soft, open))
+}
+
+/// Jiffies of the whole machine from /proc/stat: (busy, total).
+pub fn machine_jiffies() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    // idle + iowait
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// Percent of all CPUs busy between two [`machine_jiffies`] readings.
+pub fn machine_busy_pct(a: (u64, u64), b: (u64, u64)) -> f64 {
+    let total = b.1.saturating_sub(a.1);
+    if total == 0 {
+        return 0.0;
+    }
+    100.0 * b.0.saturating_sub(a.0) as f64 / total as f64
+}
+
+/// A metrics delta between two scrapes.
+pub fn delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, k: &str) -> f64 {
+    after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0)
+}
+
+/// hark's delivery-latency histogram buckets: (`le` label, bound in ms).
+const LATENCY_BUCKETS: [(&str, &str); 14] = [
+    ("0.0005", "0.5"),
+    ("0.001", "1"),
+    ("0.0025", "2.5"),
+    ("0.005", "5"),
+    ("0.01", "10"),
+    ("0.025", "25"),
+    ("0.05", "50"),
+    ("0.1", "100"),
+    ("0.25", "250"),
+    ("0.5", "500"),
+    ("1", "1000"),
+    ("2.5", "2500"),
+    ("5", "5000"),
+    ("10", "10000"),
+];
+
+/// The histogram bucket bound (ms) under which quantile `q` (0..1) of the
+/// hark_delivery_latency_seconds observations between two scrapes lies,
+/// e.g. "≤50"; ">10000" beyond the last bucket, "-" when there were none.
+pub fn server_quantile(
+    before: &HashMap<String, f64>,
+    after: &HashMap<String, f64>,
+    q: f64,
+) -> String {
+    let count = delta(before, after, "hark_delivery_latency_seconds_count");
+    if count <= 0.0 {
+        return "-".into();
+    }
+    for (le, ms) in LATENCY_BUCKETS {
+        let key = format!("hark_delivery_latency_seconds_bucket{{le=\"{le}\"}}");
+        if delta(before, after, &key) >= q * count {
+            return format!("≤{ms}");
+        }
+    }
+    ">10000".into()
+}
+
+/// CPU time of every descendant of `root` except `exclude` (and theirs):
+/// for a benchmark, the embedded PostgreSQL (its watchdog, postmaster and
+/// backends). Processes that already exited are not counted.
+pub fn descendants_cpu(root: u32, exclude: &[u32]) -> Duration {
+    let mut parent: HashMap<u32, u32> = HashMap::new();
+    let mut cpu: HashMap<u32, Duration> = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = (unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64).max(1);
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() < 13 {
+            continue;
+        }
+        let ppid = f[1].parse().unwrap_or(0);
+        let ticks = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+        parent.insert(pid, ppid);
+        cpu.insert(pid, Duration::from_micros(ticks * 1_000_000 / hz));
+    }
+    let mut total = Duration::ZERO;
+    for (&pid, &t) in &cpu {
+        let mut p = pid;
+        let mut depth = 0;
+        while p > 1 && depth < 64 {
+            if exclude.contains(&p) {
+                break;
+            }
+            let Some(&pp) = parent.get(&p) else { break };
+            if pp == root {
+                total += t;
+                break;
+            }
+            p = pp;
+            depth += 1;
+        }
+    }
+    total
+}
+
+/// A reading of who used how much CPU so far.
+#[derive(Clone, Copy)]
+pub struct CpuSnap {
+    at: Instant,
+    hark: Duration,
+    bench: Duration,
+    pg: Duration,
+    machine: (u64, u64),
+}
+
+/// CPU used between two [`CpuSnap`]s, each in % of one core.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuUse {
+    pub secs: f64,
+    pub hark_ms: f64,
+    pub hark: f64,
+    pub bench: f64,
+    pub pg: f64,
+    /// Everything else on the machine (other engineers' builds and tests):
+    /// large values mean the numbers are disturbed.
+    pub other: f64,
+}
+
+impl CpuSnap {
+    pub fn take(hark_pid: u32) -> CpuSnap {
+        let me = std::process::id();
+        CpuSnap {
+            at: Instant::now(),
+            hark: cpu_time_of(hark_pid).unwrap_or_default(),
+            bench: cpu_time_of(me).unwrap_or_default(),
+            pg: descendants_cpu(me, &[hark_pid]),
+            machine: machine_jiffies(),
+        }
+    }
+
+    pub fn since(&self, earlier: &CpuSnap) -> CpuUse {
+        let secs = self.at.duration_since(earlier.at).as_secs_f64().max(1e-9);
+        let pct = |a: Duration, b: Duration| 100.0 * a.saturating_sub(b).as_secs_f64() / secs;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let machine = machine_busy_pct(earlier.machine, self.machine) * cpus;
+        let hark = pct(self.hark, earlier.hark);
+        let bench = pct(self.bench, earlier.bench);
+        let pg = pct(self.pg, earlier.pg);
+        CpuUse {
+            secs,
+            hark_ms: self.hark.saturating_sub(earlier.hark).as_secs_f64() * 1000.0,
+            hark,
+            bench,
+            pg,
+            other: (machine - hark - bench - pg).max(0.0),
+        }
+    }
+}

@@ -197,7 +197,11 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
     let method = req.method().clone();
     // Redacting costs a parse of the query: skip it when the line is off.
     let log = tracing::enabled!(target: "hark::request", tracing::Level::INFO);
-    let target = if log { redact_query(req.uri()) } else { String::new() };
+    let target = if log {
+        redact_query(req.uri())
+    } else {
+        String::new()
+    };
     let origin = req.headers().get(hyper::header::ORIGIN).cloned();
     let mut resp = match router::route(&app, req).await {
         Ok(r) => r,
