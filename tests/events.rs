@@ -1191,17 +1191,7 @@ async fn a_slow_reader_is_cut_and_resumes_losslessly() {
         "everything ({before_cut}) arrived before the cut"
     );
 
-    let expected: Vec<i64> = fx
-        .db
-        .query(
-            "SELECT id FROM chat_chatmessage WHERE room_id = $1 ORDER BY id",
-            &[&room],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let expected = fx.message_ids(room).await;
 
     // Resume with the last id actually read: the rest, exactly once.
     let mut s2 = Sse::connect(

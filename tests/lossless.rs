@@ -172,17 +172,7 @@ async fn run(disturb: Disturb) {
     for w in writers {
         w.await.unwrap();
     }
-    let all: Vec<i64> = fx
-        .db
-        .query(
-            "SELECT id FROM chat_chatmessage WHERE room_id = $1",
-            &[&room],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let all = fx.message_ids(room).await;
     assert_eq!(all.len(), MESSAGES);
     for (i, p) in pollers.into_iter().enumerate() {
         let seen = tokio::time::timeout(Duration::from_secs(120), p)

@@ -424,6 +424,20 @@ impl Fixture {
             .expect("insert participant");
     }
 
+    /// Every message id in `room`, ascending.
+    pub async fn message_ids(&self, room: i64) -> Vec<i64> {
+        self.db
+            .query(
+                "SELECT id FROM chat_chatmessage WHERE room_id = $1 ORDER BY id",
+                &[&room],
+            )
+            .await
+            .expect("read message ids")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
     /// A plain SQL insert, as any writer would do it.
     pub async fn insert(&self, room: i64, sender: i64, content: &str) -> i64 {
         self.db
