@@ -1115,6 +1115,16 @@ async fn an_idle_stream_gets_ping_comments() {
 
 #[tokio::test]
 async fn a_slow_reader_is_cut_and_resumes_losslessly() {
+    slow_reader_is_cut_and_resumes(None).await;
+}
+
+/// The same on hyper's path: the stream is the connection's second request.
+#[tokio::test]
+async fn a_slow_reader_on_a_reused_connection_is_cut_and_resumes_losslessly() {
+    slow_reader_is_cut_and_resumes(Some("/healthz")).await;
+}
+
+async fn slow_reader_is_cut_and_resumes(first: Option<&'static str>) {
     let started = std::time::Instant::now();
     let Room3 {
         hark,
@@ -1133,6 +1143,7 @@ async fn a_slow_reader_is_cut_and_resumes_losslessly() {
         &[("Authorization", &auth)],
         Opts {
             recv_buffer: Some(16 * 1024),
+            first,
             ..Opts::default()
         },
     )
@@ -1222,6 +1233,127 @@ async fn a_slow_reader_is_cut_and_resumes_losslessly() {
         "slow reader: cut after {inserted} inserted, {before_cut} read before the cut, {:?}",
         started.elapsed()
     );
+}
+
+// ---- the two connection paths --------------------------------------------------
+
+/// A connection whose first request is /events is served on hark's lean
+/// path (it closes when the stream ends); /events as a later request of a
+/// keep-alive connection is served by hyper. Both stream the same.
+#[tokio::test]
+async fn a_stream_works_as_first_or_later_request_of_a_connection() {
+    let Room3 {
+        hark,
+        fx,
+        alice,
+        bob,
+        room,
+        ..
+    } = room_of_three(&[]).await;
+    let auth = bearer(&token(alice));
+    let path = format!("/events?room_id={room}");
+    let variants = [
+        ("first request", Opts::default(), Some("close")),
+        (
+            "after /healthz on the same connection",
+            Opts {
+                first: Some("/healthz"),
+                ..Opts::default()
+            },
+            None,
+        ),
+        (
+            "head in two writes",
+            Opts {
+                split_at: Some(20),
+                ..Opts::default()
+            },
+            Some("close"),
+        ),
+    ];
+    for (what, opts, connection) in variants {
+        let mut s = Sse::connect_with(hark.addr, &path, &[("Authorization", &auth)], opts).await;
+        assert_eq!(s.status, 200, "{what}");
+        assert_eq!(s.header("connection"), connection, "{what}");
+        assert_eq!(s.header("transfer-encoding"), Some("chunked"), "{what}");
+        assert!(s.header("date").is_some(), "{what}");
+        assert_eq!(s.header("content-type"), Some("text/event-stream"), "{what}");
+        let (reset, _) = open(&mut s).await;
+        assert_eq!(reset, None, "{what}");
+        let id = fx.insert(room, bob, what).await;
+        assert_eq!(expect_message(&mut s).await.1["id"], id, "{what}");
+        s.close();
+        hark.wait_for_metric("hark_open_streams", 0.0).await;
+    }
+
+    // HTTP/1.0 has no chunks: the body is the rest of the connection.
+    let mut s = Sse::connect_with(
+        hark.addr,
+        &path,
+        &[("Authorization", &auth)],
+        Opts {
+            http10: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert_eq!(s.status, 200);
+    assert_eq!(s.header("transfer-encoding"), None);
+    let (reset, _) = open(&mut s).await;
+    assert_eq!(reset, None);
+    let id = fx.insert(room, bob, "over HTTP/1.0").await;
+    assert_eq!(expect_message(&mut s).await.1["id"], id);
+}
+
+/// The lean path's own limits: a clear error for a head it will not read,
+/// and no stream left behind by one that never completes.
+#[tokio::test]
+async fn lean_stream_path_refuses_bad_heads_clearly() {
+    let Room3 {
+        hark, alice, room, ..
+    } = room_of_three(&[]).await;
+    let auth = bearer(&token(alice));
+    let path = format!("/events?room_id={room}");
+
+    let big = "x".repeat(20 * 1024);
+    let s = Sse::connect(hark.addr, &path, &[("Authorization", &auth), ("X-Big", &big)]).await;
+    assert_eq!(s.status, 431);
+    let mut s = s;
+    let body: Value = serde_json::from_str(&s.body_text(T).await).expect("JSON error body");
+    assert_eq!(body["code"], "headers_too_large");
+
+    let many: Vec<(String, String)> = (0..80).map(|i| (format!("X-H{i}"), "v".into())).collect();
+    let mut headers: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    headers.push(("Authorization", &auth));
+    let s = Sse::connect(hark.addr, &path, &headers).await;
+    assert_eq!(s.status, 431);
+
+    let s = Sse::connect(
+        hark.addr,
+        &path,
+        &[("Authorization", &auth), ("Content-Length", "3")],
+    )
+    .await;
+    assert_eq!(s.status, 400);
+    let mut s = s;
+    let body: Value = serde_json::from_str(&s.body_text(T).await).expect("JSON error body");
+    assert_eq!(body["code"], "invalid_request");
+
+    // Errors from the handler come as on hyper's path, CORS and all.
+    let mut s = Sse::connect(hark.addr, &path, &[("Authorization", "Bearer nope")]).await;
+    assert_eq!(s.status, 401);
+    assert!(s.header("www-authenticate").is_some());
+    let body: Value = serde_json::from_str(&s.body_text(T).await).expect("JSON error body");
+    assert_eq!(body["code"], "token_not_valid");
+
+    // A head that stops halfway, then a hang-up: nothing stays open.
+    let mut raw = tokio::net::TcpStream::connect(hark.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut raw, b"GET /events?room_id=1 HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(raw);
+    hark.wait_for_metric("hark_open_connections", 1.0).await;
 }
 
 #[tokio::test]

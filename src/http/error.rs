@@ -27,6 +27,8 @@ pub enum ApiError {
     NotFound(&'static str),
     MethodNotAllowed(&'static str),
     PayloadTooLarge(u64),
+    /// A request head over the size or header-count limit.
+    HeadTooLarge,
     UnsupportedMediaType,
     /// The cursor cannot be continued on this database.
     CursorReset,
@@ -55,6 +57,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::CursorReset => StatusCode::CONFLICT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -76,6 +79,10 @@ impl ApiError {
             ApiError::PayloadTooLarge(max) => (
                 "payload_too_large",
                 format!("Request body is larger than {max} bytes").into(),
+            ),
+            ApiError::HeadTooLarge => (
+                "headers_too_large",
+                "The request head is too large".into(),
             ),
             ApiError::UnsupportedMediaType => (
                 "unsupported_media_type",

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response};
 use tokio::time::{Instant, Sleep};
@@ -46,7 +46,9 @@ const RETRY_MS: u64 = 2000;
 /// Most rooms one stream may name.
 const MAX_ROOMS: usize = 100;
 
-pub async fn events(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+/// Generic over the request body, which a stream never reads: hyper hands
+/// it `Incoming`, the lean stream connection ([`super::stream_conn`]) `()`.
+pub async fn events<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let user = authenticate(app, &req, &pairs).await?;
     let kill = req.extensions().get::<ConnectionKill>().cloned();

@@ -9,6 +9,7 @@ pub mod events;
 pub mod ops;
 pub mod poll;
 pub mod router;
+pub mod stream_conn;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -58,7 +59,7 @@ pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Bod
 }
 
 /// The query string as decoded pairs (`+` is a space, as forms encode it).
-pub fn query_pairs(req: &Request<Incoming>) -> Vec<(String, String)> {
+pub fn query_pairs<B>(req: &Request<B>) -> Vec<(String, String)> {
     req.uri()
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
@@ -73,9 +74,9 @@ pub fn query_get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str
 }
 
 /// The requester: a valid token naming an existing user.
-pub async fn authenticate(
+pub async fn authenticate<B>(
     app: &App,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     pairs: &[(String, String)],
 ) -> Result<Arc<User>, ApiError> {
     let token = match req.headers().get(AUTHORIZATION) {
@@ -193,31 +194,52 @@ pub struct ConnectionKill(pub Arc<tokio::sync::Notify>);
 
 /// One request: route, turn errors into responses, add CORS, log a line.
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let started = Instant::now();
-    let method = req.method().clone();
-    // Redacting costs a parse of the query: skip it when the line is off.
-    let log = tracing::enabled!(target: "hark::request", tracing::Level::INFO);
-    let target = if log {
-        redact_query(req.uri())
-    } else {
-        String::new()
-    };
-    let origin = req.headers().get(hyper::header::ORIGIN).cloned();
-    let mut resp = match router::route(&app, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    };
-    app.cors.apply(origin.as_ref(), resp.headers_mut());
-    if log {
-        tracing::info!(
-            target: "hark::request",
-            method = %method,
-            path = %target,
-            status = resp.status().as_u16(),
-            ms = started.elapsed().as_secs_f64() * 1000.0,
-        );
+    let seen = Seen::new(&req);
+    let result = router::route(&app, req).await;
+    Ok(seen.finish(&app, result))
+}
+
+/// What the request log and CORS need from a request, taken before the
+/// handler consumes it.
+pub(crate) struct Seen {
+    started: Instant,
+    method: hyper::Method,
+    /// The redacted target, when the request log is on.
+    target: Option<String>,
+    origin: Option<HeaderValue>,
+}
+
+impl Seen {
+    pub(crate) fn new<B>(req: &Request<B>) -> Seen {
+        // Redacting costs a parse of the query: skip it when the line is off.
+        let log = tracing::enabled!(target: "hark::request", tracing::Level::INFO);
+        Seen {
+            started: Instant::now(),
+            method: req.method().clone(),
+            target: log.then(|| redact_query(req.uri())),
+            origin: req.headers().get(hyper::header::ORIGIN).cloned(),
+        }
     }
-    Ok(resp)
+
+    /// Errors become responses here; CORS is added and the line logged.
+    pub(crate) fn finish(
+        self,
+        app: &App,
+        result: Result<Response<Body>, ApiError>,
+    ) -> Response<Body> {
+        let mut resp = result.unwrap_or_else(ApiError::into_response);
+        app.cors.apply(self.origin.as_ref(), resp.headers_mut());
+        if let Some(target) = self.target {
+            tracing::info!(
+                target: "hark::request",
+                method = %self.method,
+                path = %target,
+                status = resp.status().as_u16(),
+                ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            );
+        }
+        resp
+    }
 }
 
 /// Accepts connections until shutdown, then drains. Long polls and event
@@ -251,39 +273,22 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
             _ = shutdown.wait() => break,
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
-                let app2 = app.clone();
-                let kill = Arc::new(tokio::sync::Notify::new());
-                let kill2 = kill.clone();
-                let conn = builder.serve_connection(
-                    io,
-                    service_fn(move |mut req| {
-                        req.extensions_mut().insert(ConnectionKill(kill2.clone()));
-                        handle(app2.clone(), req)
-                    }),
-                );
-                let conn = graceful.watch(conn);
-                let metrics = app.metrics.clone();
+                let app = app.clone();
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    metrics.open_connections.fetch_add(1, Relaxed);
-                    tokio::select! {
-                        r = conn => if let Err(e) = r {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        },
-                        // Dropping the connection closes the socket, even
-                        // one whose reader stopped reading.
-                        _ = kill.notified() => {}
-                    }
-                    metrics.open_connections.fetch_sub(1, Relaxed);
+                    app.metrics.open_connections.fetch_add(1, Relaxed);
+                    serve_connection(&app, stream, &builder, watcher).await;
+                    app.metrics.open_connections.fetch_sub(1, Relaxed);
                     drop(permit);
                 });
             }
             Err(_) => {
                 app.metrics.rejected_connections.fetch_add(1, Relaxed);
                 let conn = builder.serve_connection(
-                    io,
+                    TokioIo::new(stream),
                     service_fn(|_req| async {
                         let mut resp = ApiError::Unavailable {
                             message: "Too many connections; try again shortly",
@@ -302,10 +307,54 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
         }
     }
     drop(listener);
+    // Streams on the lean path are not hyper's to watch; they end
+    // themselves on the same signal and return their permits.
+    let all_closed = async {
+        graceful.shutdown().await;
+        let _ = limit.acquire_many(app.config.max_connections).await;
+    };
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = all_closed => {}
         _ = tokio::time::sleep(DRAIN_TIMEOUT) => {
             tracing::warn!("connections still open after the drain timeout; closing them");
         }
+    }
+}
+
+/// One accepted connection, to the end: an event stream on the lean path
+/// when that is its first request, hyper otherwise.
+async fn serve_connection(
+    app: &Arc<App>,
+    stream: tokio::net::TcpStream,
+    builder: &http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let mut first = [0u8; stream_conn::PEEK_LEN];
+    let peeked = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await;
+    let n = match peeked {
+        Ok(Ok(n)) if n > 0 => n,
+        // Silence, a reset or end of stream before a byte: nothing to answer.
+        _ => return,
+    };
+    if stream_conn::wants_stream(&first[..n]) {
+        return stream_conn::serve(app.clone(), stream, HEADER_READ_TIMEOUT).await;
+    }
+    let kill = Arc::new(tokio::sync::Notify::new());
+    let kill2 = kill.clone();
+    let app2 = app.clone();
+    let conn = builder.serve_connection(
+        TokioIo::new(stream),
+        service_fn(move |mut req| {
+            req.extensions_mut().insert(ConnectionKill(kill2.clone()));
+            handle(app2.clone(), req)
+        }),
+    );
+    tokio::select! {
+        r = watcher.watch(conn) => if let Err(e) = r {
+            tracing::debug!(error = %e, "connection ended with an error");
+        },
+        // Dropping the connection closes the socket, even one whose
+        // reader stopped reading.
+        _ = kill.notified() => {}
     }
 }

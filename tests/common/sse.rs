@@ -102,6 +102,15 @@ pub struct Opts {
     pub recv_buffer: Option<u32>,
     /// Send `HEAD` instead of `GET` (the answer has no body).
     pub head: bool,
+    /// A `GET` of this path first, on the same connection, its answer read
+    /// and dropped: the stream then is a keep-alive connection's second
+    /// request (hark serves that one through hyper, not its lean path).
+    pub first: Option<&'static str>,
+    /// Send the request head in two writes, this many bytes first, with a
+    /// pause between.
+    pub split_at: Option<usize>,
+    /// Ask as HTTP/1.0 (no chunked encoding: the body ends at close).
+    pub http10: bool,
 }
 
 impl Sse {
@@ -129,18 +138,24 @@ impl Sse {
             .await
             .unwrap_or_else(|_| panic!("connecting to {addr} timed out"))
             .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+        if let Some(first) = opts.first {
+            read_one_answer(&mut stream, addr, first).await;
+        }
         let method = if opts.head { "HEAD" } else { "GET" };
+        let version = if opts.http10 { "1.0" } else { "1.1" };
         let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n"
+            "{method} {path} HTTP/{version}\r\nHost: {addr}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n"
         );
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
         req.push_str("\r\n");
-        stream
-            .write_all(req.as_bytes())
-            .await
-            .expect("send request");
+        let (a, b) = req.as_bytes().split_at(opts.split_at.unwrap_or(0).min(req.len()));
+        if !a.is_empty() {
+            stream.write_all(a).await.expect("send request");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        stream.write_all(b).await.expect("send request");
         let mut sse = Sse {
             stream: Some(stream),
             status: 0,
@@ -459,6 +474,35 @@ impl Sse {
     /// Closes the connection from this side.
     pub fn close(&mut self) {
         self.stream = None;
+    }
+}
+
+/// `GET path` on `stream`; reads its answer (which must have a
+/// Content-Length and keep the connection open) and drops it.
+async fn read_one_answer(stream: &mut TcpStream, addr: SocketAddr, path: &str) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.expect("send first request");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(end) = find(&raw, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            assert!(!head.contains("connection: close"), "{path}: {head}");
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{path}: no content-length in {head}"));
+            if raw.len() >= end + 4 + len {
+                assert_eq!(raw.len(), end + 4 + len, "{path}: more than one answer");
+                return;
+            }
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => raw.extend_from_slice(&buf[..n]),
+            other => panic!("{path}: no whole answer ({other:?})"),
+        }
     }
 }
 

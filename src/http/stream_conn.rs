@@ -1,0 +1,334 @@
+//! The lean connection for event streams.
+//!
+//! hyper keeps two 8 KiB buffers per HTTP/1 connection for the
+//! connection's whole life (one to read requests into, one for response
+//! heads). That is most of what an idle `/events` stream costs, and a
+//! stream needs neither once its request head is read: from then on it
+//! only writes. So a connection whose *first* request is `GET /events` is
+//! served here instead: the head is read into a bounded buffer that is
+//! freed once parsed, answered by the same handler as on hyper's path
+//! ([`super::events::events`] through [`Seen`]), the body written chunk by
+//! chunk, and the connection closed when the stream ends (the response
+//! says `Connection: close`).
+//!
+//! Every other connection, including one that asks for /events after
+//! other requests, is hyper's. Deciding costs one `peek` per new
+//! connection and consumes nothing, so hyper sees its connections exactly
+//! as they arrived.
+
+use std::io::ErrorKind;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use http_body_util::BodyExt;
+use hyper::header::{
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING,
+};
+use hyper::{Method, Request, Response, Uri, Version};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use super::error::ApiError;
+use super::{events, Body, ConnectionKill, Seen};
+use crate::app::App;
+
+/// Longest request head read here. A browser's request for /events with
+/// its cookies is a few KiB; the token in the query is under one.
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+/// What a client may send after its request head while it streams
+/// (ignored: the connection closes when the stream ends) before it is cut.
+const MAX_TRAILING: usize = 64 * 1024;
+
+/// Whether the first bytes of a connection are a request for `/events`
+/// (`GET /events?…`, `GET /events HTTP/1.1`, or the same with `/events/`).
+/// Too few bytes to tell is a no: hyper's path serves /events too.
+pub fn wants_stream(first: &[u8]) -> bool {
+    match first.strip_prefix(b"GET /events") {
+        Some([b' ' | b'?', ..]) | Some([b'/', b' ' | b'?', ..]) => true,
+        _ => false,
+    }
+}
+
+/// Bytes [`wants_stream`] needs to see.
+pub const PEEK_LEN: usize = 13;
+
+/// Serves one connection whose first bytes passed [`wants_stream`].
+pub async fn serve(app: Arc<App>, mut stream: TcpStream, header_timeout: Duration) {
+    let head = tokio::time::timeout(header_timeout, read_head(&mut stream)).await;
+    let mut req = match head {
+        // Silence, as hyper does when a head does not arrive in time.
+        Err(_) | Ok(Err(HeadError::Closed)) => return,
+        Ok(Err(HeadError::Bad(e))) => {
+            let resp = e.into_response();
+            write_response(stream, resp, Version::HTTP_11, &Notify::new()).await;
+            return;
+        }
+        Ok(Ok(req)) => req,
+    };
+    let kill = Arc::new(Notify::new());
+    req.extensions_mut().insert(ConnectionKill(kill.clone()));
+    let version = req.version();
+    let seen = Seen::new(&req);
+    let result = Box::pin(events::events(&app, req)).await;
+    let resp = seen.finish(&app, result);
+    write_response(stream, resp, version, &kill).await;
+}
+
+enum HeadError {
+    /// The client went away (or the read failed) before a whole head.
+    Closed,
+    /// Answered with this error, then closed.
+    Bad(ApiError),
+}
+
+async fn read_head(stream: &mut TcpStream) -> Result<Request<()>, HeadError> {
+    let mut buf = vec![0u8; 1024];
+    let mut filled = 0;
+    loop {
+        if filled == buf.len() {
+            if filled >= MAX_HEAD {
+                return Err(HeadError::Bad(ApiError::HeadTooLarge));
+            }
+            buf.resize((filled * 2).min(MAX_HEAD), 0);
+        }
+        let n = match stream.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => return Err(HeadError::Closed),
+            Ok(n) => n,
+        };
+        filled += n;
+        if let Some(req) = parse_head(&buf[..filled])? {
+            return Ok(req);
+        }
+    }
+}
+
+/// The request in `buf`, or None when its head is not complete yet.
+fn parse_head(buf: &[u8]) -> Result<Option<Request<()>>, HeadError> {
+    let bad = |what: &str| {
+        HeadError::Bad(ApiError::bad(
+            "invalid_request",
+            format!("Malformed request: {what}"),
+        ))
+    };
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(buf) {
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Complete(_)) => {}
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadError::Bad(ApiError::HeadTooLarge))
+        }
+        Err(e) => return Err(bad(&e.to_string())),
+    }
+    if parsed.method != Some("GET") {
+        return Err(bad("not a GET"));
+    }
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let uri: Uri = parsed
+        .path
+        .unwrap_or("")
+        .parse()
+        .map_err(|_| bad("request target"))?;
+    let mut req = Request::new(());
+    *req.method_mut() = Method::GET;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    let map = req.headers_mut();
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad("header name"))?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| bad("header value"))?;
+        map.append(name, value);
+    }
+    // The stream never reads a body, and the connection does not outlive
+    // the stream, so one cannot be smuggled in; a declared one is refused.
+    let has_body = map.contains_key(TRANSFER_ENCODING)
+        || map
+            .get_all(CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes() != b"0");
+    if has_body {
+        return Err(bad("a request for /events has no body"));
+    }
+    Ok(Some(req))
+}
+
+/// The status line and headers, ending with the framing this module uses.
+fn head_bytes(resp: &Response<Body>, framing: Framing) -> Vec<u8> {
+    let status = resp.status();
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in resp.headers() {
+        if name == CONNECTION || name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !resp.headers().contains_key(DATE) {
+        let date = Utc::now().format("%a, %d %b %Y %H:%M:%S GMT");
+        out.extend_from_slice(format!("date: {date}\r\n").as_bytes());
+    }
+    match framing {
+        Framing::Length(n) => out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::UntilClose => {}
+    }
+    out.extend_from_slice(b"connection: close\r\n\r\n");
+    out
+}
+
+#[derive(Clone, Copy)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    /// HTTP/1.0 has no chunks: the body ends where the connection does.
+    UntilClose,
+}
+
+/// Writes the response and closes. Returns early when the client goes
+/// away, sends more than MAX_TRAILING after its head, or the hub cuts the
+/// stream (`kill`): a reader that stopped reading blocks the write, so the
+/// write too gives way to `kill`.
+async fn write_response(mut stream: TcpStream, resp: Response<Body>, version: Version, kill: &Notify) {
+    let framing = match hyper::body::Body::size_hint(resp.body()).exact() {
+        Some(n) => Framing::Length(n),
+        None if version == Version::HTTP_10 => Framing::UntilClose,
+        None => Framing::Chunked,
+    };
+    let head = head_bytes(&resp, framing);
+    let mut body = resp.into_body();
+    let (rd, mut wr) = stream.split();
+    tokio::select! {
+        r = wr.write_all(&head) => if r.is_err() { return },
+        _ = kill.notified() => return,
+    }
+    drop(head);
+    let mut trailing = 0usize;
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = kill.notified() => return,
+            f = body.frame() => f,
+            r = rd.as_ref().readable() => {
+                if r.is_err() {
+                    return;
+                }
+                // Only EOF matters (the client left); anything else is
+                // read and dropped, within a bound.
+                let mut scratch = [0u8; 512];
+                match rd.as_ref().try_read(&mut scratch) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        trailing += n;
+                        if trailing > MAX_TRAILING {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+                continue;
+            }
+        };
+        let Some(frame) = frame else { break };
+        let Ok(data) = frame.unwrap_or_else(|never| match never {}).into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        let out = match framing {
+            Framing::Chunked => {
+                let mut c = Vec::with_capacity(data.len() + 12);
+                c.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                c.extend_from_slice(&data);
+                c.extend_from_slice(b"\r\n");
+                c.into()
+            }
+            _ => data,
+        };
+        tokio::select! {
+            r = wr.write_all(&out) => if r.is_err() { return },
+            _ = kill.notified() => return,
+        }
+    }
+    if let Framing::Chunked = framing {
+        let _ = wr.write_all(b"0\r\n\r\n").await;
+    }
+    let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_only_event_stream_requests() {
+        for yes in [
+            &b"GET /events?access_token=x HTTP/1.1\r\n"[..],
+            b"GET /events HTTP/1.1\r\n",
+            b"GET /events/ HTTP/1.1\r\n",
+            b"GET /events/?room_id=1 ",
+        ] {
+            assert!(wants_stream(yes), "{}", String::from_utf8_lossy(yes));
+        }
+        for no in [
+            &b"GET /events"[..],
+            b"GET /eventsx HTTP/1.1",
+            b"GET /events/1 HTTP/1.1",
+            b"HEAD /events HTTP/1.1",
+            b"POST /events HTTP/1.1",
+            b"GET / HTTP/1.1\r\n",
+            b"GET http://h/events HTTP/1.1",
+            b"",
+        ] {
+            assert!(!wants_stream(no), "{}", String::from_utf8_lossy(no));
+        }
+    }
+
+    fn parsed(raw: &str) -> Result<Option<Request<()>>, HeadError> {
+        parse_head(raw.as_bytes())
+    }
+
+    #[test]
+    fn parses_a_head_and_refuses_bodies() {
+        let req = parsed("GET /events?room_id=3 HTTP/1.1\r\nHost: h\r\nLast-Event-ID: abc\r\n\r\n")
+            .ok()
+            .flatten()
+            .expect("complete");
+        assert_eq!(req.uri().path(), "/events");
+        assert_eq!(req.uri().query(), Some("room_id=3"));
+        assert_eq!(req.headers()["last-event-id"], "abc");
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert!(matches!(parsed("GET /events HTTP/1.1\r\nHost: h\r\n"), Ok(None)));
+        assert!(matches!(
+            parsed("GET /events HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
+            Ok(Some(_))
+        ));
+        for bad in [
+            "GET /events HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            "GET /events HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET /events HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            "GET /events HTTP/9.9\r\n\r\n",
+        ] {
+            assert!(matches!(parsed(bad), Err(HeadError::Bad(_))), "{bad:?}");
+        }
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        assert!(matches!(
+            parsed(&format!("GET /events HTTP/1.1\r\n{many}\r\n")),
+            Err(HeadError::Bad(ApiError::HeadTooLarge))
+        ));
+    }
+}
