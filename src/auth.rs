@@ -7,6 +7,9 @@
 //! Tokens are never logged: the request log redacts them (see
 //! [`crate::http::redact_query`]).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +42,9 @@ impl AuthError {
 #[derive(Deserialize)]
 struct Claims {
     user_id: UserId,
+    /// Checked by jsonwebtoken; read here for the cache's expiry.
+    #[serde(default)]
+    exp: Option<f64>,
     #[serde(default)]
     token_type: Option<String>,
 }
@@ -54,7 +60,17 @@ enum UserId {
 pub struct Auth {
     key: DecodingKey,
     validation: Validation,
+    /// Tokens verified before: token → (user id, exp). A long-poll client
+    /// sends the same token with every poll, and verifying it (two base64
+    /// decodes, two JSON parses and an HMAC) was the largest part of a
+    /// re-poll answered from memory. Only a token that passed every check
+    /// gets in, keyed by its exact text, and it is good until its own
+    /// `exp`. Bounded: emptied when full.
+    verified: Mutex<HashMap<Box<str>, (i64, i64)>>,
 }
+
+/// Most tokens kept in [`Auth::verified`] (about 3 MB at most).
+const MAX_VERIFIED: usize = 10_000;
 
 impl Auth {
     pub fn new(secret: &[u8]) -> Auth {
@@ -67,11 +83,39 @@ impl Auth {
         Auth {
             key: DecodingKey::from_secret(secret),
             validation,
+            verified: Mutex::new(HashMap::new()),
         }
     }
 
     /// The user id a valid access token names.
     pub fn verify(&self, token: &str) -> Result<i64, AuthError> {
+        self.verify_at(token, chrono::Utc::now().timestamp())
+    }
+
+    /// [`Auth::verify`] with the cache's notion of now (seconds).
+    fn verify_at(&self, token: &str, now: i64) -> Result<i64, AuthError> {
+        let cached = self.verified.lock().unwrap().get(token).copied();
+        if let Some((id, exp)) = cached {
+            // jsonwebtoken (leeway 0) refuses a token once `exp < now`.
+            return if exp >= now {
+                Ok(id)
+            } else {
+                self.verified.lock().unwrap().remove(token);
+                Err(AuthError::Expired)
+            };
+        }
+        let (id, exp) = self.verify_fully(token)?;
+        if let Some(exp) = exp.filter(|e| e.is_finite()) {
+            let mut map = self.verified.lock().unwrap();
+            if map.len() >= MAX_VERIFIED {
+                map.clear();
+            }
+            map.insert(token.into(), (id, exp.floor() as i64));
+        }
+        Ok(id)
+    }
+
+    fn verify_fully(&self, token: &str) -> Result<(i64, Option<f64>), AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -86,15 +130,16 @@ impl Auth {
         {
             return Err(AuthError::Invalid);
         }
-        match data.claims.user_id {
-            UserId::Number(id) if id > 0 => Ok(id),
+        let id = match data.claims.user_id {
+            UserId::Number(id) if id > 0 => id,
             UserId::Text(s)
                 if !s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit()) =>
             {
-                s.parse().map_err(|_| AuthError::Invalid)
+                s.parse().map_err(|_| AuthError::Invalid)?
             }
-            _ => Err(AuthError::Invalid),
-        }
+            _ => return Err(AuthError::Invalid),
+        };
+        Ok((id, data.claims.exp))
     }
 }
 
@@ -185,6 +230,36 @@ mod tests {
             SECRET,
         );
         assert_eq!(auth.verify(&no_type), Ok(8));
+    }
+
+    #[test]
+    fn a_cached_token_still_expires_and_others_are_not_cached() {
+        let auth = Auth::new(SECRET);
+        let exp = exp_in(60);
+        let t = raw(
+            r#"{"alg":"HS256"}"#,
+            &format!(r#"{{"user_id":5,"exp":{exp}}}"#),
+            SECRET,
+        );
+        let now = exp - 60;
+        assert_eq!(auth.verify_at(&t, now), Ok(5));
+        assert_eq!(
+            auth.verified.lock().unwrap().get(t.as_str()),
+            Some(&(5, exp))
+        );
+        assert_eq!(auth.verify_at(&t, exp), Ok(5));
+        assert_eq!(auth.verify_at(&t, exp + 1), Err(AuthError::Expired));
+        assert!(auth.verified.lock().unwrap().is_empty());
+        // A forged signature is refused every time and never kept.
+        let forged = raw(
+            r#"{"alg":"HS256"}"#,
+            &format!(r#"{{"user_id":5,"exp":{exp}}}"#),
+            b"other-secret",
+        );
+        for _ in 0..2 {
+            assert_eq!(auth.verify_at(&forged, now), Err(AuthError::Invalid));
+        }
+        assert!(auth.verified.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -1277,7 +1277,11 @@ async fn a_stream_works_as_first_or_later_request_of_a_connection() {
         assert_eq!(s.header("connection"), connection, "{what}");
         assert_eq!(s.header("transfer-encoding"), Some("chunked"), "{what}");
         assert!(s.header("date").is_some(), "{what}");
-        assert_eq!(s.header("content-type"), Some("text/event-stream"), "{what}");
+        assert_eq!(
+            s.header("content-type"),
+            Some("text/event-stream"),
+            "{what}"
+        );
         let (reset, _) = open(&mut s).await;
         assert_eq!(reset, None, "{what}");
         let id = fx.insert(room, bob, what).await;
@@ -1316,14 +1320,20 @@ async fn lean_stream_path_refuses_bad_heads_clearly() {
     let path = format!("/events?room_id={room}");
 
     let big = "x".repeat(20 * 1024);
-    let s = Sse::connect(hark.addr, &path, &[("Authorization", &auth), ("X-Big", &big)]).await;
+    let s = Sse::connect(
+        hark.addr,
+        &path,
+        &[("Authorization", &auth), ("X-Big", &big)],
+    )
+    .await;
     assert_eq!(s.status, 431);
     let mut s = s;
     let body: Value = serde_json::from_str(&s.body_text(T).await).expect("JSON error body");
     assert_eq!(body["code"], "headers_too_large");
 
     let many: Vec<(String, String)> = (0..80).map(|i| (format!("X-H{i}"), "v".into())).collect();
-    let mut headers: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut headers: Vec<(&str, &str)> =
+        many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     headers.push(("Authorization", &auth));
     let s = Sse::connect(hark.addr, &path, &headers).await;
     assert_eq!(s.status, 431);

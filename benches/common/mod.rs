@@ -399,6 +399,9 @@ impl Hark {
             .env("HARK_LOG", "warn")
             .env("HARK_MAX_CONNECTIONS", "25000")
             .env("HARK_POLL_TIMEOUT_MAX_S", "3600")
+            // glibc allocator tuning (MALLOC_ARENA_MAX …) passes through,
+            // so its effect can be measured without a rebuild.
+            .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_")))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -80,10 +80,7 @@ impl ApiError {
                 "payload_too_large",
                 format!("Request body is larger than {max} bytes").into(),
             ),
-            ApiError::HeadTooLarge => (
-                "headers_too_large",
-                "The request head is too large".into(),
-            ),
+            ApiError::HeadTooLarge => ("headers_too_large", "The request head is too large".into()),
             ApiError::UnsupportedMediaType => (
                 "unsupported_media_type",
                 "Request body must be JSON (Content-Type: application/json)".into(),

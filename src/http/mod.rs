@@ -86,14 +86,13 @@ pub async fn authenticate<B>(
             if !scheme.eq_ignore_ascii_case("bearer") {
                 return Err(AuthError::Invalid.into());
             }
-            token.trim().to_string()
+            token.trim()
         }
         None => query_get(pairs, "access_token")
             .filter(|t| !t.is_empty())
-            .ok_or(AuthError::Missing)?
-            .to_string(),
+            .ok_or(AuthError::Missing)?,
     };
-    let id = app.auth.verify(&token)?;
+    let id = app.auth.verify(token)?;
     app.directory.user(id).await?.ok_or(ApiError::UnknownUser)
 }
 

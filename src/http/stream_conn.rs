@@ -16,15 +16,13 @@
 //! connection and consumes nothing, so hyper sees its connections exactly
 //! as they arrived.
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write as _};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use http_body_util::BodyExt;
-use hyper::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING,
-};
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use hyper::{Method, Request, Response, Uri, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -118,9 +116,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Request<()>>, HeadError> {
     match parsed.parse(buf) {
         Ok(httparse::Status::Partial) => return Ok(None),
         Ok(httparse::Status::Complete(_)) => {}
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(HeadError::Bad(ApiError::HeadTooLarge))
-        }
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::Bad(ApiError::HeadTooLarge)),
         Err(e) => return Err(bad(&e.to_string())),
     }
     if parsed.method != Some("GET") {
@@ -201,7 +197,12 @@ enum Framing {
 /// away, sends more than MAX_TRAILING after its head, or the hub cuts the
 /// stream (`kill`): a reader that stopped reading blocks the write, so the
 /// write too gives way to `kill`.
-async fn write_response(mut stream: TcpStream, resp: Response<Body>, version: Version, kill: &Notify) {
+async fn write_response(
+    mut stream: TcpStream,
+    resp: Response<Body>,
+    version: Version,
+    kill: &Notify,
+) {
     let framing = match hyper::body::Body::size_hint(resp.body()).exact() {
         Some(n) => Framing::Length(n),
         None if version == Version::HTTP_10 => Framing::UntilClose,
@@ -210,16 +211,19 @@ async fn write_response(mut stream: TcpStream, resp: Response<Body>, version: Ve
     let head = head_bytes(&resp, framing);
     let mut body = resp.into_body();
     let (rd, mut wr) = stream.split();
+    // One waiter on `kill` for the whole response, not one per frame.
+    let killed = kill.notified();
+    tokio::pin!(killed);
     tokio::select! {
         r = wr.write_all(&head) => if r.is_err() { return },
-        _ = kill.notified() => return,
+        _ = &mut killed => return,
     }
     drop(head);
     let mut trailing = 0usize;
     loop {
         let frame = tokio::select! {
             biased;
-            _ = kill.notified() => return,
+            _ = &mut killed => return,
             f = body.frame() => f,
             r = rd.as_ref().readable() => {
                 if r.is_err() {
@@ -252,7 +256,7 @@ async fn write_response(mut stream: TcpStream, resp: Response<Body>, version: Ve
         let out = match framing {
             Framing::Chunked => {
                 let mut c = Vec::with_capacity(data.len() + 12);
-                c.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                let _ = write!(c, "{:x}\r\n", data.len());
                 c.extend_from_slice(&data);
                 c.extend_from_slice(b"\r\n");
                 c.into()
@@ -261,7 +265,7 @@ async fn write_response(mut stream: TcpStream, resp: Response<Body>, version: Ve
         };
         tokio::select! {
             r = wr.write_all(&out) => if r.is_err() { return },
-            _ = kill.notified() => return,
+            _ = &mut killed => return,
         }
     }
     if let Framing::Chunked = framing {
@@ -312,7 +316,10 @@ mod tests {
         assert_eq!(req.uri().query(), Some("room_id=3"));
         assert_eq!(req.headers()["last-event-id"], "abc");
         assert_eq!(req.version(), Version::HTTP_11);
-        assert!(matches!(parsed("GET /events HTTP/1.1\r\nHost: h\r\n"), Ok(None)));
+        assert!(matches!(
+            parsed("GET /events HTTP/1.1\r\nHost: h\r\n"),
+            Ok(None)
+        ));
         assert!(matches!(
             parsed("GET /events HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
             Ok(Some(_))

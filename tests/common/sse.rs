@@ -150,7 +150,9 @@ impl Sse {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
         req.push_str("\r\n");
-        let (a, b) = req.as_bytes().split_at(opts.split_at.unwrap_or(0).min(req.len()));
+        let (a, b) = req
+            .as_bytes()
+            .split_at(opts.split_at.unwrap_or(0).min(req.len()));
         if !a.is_empty() {
             stream.write_all(a).await.expect("send request");
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -481,7 +483,10 @@ impl Sse {
 /// Content-Length and keep the connection open) and drops it.
 async fn read_one_answer(stream: &mut TcpStream, addr: SocketAddr, path: &str) {
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(req.as_bytes()).await.expect("send first request");
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .expect("send first request");
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
     let deadline = Instant::now() + Duration::from_secs(15);
