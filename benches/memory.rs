@@ -5,8 +5,14 @@
 //!
 //!     cargo bench --bench memory
 //!
-//! Settings (environment): MEMORY_POLLS (10000), MEMORY_CYCLES (2),
-//! MEMORY_CONNECT_BATCH (64).
+//! After each release the benchmark waits (up to 20 s) for hark to return
+//! the freed memory (`hark_memory_trims_total` rises; see src/trim.rs).
+//! "KiB per waiting poll" is against the idle RSS after warm-up, so a
+//! later cycle shows what memory that was freed and not reused costs.
+//!
+//! Settings (environment): MEMORY_POLLS (10000), MEMORY_CYCLES (3),
+//! MEMORY_CONNECT_BATCH (64), MEMORY_TRIM (1; 0 starts hark with
+//! HARK_TRIM_AFTER_CONNECTIONS=0 and does not wait).
 
 mod common;
 
@@ -20,12 +26,18 @@ fn main() -> std::process::ExitCode {
 
 async fn run() -> Result<()> {
     let polls: usize = env_num("MEMORY_POLLS", 10_000);
-    let cycles: usize = env_num("MEMORY_CYCLES", 2);
+    let cycles: usize = env_num("MEMORY_CYCLES", 3);
+    let trim = env_num::<usize>("MEMORY_TRIM", 1) != 0;
     let parallel: usize = env_num("MEMORY_CONNECT_BATCH", 64);
     let pg = Pg::start(&[]).await?;
     let result = async {
-        let mut hark = Hark::start(&pg.conn, "memory", &[]).await?;
-        let r = measure(&hark, &pg.conn, polls, cycles, parallel).await;
+        let env: &[(&str, &str)] = if trim {
+            &[]
+        } else {
+            &[("HARK_TRIM_AFTER_CONNECTIONS", "0")]
+        };
+        let mut hark = Hark::start(&pg.conn, "memory", env).await?;
+        let r = measure(&hark, &pg.conn, polls, cycles, parallel, trim).await;
         hark.stop().await;
         r
     }
@@ -51,6 +63,7 @@ async fn measure(
     polls: usize,
     cycles: usize,
     parallel: usize,
+    trim: bool,
 ) -> Result<()> {
     let fx = Fixture::new(db).await?;
     let w = Writer::start(db, true).await?;
@@ -133,6 +146,17 @@ async fn measure(
         })
         .await?;
         let after = rss(hark).await?;
+        let trims = mc.scrape().await?.get("hark_memory_trims_total").copied();
+        let trimmed = if trim {
+            let before = trims.unwrap_or(0.0);
+            mc.wait_until("hark_memory_trims_total", Duration::from_secs(20), |v| {
+                v > before
+            })
+            .await?;
+            mib(rss(hark).await?)
+        } else {
+            "-".to_string()
+        };
         let d = |a: u64, b: u64| a as f64 - b as f64;
         rows.push(vec![
             (cycle + 1).to_string(),
@@ -140,11 +164,12 @@ async fn measure(
             mib(connected),
             mib(waiting),
             mib(after),
+            trimmed,
             kib(d(connected, idle) / polls as f64),
             kib(d(waiting, connected) / polls as f64),
-            kib(d(waiting, idle) / polls as f64),
+            kib(d(waiting, idle0) / polls as f64),
         ]);
-        per_poll.push(d(waiting, idle) / polls as f64);
+        per_poll.push(d(waiting, idle0) / polls as f64);
         println!("cycle {}: {sockstat}", cycle + 1);
     }
     println!();
@@ -158,9 +183,10 @@ async fn measure(
             "N connected",
             "N polls waiting",
             "after release",
+            "after trim",
             "KiB/conn",
             "KiB/poll on top",
-            "KiB per waiting poll",
+            "KiB per waiting poll (vs warm idle)",
         ],
         &rows,
     );

@@ -130,6 +130,11 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
         .run(shutdown.clone()),
     );
     let sweeper_task = tokio::spawn(typing.clone().run_sweeper(shutdown.clone()));
+    let trim_task = tokio::spawn(crate::trim::run(
+        metrics.clone(),
+        config.trim_after_connections,
+        shutdown.clone(),
+    ));
     // Serving before the listener is up would only send every poll to the
     // cold path; wait briefly for it (readyz reports it either way).
     for _ in 0..100 {
@@ -163,6 +168,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     let _ = listener_task.await;
     let _ = sweeper_task.await;
+    let _ = trim_task.await;
     pool.close();
     Ok(())
 }

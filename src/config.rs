@@ -98,6 +98,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub hub_ring: u32,
 
+    /// Return freed heap memory to the OS (glibc malloc_trim) once this many
+    /// connections, and half of the peak, have closed; 0 turns it off.
+    #[arg(long, env = "HARK_TRIM_AFTER_CONNECTIONS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub trim_after_connections: u32,
+
     /// Log filter (tracing's EnvFilter syntax).
     #[arg(long, env = "HARK_LOG", default_value = "info")]
     pub log: String,
@@ -133,6 +139,7 @@ impl std::fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("db_pool_size", &self.db_pool_size)
             .field("hub_ring", &self.hub_ring)
+            .field("trim_after_connections", &self.trim_after_connections)
             .finish()
     }
 }

@@ -29,6 +29,7 @@ pub mod message;
 pub mod metrics;
 pub mod reader;
 pub mod shutdown;
+pub mod trim;
 pub mod typing;
 
 pub use app::{run, App};

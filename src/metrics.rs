@@ -50,6 +50,9 @@ pub struct Metrics {
     pub waiting_polls: AtomicI64,
     pub open_streams: AtomicI64,
     pub open_connections: AtomicI64,
+    /// The most connections open at once since [`crate::trim`] last looked
+    /// (not exported).
+    pub connections_high_water: AtomicI64,
     pub notifications: AtomicU64,
     pub catchup_queries: AtomicU64,
     /// Reads on the cold path (a cursor the hub could not answer).
@@ -58,6 +61,8 @@ pub struct Metrics {
     pub polls_answered_from_memory: AtomicU64,
     pub streams_cut_slow: AtomicU64,
     pub rejected_connections: AtomicU64,
+    /// Times freed heap memory was handed back after connections dropped.
+    pub memory_trims: AtomicU64,
     /// From the NOTIFY's arrival (the commit, as seen by hark) to the
     /// response or event being handed to the connection.
     pub delivery_latency: Histogram,
@@ -94,7 +99,7 @@ impl Metrics {
                 v.load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 7] = [
+        let counters: [(&str, &str, &AtomicU64); 8] = [
             (
                 "hark_notifications_total",
                 "NOTIFY messages received on the LISTEN connection.",
@@ -129,6 +134,11 @@ impl Metrics {
                 "hark_rejected_connections_total",
                 "Connections refused over HARK_MAX_CONNECTIONS.",
                 &self.rejected_connections,
+            ),
+            (
+                "hark_memory_trims_total",
+                "Times freed heap memory was returned to the OS after connections closed.",
+                &self.memory_trims,
             ),
         ];
         for (name, help, v) in counters {

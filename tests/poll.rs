@@ -376,6 +376,23 @@ async fn clients_that_hang_up_free_their_waiters() {
     hark.wait_for_metric("hark_open_connections", 1.0).await;
 }
 
+/// After many connections close, hark hands the freed heap back to the OS
+/// (src/trim.rs): not while they are open, once after they are gone.
+#[tokio::test]
+async fn freed_memory_is_returned_after_connections_close() {
+    let (hark, _fx) = setup(&[("HARK_TRIM_AFTER_CONNECTIONS", "100")]).await;
+    let mut sockets = Vec::new();
+    for _ in 0..300 {
+        sockets.push(tokio::net::TcpStream::connect(hark.addr).await.unwrap());
+    }
+    hark.wait_for_metric("hark_open_connections", 301.0).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(hark.metric("hark_memory_trims_total").await, 0.0);
+    drop(sockets);
+    hark.wait_for_metric("hark_open_connections", 1.0).await;
+    hark.wait_for_metric("hark_memory_trims_total", 1.0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_answers_every_waiting_poll_with_its_cursor_and_exits() {
     let (mut hark, _fx, alice, _bob, room) = room_with_two().await;

@@ -44,10 +44,10 @@ const MAX_TRAILING: usize = 64 * 1024;
 /// (`GET /events?…`, `GET /events HTTP/1.1`, or the same with `/events/`).
 /// Too few bytes to tell is a no: hyper's path serves /events too.
 pub fn wants_stream(first: &[u8]) -> bool {
-    match first.strip_prefix(b"GET /events") {
-        Some([b' ' | b'?', ..]) | Some([b'/', b' ' | b'?', ..]) => true,
-        _ => false,
-    }
+    matches!(
+        first.strip_prefix(b"GET /events"),
+        Some([b' ' | b'?', ..]) | Some([b'/', b' ' | b'?', ..])
+    )
 }
 
 /// Bytes [`wants_stream`] needs to see.
