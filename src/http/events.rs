@@ -153,6 +153,7 @@ pub async fn events<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<Body>
         ping_every,
         shutdown: app.shutdown.clone(),
         done: false,
+        settled: false,
     };
     let body = futures::stream::unfold(stream, |mut s| async move {
         let chunk = s.next_chunk().await?;
@@ -194,6 +195,11 @@ struct EventStream {
     ping_every: Duration,
     shutdown: Shutdown,
     done: bool,
+    /// The last `produce()` delivered everything due, and nothing has woken
+    /// the stream since: the next chunk can only come after a wake-up (the
+    /// hub's `notify_one` keeps a wake-up that arrives while the stream is
+    /// busy), so there is no need to read again before waiting.
+    settled: bool,
 }
 
 impl EventStream {
@@ -207,19 +213,21 @@ impl EventStream {
             if self.done || self.lag.is_cut() || self.shutdown.is_fired() {
                 return None;
             }
-            // Boxed: an idle stream keeps only the waiting state below,
-            // not the (larger) state of a database read.
-            match Box::pin(self.produce()).await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => {
-                    // The client reconnects after `retry` and resumes.
-                    tracing::info!(error = ?e, "ending event stream");
-                    return None;
+            if !self.settled {
+                // Boxed: an idle stream keeps only the waiting state below,
+                // not the (larger) state of a database read.
+                match Box::pin(self.produce()).await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => {
+                        // The client reconnects after `retry` and resumes.
+                        tracing::info!(error = ?e, "ending event stream");
+                        return None;
+                    }
                 }
             }
             tokio::select! {
-                _ = self.sub.notified() => {}
+                _ = self.sub.notified() => self.settled = false,
                 _ = &mut self.ping => {
                     self.out.extend_from_slice(b": ping\n\n");
                 }
@@ -232,6 +240,7 @@ impl EventStream {
     /// Appends what is due to `out`. Ok(true) when it should be called
     /// again at once (more is due), Ok(false) when it is time to wait.
     async fn produce(&mut self) -> Result<bool, ApiError> {
+        self.settled = false;
         let app = self.app.clone();
         if !self.membership_holds().await? {
             return Ok(true);
@@ -294,6 +303,7 @@ impl EventStream {
             app.metrics.delivery_latency.observe(heard.elapsed());
         }
         self.pos = page.next;
+        self.settled = page.settled;
         Ok(!self.out.is_empty() || !page.settled)
     }
 

@@ -33,10 +33,12 @@ use super::error::ApiError;
 use super::{events, Body, ConnectionKill, Seen};
 use crate::app::App;
 
-/// Longest request head read here. A browser's request for /events with
-/// its cookies is a few KiB; the token in the query is under one.
-const MAX_HEAD: usize = 16 * 1024;
-const MAX_HEADERS: usize = 64;
+/// Longest request head, and most header fields: hyper's limits on the
+/// other path (`max_buf_size` in [`super::serve`], hyper's default count),
+/// so a request is not refused here that hyper would take. The buffer
+/// grows only as the head needs and is freed once it is parsed.
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
 /// What a client may send after its request head (a body, pipelined
 /// requests: read and dropped, the connection closes after this answer)
 /// before it is cut.
