@@ -82,6 +82,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub stream_backlog: u32,
 
+    /// Seconds an event stream's write may make no progress (a reader that
+    /// stopped reading, with nothing new to fall behind on) before its
+    /// connection is closed. Applies to streams on the lean connection.
+    #[arg(long, env = "HARK_SEND_TIMEOUT_S", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub send_timeout_s: u64,
+
     /// Most simultaneous client connections; beyond it hark answers 503.
     #[arg(long, env = "HARK_MAX_CONNECTIONS", default_value_t = 10000,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -136,6 +143,7 @@ impl std::fmt::Debug for Config {
             .field("max_content_chars", &self.max_content_chars)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("stream_backlog", &self.stream_backlog)
+            .field("send_timeout_s", &self.send_timeout_s)
             .field("max_connections", &self.max_connections)
             .field("db_pool_size", &self.db_pool_size)
             .field("hub_ring", &self.hub_ring)

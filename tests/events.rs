@@ -1235,6 +1235,58 @@ async fn slow_reader_is_cut_and_resumes(first: Option<&'static str>) {
     );
 }
 
+/// A reader that stops reading is closed once hark's writes to it make no
+/// progress for HARK_SEND_TIMEOUT_S, even when it never falls behind by
+/// HARK_STREAM_BACKLOG messages (a quiet room).
+#[tokio::test]
+async fn a_stalled_reader_is_closed_after_the_send_timeout() {
+    let Room3 {
+        hark,
+        fx,
+        alice,
+        bob,
+        room,
+        ..
+    } = room_of_three(&[
+        ("HARK_SEND_TIMEOUT_S", "1"),
+        ("HARK_STREAM_BACKLOG", "1000000"),
+    ])
+    .await;
+    let auth = bearer(&token(alice));
+    let mut s = Sse::connect_with(
+        hark.addr,
+        &format!("/events?room_id={room}"),
+        &[("Authorization", &auth)],
+        Opts {
+            recv_buffer: Some(16 * 1024),
+            ..Opts::default()
+        },
+    )
+    .await;
+    open(&mut s).await;
+    // Stop reading; fill both sockets' buffers, then go quiet.
+    let filler = "x".repeat(9000);
+    let mut closed = false;
+    for _ in 0..100 {
+        insert_batch(&fx, room, bob, 50, &filler).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if hark.metric("hark_open_streams").await == 0.0 {
+            closed = true;
+            break;
+        }
+    }
+    if !closed {
+        hark.wait_for_metric("hark_open_streams", 0.0).await;
+    }
+    assert_eq!(
+        hark.metric("hark_streams_cut_slow_total").await,
+        0.0,
+        "closed by the send timeout, not for lag"
+    );
+    let (_, end) = s.drain(Duration::from_secs(20)).await;
+    assert!(matches!(end, Next::Eof), "{end:?}");
+}
+
 // ---- the two connection paths --------------------------------------------------
 
 /// A connection whose first request is /events is served on hark's lean

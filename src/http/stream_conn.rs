@@ -25,9 +25,10 @@ use http_body_util::BodyExt;
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use hyper::{Method, Request, Response, Uri, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::ReadHalf;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::time::timeout;
 
 use super::error::ApiError;
 use super::{events, Body, ConnectionKill, Seen};
@@ -65,7 +66,14 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, header_timeout: Duratio
         Err(_) | Ok(Err(HeadError::Closed)) => return,
         Ok(Err(HeadError::Bad(e))) => {
             let resp = e.into_response();
-            write_response(stream, resp, Version::HTTP_11, &Notify::new()).await;
+            write_response(
+                stream,
+                resp,
+                Version::HTTP_11,
+                &Notify::new(),
+                header_timeout,
+            )
+            .await;
             return;
         }
         Ok(Ok(req)) => req,
@@ -76,7 +84,8 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, header_timeout: Duratio
     let seen = Seen::new(&req);
     let result = Box::pin(events::events(&app, req)).await;
     let resp = seen.finish(&app, result);
-    write_response(stream, resp, version, &kill).await;
+    let stall = Duration::from_secs(app.config.send_timeout_s);
+    write_response(stream, resp, version, &kill, stall).await;
 }
 
 enum HeadError {
@@ -194,12 +203,15 @@ enum Framing {
 /// Writes the response and closes. Returns early when the client goes
 /// away, sends more than MAX_TRAILING after its head, or the hub cuts the
 /// stream (`kill`): a reader that stopped reading blocks the write, so the
-/// write too gives way to `kill`.
+/// write too gives way to `kill`. A write that makes no progress for
+/// `stall` ends it too: a reader that stopped reading in a quiet room is
+/// never cut for lag, and would otherwise hold its connection for good.
 async fn write_response(
     mut stream: TcpStream,
     resp: Response<Body>,
     version: Version,
     kill: &Notify,
+    stall: Duration,
 ) {
     let framing = match hyper::body::Body::size_hint(resp.body()).exact() {
         Some(n) => Framing::Length(n),
@@ -213,7 +225,7 @@ async fn write_response(
     let killed = kill.notified();
     tokio::pin!(killed);
     tokio::select! {
-        r = wr.write_all(&head) => if r.is_err() { return },
+        ok = write_all_within(&mut wr, &head, stall) => if !ok { return },
         _ = &mut killed => return,
     }
     drop(head);
@@ -248,17 +260,31 @@ async fn write_response(
             _ => data,
         };
         tokio::select! {
-            r = wr.write_all(&out) => if r.is_err() { return },
+            ok = write_all_within(&mut wr, &out, stall) => if !ok { return },
             _ = &mut killed => return,
         }
     }
     if let Framing::Chunked = framing {
-        let _ = wr.write_all(b"0\r\n\r\n").await;
+        if !write_all_within(&mut wr, b"0\r\n\r\n", stall).await {
+            return;
+        }
     }
     // Closing with unread input makes the kernel send a reset, which can
     // destroy the answer before the client reads it: read what is there.
     discard_input(&rd, &mut trailing);
-    let _ = wr.shutdown().await;
+    let _ = timeout(stall, wr.shutdown()).await;
+}
+
+/// Writes all of `buf`; false when the client is gone or no byte could be
+/// written for `stall`.
+async fn write_all_within(wr: &mut WriteHalf<'_>, mut buf: &[u8], stall: Duration) -> bool {
+    while !buf.is_empty() {
+        match timeout(stall, wr.write(buf)).await {
+            Ok(Ok(n)) if n > 0 => buf = &buf[n..],
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// Reads and drops what the client sent after its head, as far as it can
