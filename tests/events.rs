@@ -1118,6 +1118,30 @@ async fn a_slow_reader_is_cut_and_resumes_losslessly() {
     slow_reader_is_cut_and_resumes(None).await;
 }
 
+/// `user`'s open stream of `room` (past `ready`, whose id comes back) with a
+/// small client receive buffer, so that a reader that stops reading backs
+/// up into hark soon. `first`: see [`Opts::first`].
+async fn small_buffer_stream(
+    hark: &Hark,
+    room: i64,
+    user: i64,
+    first: Option<&'static str>,
+) -> (Sse, String) {
+    let mut s = Sse::connect_with(
+        hark.addr,
+        &format!("/events?room_id={room}"),
+        &[("Authorization", &bearer(&token(user)))],
+        Opts {
+            recv_buffer: Some(16 * 1024),
+            first,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let (_, ready) = open(&mut s).await;
+    (s, ready.id.expect("ready has an id"))
+}
+
 /// The same on hyper's path: the stream is the connection's second request.
 #[tokio::test]
 async fn a_slow_reader_on_a_reused_connection_is_cut_and_resumes_losslessly() {
@@ -1134,22 +1158,9 @@ async fn slow_reader_is_cut_and_resumes(first: Option<&'static str>) {
         room,
         ..
     } = room_of_three(&[("HARK_STREAM_BACKLOG", "32")]).await;
-    let t = token(alice);
-    let auth = bearer(&t);
+    let auth = bearer(&token(alice));
     let path = format!("/events?room_id={room}");
-    let mut s = Sse::connect_with(
-        hark.addr,
-        &path,
-        &[("Authorization", &auth)],
-        Opts {
-            recv_buffer: Some(16 * 1024),
-            first,
-            ..Opts::default()
-        },
-    )
-    .await;
-    let (_, ready) = open(&mut s).await;
-    let ready = ready.id.unwrap();
+    let (mut s, ready) = small_buffer_stream(&hark, room, alice, first).await;
 
     // Stop reading; write until the server gives up on this reader.
     let filler = "x".repeat(9000);
@@ -1252,18 +1263,7 @@ async fn a_stalled_reader_is_closed_after_the_send_timeout() {
         ("HARK_STREAM_BACKLOG", "1000000"),
     ])
     .await;
-    let auth = bearer(&token(alice));
-    let mut s = Sse::connect_with(
-        hark.addr,
-        &format!("/events?room_id={room}"),
-        &[("Authorization", &auth)],
-        Opts {
-            recv_buffer: Some(16 * 1024),
-            ..Opts::default()
-        },
-    )
-    .await;
-    open(&mut s).await;
+    let (mut s, _) = small_buffer_stream(&hark, room, alice, None).await;
     // Stop reading; fill both sockets' buffers, then go quiet.
     let filler = "x".repeat(9000);
     let mut closed = false;
@@ -1304,8 +1304,10 @@ async fn a_stream_works_as_first_or_later_request_of_a_connection() {
     } = room_of_three(&[]).await;
     let auth = bearer(&token(alice));
     let path = format!("/events?room_id={room}");
+    const CHUNKED: Option<&str> = Some("chunked");
+    // (what, options, `Connection`, `Transfer-Encoding`)
     let variants = [
-        ("first request", Opts::default(), Some("close")),
+        ("first request", Opts::default(), Some("close"), CHUNKED),
         (
             "after /healthz on the same connection",
             Opts {
@@ -1313,6 +1315,7 @@ async fn a_stream_works_as_first_or_later_request_of_a_connection() {
                 ..Opts::default()
             },
             None,
+            CHUNKED,
         ),
         (
             "head in two writes",
@@ -1321,13 +1324,24 @@ async fn a_stream_works_as_first_or_later_request_of_a_connection() {
                 ..Opts::default()
             },
             Some("close"),
+            CHUNKED,
+        ),
+        // HTTP/1.0 has no chunks: the body is the rest of the connection.
+        (
+            "HTTP/1.0",
+            Opts {
+                http10: true,
+                ..Opts::default()
+            },
+            Some("close"),
+            None,
         ),
     ];
-    for (what, opts, connection) in variants {
+    for (what, opts, connection, encoding) in variants {
         let mut s = Sse::connect_with(hark.addr, &path, &[("Authorization", &auth)], opts).await;
         assert_eq!(s.status, 200, "{what}");
         assert_eq!(s.header("connection"), connection, "{what}");
-        assert_eq!(s.header("transfer-encoding"), Some("chunked"), "{what}");
+        assert_eq!(s.header("transfer-encoding"), encoding, "{what}");
         assert!(s.header("date").is_some(), "{what}");
         assert_eq!(
             s.header("content-type"),
@@ -1341,24 +1355,6 @@ async fn a_stream_works_as_first_or_later_request_of_a_connection() {
         s.close();
         hark.wait_for_metric("hark_open_streams", 0.0).await;
     }
-
-    // HTTP/1.0 has no chunks: the body is the rest of the connection.
-    let mut s = Sse::connect_with(
-        hark.addr,
-        &path,
-        &[("Authorization", &auth)],
-        Opts {
-            http10: true,
-            ..Opts::default()
-        },
-    )
-    .await;
-    assert_eq!(s.status, 200);
-    assert_eq!(s.header("transfer-encoding"), None);
-    let (reset, _) = open(&mut s).await;
-    assert_eq!(reset, None);
-    let id = fx.insert(room, bob, "over HTTP/1.0").await;
-    assert_eq!(expect_message(&mut s).await.1["id"], id);
 }
 
 /// The lean path's own limits: a clear error for a head it will not read,
@@ -1542,18 +1538,7 @@ async fn sigterm_exits_within_5_s_with_a_reader_that_stopped_reading() {
         room,
         ..
     } = room_of_three(&[("HARK_STREAM_BACKLOG", "1000000")]).await;
-    let auth = bearer(&token(alice));
-    let mut s = Sse::connect_with(
-        hark.addr,
-        &format!("/events?room_id={room}"),
-        &[("Authorization", &auth)],
-        Opts {
-            recv_buffer: Some(16 * 1024),
-            ..Opts::default()
-        },
-    )
-    .await;
-    open(&mut s).await;
+    let (s, _) = small_buffer_stream(&hark, room, alice, None).await;
     // Far more than the socket buffers hold (about 4 MB on Linux).
     let filler = "y".repeat(9000);
     for _ in 0..20 {
