@@ -82,9 +82,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub stream_backlog: u32,
 
-    /// Seconds an event stream's write may make no progress (a reader that
-    /// stopped reading, with nothing new to fall behind on) before its
-    /// connection is closed. Applies to streams on the lean connection.
+    /// Seconds a response write may make no progress (a client that
+    /// stopped reading: an event stream in a quiet room is never cut for
+    /// lag) before its connection is closed.
     #[arg(long, env = "HARK_SEND_TIMEOUT_S", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub send_timeout_s: u64,

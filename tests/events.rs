@@ -1251,6 +1251,16 @@ async fn slow_reader_is_cut_and_resumes(first: Option<&'static str>) {
 /// HARK_STREAM_BACKLOG messages (a quiet room).
 #[tokio::test]
 async fn a_stalled_reader_is_closed_after_the_send_timeout() {
+    stalled_reader_is_closed(None).await;
+}
+
+/// The same on hyper's path: the stream is the connection's second request.
+#[tokio::test]
+async fn a_stalled_reader_on_a_reused_connection_is_closed_after_the_send_timeout() {
+    stalled_reader_is_closed(Some("/healthz")).await;
+}
+
+async fn stalled_reader_is_closed(first: Option<&'static str>) {
     let Room3 {
         hark,
         fx,
@@ -1263,7 +1273,7 @@ async fn a_stalled_reader_is_closed_after_the_send_timeout() {
         ("HARK_STREAM_BACKLOG", "1000000"),
     ])
     .await;
-    let (mut s, _) = small_buffer_stream(&hark, room, alice, None).await;
+    let (mut s, _) = small_buffer_stream(&hark, room, alice, first).await;
     // Stop reading; fill both sockets' buffers, then go quiet.
     let filler = "x".repeat(9000);
     let mut closed = false;

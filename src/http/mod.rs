@@ -9,6 +9,7 @@ pub mod events;
 pub mod ops;
 pub mod poll;
 pub mod router;
+pub mod send_timeout;
 pub mod stream_conn;
 
 use std::convert::Infallible;
@@ -342,8 +343,10 @@ async fn serve_connection(
     let kill = Arc::new(tokio::sync::Notify::new());
     let kill2 = kill.clone();
     let app2 = app.clone();
+    let send_timeout = Duration::from_secs(app.config.send_timeout_s);
+    let io = send_timeout::SendTimeout::new(TokioIo::new(stream), send_timeout);
     let conn = builder.serve_connection(
-        TokioIo::new(stream),
+        io,
         service_fn(move |mut req| {
             req.extensions_mut().insert(ConnectionKill(kill2.clone()));
             handle(app2.clone(), req)
