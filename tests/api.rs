@@ -1817,11 +1817,21 @@ async fn held_connection(
 
 #[tokio::test]
 async fn over_the_connection_limit_is_503_with_retry_after() {
-    let c = chat(&[("HARK_MAX_CONNECTIONS", "1")]).await;
+    let c = chat(&[("HARK_MAX_CONNECTIONS", "1"), ("HARK_CORS_ORIGINS", ORIGIN)]).await;
     let held = held_connection(&c.hark).await;
-    let (s, h, b) = request(Method::GET, &c.hark.url("/healthz"), None, None).await;
+    let (s, h, b) = try_request(
+        Method::GET,
+        &c.hark.url("/healthz"),
+        None,
+        None,
+        &[("Origin", ORIGIN)],
+    )
+    .await
+    .expect("answered");
     assert_error(s, &b, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     assert!(h.contains_key("retry-after"));
+    // A browser can read it: the 503 carries CORS like any other answer.
+    assert_eq!(h["access-control-allow-origin"], ORIGIN);
     drop(held);
     eventually("the slot is free again", || async {
         request(Method::GET, &c.hark.url("/healthz"), None, None)

@@ -290,15 +290,23 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
                 app.metrics.rejected_connections.fetch_add(1, Relaxed);
                 let conn = builder.serve_connection(
                     TokioIo::new(stream),
-                    service_fn(|_req| async {
-                        let mut resp = ApiError::Unavailable {
-                            message: "Too many connections; try again shortly",
-                            retry_after_s: 1,
+                    // Through Seen like any answer: a browser must be
+                    // able to read the 503 (CORS), and it is logged.
+                    service_fn({
+                        let app = app.clone();
+                        move |req| {
+                            let seen = Seen::new(&req);
+                            let mut resp = seen.finish(
+                                &app,
+                                Err(ApiError::Unavailable {
+                                    message: "Too many connections; try again shortly",
+                                    retry_after_s: 1,
+                                }),
+                            );
+                            resp.headers_mut()
+                                .insert(CONNECTION, HeaderValue::from_static("close"));
+                            std::future::ready(Ok::<_, Infallible>(resp))
                         }
-                        .into_response();
-                        resp.headers_mut()
-                            .insert(CONNECTION, HeaderValue::from_static("close"));
-                        Ok::<_, Infallible>(resp)
                     }),
                 );
                 tokio::spawn(async move {
