@@ -1815,6 +1815,35 @@ async fn held_connection(
     panic!("never got a connection slot");
 }
 
+/// An idle keep-alive connection gives its slot back: once a response is
+/// written, hark waits for the next request head for 10 s (the header
+/// timeout), then closes it. It stays open well past the response first.
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = chat(&[]).await;
+    let mut s = tokio::net::TcpStream::connect(c.hark.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("an idle connection was still open after 30 s"),
+        }
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200 "), "{got:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "closed after {:?}: keep-alive should hold it open",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn over_the_connection_limit_is_503_with_retry_after() {
     let c = chat(&[("HARK_MAX_CONNECTIONS", "1"), ("HARK_CORS_ORIGINS", ORIGIN)]).await;
