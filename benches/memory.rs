@@ -116,6 +116,14 @@ async fn measure(
         .await?;
         let waiting = rss(hark).await?;
         let sockstat = tcp_sockstat();
+        // Counted before the release: the trim may come as soon as the
+        // connections close.
+        let trims_before = mc
+            .scrape()
+            .await?
+            .get("hark_memory_trims_total")
+            .copied()
+            .unwrap_or(0.0);
         // Release them: one message answers every poll.
         w.insert(room, writer, &format!("memory cycle {cycle}"))
             .await?;
@@ -146,11 +154,9 @@ async fn measure(
         })
         .await?;
         let after = rss(hark).await?;
-        let trims = mc.scrape().await?.get("hark_memory_trims_total").copied();
         let trimmed = if trim {
-            let before = trims.unwrap_or(0.0);
             mc.wait_until("hark_memory_trims_total", Duration::from_secs(20), |v| {
-                v > before
+                v > trims_before
             })
             .await?;
             mib(rss(hark).await?)

@@ -49,6 +49,8 @@ impl Histogram {
 pub struct Metrics {
     pub waiting_polls: AtomicI64,
     pub open_streams: AtomicI64,
+    /// Changed only through [`Metrics::connection_opened`] and
+    /// [`Metrics::connection_closed`], which keep the high-water mark.
     pub open_connections: AtomicI64,
     /// The most connections open at once since [`crate::trim`] last looked
     /// (not exported).
@@ -71,6 +73,15 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         Arc::new(Metrics::default())
+    }
+
+    pub fn connection_opened(&self) {
+        let open = self.open_connections.fetch_add(1, Relaxed) + 1;
+        self.connections_high_water.fetch_max(open, Relaxed);
+    }
+
+    pub fn connection_closed(&self) {
+        self.open_connections.fetch_sub(1, Relaxed);
     }
 
     pub fn render(&self) -> String {

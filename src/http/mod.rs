@@ -279,10 +279,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let open = app.metrics.open_connections.fetch_add(1, Relaxed) + 1;
-                    app.metrics.connections_high_water.fetch_max(open, Relaxed);
+                    app.metrics.connection_opened();
                     serve_connection(&app, stream, &builder, watcher).await;
-                    app.metrics.open_connections.fetch_sub(1, Relaxed);
+                    app.metrics.connection_closed();
                     drop(permit);
                 });
             }

@@ -181,10 +181,12 @@ fn head_bytes(resp: &Response<Body>, framing: Framing) -> Vec<u8> {
     }
     if !resp.headers().contains_key(DATE) {
         let date = Utc::now().format("%a, %d %b %Y %H:%M:%S GMT");
-        out.extend_from_slice(format!("date: {date}\r\n").as_bytes());
+        let _ = write!(out, "date: {date}\r\n");
     }
     match framing {
-        Framing::Length(n) => out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+        Framing::Length(n) => {
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::UntilClose => {}
     }
