@@ -105,7 +105,7 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub hub_ring: u32,
 
-    /// Return freed heap memory to the OS (glibc malloc_trim) once this many
+    /// Return freed heap memory to the OS (a jemalloc purge) once this many
     /// connections, and half of the peak, have closed; 0 turns it off.
     #[arg(long, env = "HARK_TRIM_AFTER_CONNECTIONS", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]

@@ -1,14 +1,13 @@
 //! Gives freed heap memory back to the operating system after a drop in
 //! connections.
 //!
-//! glibc's malloc keeps what a burst of connections freed: RSS stays at
-//! the peak, and the next burst touches pages of it that the first one
-//! never did (an 8 KiB buffer of which one page was used is split up
-//! differently next time), so memory per connection grows from burst to
-//! burst. `malloc_trim(0)` hands every free page back (madvise), which
-//! makes the next burst cost what the first one did. It holds malloc's
-//! locks while it walks the heap (milliseconds for hundreds of MiB), so
-//! it runs only when many connections have gone, at most once per check.
+//! The hark binary allocates with jemalloc (src/main.rs). jemalloc keeps
+//! the pages a burst of connections freed ("dirty") and hands them back
+//! only as later allocations tick its decay clock; after a burst there are
+//! few allocations, so RSS stays near the peak. Purging every arena hands
+//! the free pages back at once (madvise), so the next burst costs what the
+//! first one did. The purge runs on a blocking thread and only when many
+//! connections have gone, at most once per check.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -49,13 +48,22 @@ pub async fn run(metrics: Arc<Metrics>, min_drop: u32, mut shutdown: Shutdown) {
     }
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// Purges the dirty pages of every jemalloc arena; false if jemalloc
+/// refused (it is not the allocator of a test binary, where that is
+/// harmless).
 fn trim() -> bool {
-    // SAFETY: malloc_trim only walks and releases glibc's own free lists.
-    unsafe { libc::malloc_trim(0) == 1 }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() -> bool {
-    false
+    // jemalloc's MALLCTL_ARENAS_ALL: the purge applies to every arena.
+    const PURGE_ALL: &[u8] = b"arena.4096.purge\0";
+    // SAFETY: "arena.<i>.purge" takes no input and writes no output, so
+    // every pointer may be null; the name is NUL-terminated.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            PURGE_ALL.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    rc == 0
 }

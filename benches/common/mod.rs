@@ -98,8 +98,12 @@ pub fn main_with(
 }
 
 /// The hark binary Cargo built for this bench target; refuses a debug build.
-pub fn hark_binary() -> Result<&'static str> {
-    let path = env!("CARGO_BIN_EXE_hark");
+///
+/// `HARK_BENCH_BINARY` names another release build (a copy of an earlier
+/// commit's binary, say) for A/B runs on one machine.
+pub fn hark_binary() -> Result<String> {
+    let path = std::env::var("HARK_BENCH_BINARY")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_hark").to_string());
     if !path.contains("/release/") {
         return Err(err(format!(
             "{path} is not a release build: run through `cargo bench` (the bench profile inherits release)"
@@ -390,7 +394,7 @@ impl Hark {
         std::fs::create_dir_all(&log_dir)?;
         let log = log_dir.join(format!("{name}-hark-{}.log", std::process::id()));
         let log_file = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(bin);
+        let mut cmd = Command::new(&bin);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("DATABASE_URL", db)
