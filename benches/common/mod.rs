@@ -65,12 +65,16 @@ pub fn raise_nofile() -> u64 {
     lim.rlim_cur
 }
 
-/// A multi-threaded runtime like hark's own (one worker per core).
+/// The load generator's runtime: `BENCH_WORKERS` worker threads (default
+/// one per core, like hark's own). Fewer workers spend less CPU on waking
+/// each other; the README's results name the setting they used.
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+    let workers = env_num("BENCH_WORKERS", 0usize);
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all().build().expect("tokio runtime")
 }
 
 /// Runs a benchmark's body, printing the error and exiting non-zero on failure.
@@ -580,7 +584,7 @@ pub struct Conn {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 impl Conn {
@@ -889,13 +893,20 @@ pub fn poll_result(r: &Resp) -> Result<(usize, String)> {
             String::from_utf8_lossy(&r.body)
         )));
     }
-    let v = r.json()?;
-    let n = v["messages"].as_array().map_or(0, |a| a.len());
-    let cursor = v["cursor"]
-        .as_str()
-        .ok_or_else(|| err("no cursor in poll response"))?
-        .to_string();
-    Ok((n, cursor))
+    // Typed, not a serde_json::Value: the generator shares hark's two
+    // cores, so what it spends per response is taken from hark.
+    #[derive(serde::Deserialize)]
+    struct Body {
+        messages: Vec<serde::de::IgnoredAny>,
+        cursor: String,
+    }
+    let b: Body = serde_json::from_slice(&r.body).map_err(|e| {
+        err(format!(
+            "not a poll answer ({e}): {}",
+            String::from_utf8_lossy(&r.body)
+        ))
+    })?;
+    Ok((b.messages.len(), b.cursor))
 }
 
 /// Nearest-rank percentile of sorted values.
