@@ -63,6 +63,22 @@ pub async fn next_page(
     limit: usize,
     fresh: bool,
 ) -> Result<Page, ApiError> {
+    match memory_page(app, rooms, pos, limit, fresh)? {
+        Some(page) => Ok(page),
+        None => db_page(app, rooms, pos, limit).await,
+    }
+}
+
+/// [`next_page`] when the hub's memory can answer; None when the database
+/// must. Synchronous, so that a woken poll answers without allocating a
+/// future for the read.
+pub fn memory_page(
+    app: &App,
+    rooms: &[i64],
+    pos: &Position,
+    limit: usize,
+    fresh: bool,
+) -> Result<Option<Page>, ApiError> {
     match pos {
         Position::At(s) => match app.hub.read(rooms, s, None, limit) {
             HubRead::Due {
@@ -75,9 +91,9 @@ pub async fn next_page(
                 app.metrics.polls_answered_from_memory.fetch_add(1, Relaxed);
                 let mut page = split(rows, more, Lower::Snapshot(s.clone()), head, heard);
                 page.more |= beyond;
-                Ok(page)
+                Ok(Some(page))
             }
-            HubRead::Nothing if !fresh => Ok(Page {
+            HubRead::Nothing if !fresh => Ok(Some(Page {
                 rows: Vec::new(),
                 batch: None,
                 next: pos.clone(),
@@ -85,27 +101,8 @@ pub async fn next_page(
                 settled: true,
                 heard: None,
                 from_db: false,
-            }),
-            HubRead::Nothing | HubRead::Unknown => {
-                let f = cold(
-                    app,
-                    rooms,
-                    Read::After {
-                        lower: s,
-                        limit: limit as i64 + 1,
-                    },
-                )
-                .await?;
-                if s.xmax > f.head.xmax {
-                    return Err(ApiError::CursorReset);
-                }
-                let mut rows = f.rows;
-                let more = rows.len() > limit;
-                rows.truncate(limit);
-                let mut page = split(rows, more, Lower::Snapshot(s.clone()), f.head, None);
-                page.from_db = true;
-                Ok(page)
-            }
+            })),
+            HubRead::Nothing | HubRead::Unknown => Ok(None),
         },
         Position::Paging {
             lower,
@@ -130,10 +127,48 @@ pub async fn next_page(
                         ..
                     } = app.hub.read(rooms, l, Some((upper, *after_id)), limit)
                     {
-                        return Ok(rest_of_batch(rows, more, beyond, lower, upper, heard));
+                        return Ok(Some(rest_of_batch(rows, more, beyond, lower, upper, heard)));
                     }
                 }
             }
+            Ok(None)
+        }
+    }
+}
+
+/// [`next_page`] from the database, when [`memory_page`] said None.
+pub async fn db_page(
+    app: &App,
+    rooms: &[i64],
+    pos: &Position,
+    limit: usize,
+) -> Result<Page, ApiError> {
+    match pos {
+        Position::At(s) => {
+            let f = cold(
+                app,
+                rooms,
+                Read::After {
+                    lower: s,
+                    limit: limit as i64 + 1,
+                },
+            )
+            .await?;
+            if s.xmax > f.head.xmax {
+                return Err(ApiError::CursorReset);
+            }
+            let mut rows = f.rows;
+            let more = rows.len() > limit;
+            rows.truncate(limit);
+            let mut page = split(rows, more, Lower::Snapshot(s.clone()), f.head, None);
+            page.from_db = true;
+            Ok(page)
+        }
+        Position::Paging {
+            lower,
+            upper,
+            after_id,
+        } => {
             let f = cold(
                 app,
                 rooms,

@@ -186,7 +186,10 @@ pub async fn poll(app: &App, req: Request<Incoming>) -> Result<Response<Body>, A
     };
     let _waiting = WaitingGauge::new(app);
     loop {
-        let page = Box::pin(reader::next_page(app, &[room], &pos, limit, timeout == 0)).await?;
+        let page = match reader::memory_page(app, &[room], &pos, limit, timeout == 0)? {
+            Some(page) => page,
+            None => Box::pin(reader::db_page(app, &[room], &pos, limit)).await?,
+        };
         pos = page.next;
         if !page.rows.is_empty() {
             let resp = respond(
