@@ -21,6 +21,7 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -59,7 +60,7 @@ const MARK: &[u8] = b"\"content\":\"sse fan-out round ";
 
 /// The round number in a message event's data.
 fn round_of(data: &[u8]) -> Option<usize> {
-    let i = data.windows(MARK.len()).position(|w| w == MARK)? + MARK.len();
+    let i = memchr::memmem::find(data, MARK)? + MARK.len();
     let digits = data[i..].iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&data[i..i + digits]).ok()?.parse().ok()
 }
@@ -102,10 +103,13 @@ async fn fan_out(
         tcp_sockstat()
     );
 
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Sample>();
+    // Streams leave their samples here; the round loop looks every
+    // millisecond. A channel would wake it (often on the other worker
+    // thread) once per event, on the two cores hark is measured on.
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let mut tasks = Vec::with_capacity(n);
     for (mut s, _) in streams {
-        let tx = tx.clone();
+        let tx = samples.clone();
         tasks.push(tokio::spawn(async move {
             let mut found: Vec<(usize, bool)> = Vec::new();
             loop {
@@ -122,16 +126,19 @@ async fn fan_out(
                     .await;
                 // Every event completed by this read was fully received now.
                 let at = Instant::now();
-                for (round, has_id) in found.drain(..) {
-                    let _ = tx.send(Sample {
-                        round,
-                        at,
-                        has_id,
-                        error: None,
-                    });
+                if !found.is_empty() {
+                    let mut list = tx.lock().unwrap();
+                    for (round, has_id) in found.drain(..) {
+                        list.push(Sample {
+                            round,
+                            at,
+                            has_id,
+                            error: None,
+                        });
+                    }
                 }
                 if let Err(e) = r {
-                    let _ = tx.send(Sample {
+                    tx.lock().unwrap().push(Sample {
                         round: usize::MAX,
                         at,
                         has_id: false,
@@ -142,7 +149,6 @@ async fn fan_out(
             }
         }));
     }
-    drop(tx);
 
     let mut rows = Vec::new();
     let mut all: Vec<Duration> = Vec::new();
@@ -167,32 +173,37 @@ async fn fan_out(
         let (mut errors, mut wrong, mut early, mut no_id) = (0, 0, 0, 0);
         let mut first_error = None;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut batch = Vec::new();
         while lat.len() + errors < n {
-            let s = tokio::time::timeout_at(deadline, rx.recv())
-                .await
-                .map_err(|_| {
-                    err(format!(
+            std::mem::swap(&mut batch, &mut *samples.lock().unwrap());
+            if batch.is_empty() {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(err(format!(
                         "round {round}: only {} of {n} streams received the message within 60 s",
                         lat.len()
-                    ))
-                })?
-                .ok_or_else(|| err("every stream ended"))?;
-            if let Some(e) = s.error {
-                errors += 1;
-                first_error.get_or_insert(e);
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
                 continue;
             }
-            if s.round != round {
-                wrong += 1;
-                continue;
+            for s in batch.drain(..) {
+                if let Some(e) = s.error {
+                    errors += 1;
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+                if s.round != round {
+                    wrong += 1;
+                    continue;
+                }
+                if !s.has_id {
+                    no_id += 1;
+                }
+                if s.at < t0 {
+                    early += 1;
+                }
+                lat.push(s.at.saturating_duration_since(t0));
             }
-            if !s.has_id {
-                no_id += 1;
-            }
-            if s.at < t0 {
-                early += 1;
-            }
-            lat.push(s.at.saturating_duration_since(t0));
         }
         let cpu = CpuSnap::take(hark.pid).since(&c0);
         let after = mc.scrape().await?;
