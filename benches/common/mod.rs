@@ -409,9 +409,13 @@ impl Hark {
             .env("HARK_LOG", "warn")
             .env("HARK_MAX_CONNECTIONS", "25000")
             .env("HARK_POLL_TIMEOUT_MAX_S", "3600")
-            // glibc allocator tuning (MALLOC_ARENA_MAX …) passes through,
-            // so its effect can be measured without a rebuild.
-            .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_")))
+            // Allocator tuning (glibc's MALLOC_*, jemalloc's
+            // _RJEM_MALLOC_CONF) passes through, so its effect can be
+            // measured without a rebuild.
+            .envs(
+                std::env::vars()
+                    .filter(|(k, _)| k.starts_with("MALLOC_") || k == "_RJEM_MALLOC_CONF"),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
