@@ -21,7 +21,7 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -103,10 +103,7 @@ async fn fan_out(
         tcp_sockstat()
     );
 
-    // Streams leave their samples here; the round loop looks every
-    // millisecond. A channel would wake it (often on the other worker
-    // thread) once per event, on the two cores hark is measured on.
-    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+    let samples: Arc<SampleList<Sample>> = Arc::default();
     let mut tasks = Vec::with_capacity(n);
     for (mut s, _) in streams {
         let tx = samples.clone();
@@ -127,18 +124,15 @@ async fn fan_out(
                 // Every event completed by this read was fully received now.
                 let at = Instant::now();
                 if !found.is_empty() {
-                    let mut list = tx.lock().unwrap();
-                    for (round, has_id) in found.drain(..) {
-                        list.push(Sample {
-                            round,
-                            at,
-                            has_id,
-                            error: None,
-                        });
-                    }
+                    tx.extend(found.drain(..).map(|(round, has_id)| Sample {
+                        round,
+                        at,
+                        has_id,
+                        error: None,
+                    }));
                 }
                 if let Err(e) = r {
-                    tx.lock().unwrap().push(Sample {
+                    tx.push(Sample {
                         round: usize::MAX,
                         at,
                         has_id: false,
@@ -175,16 +169,11 @@ async fn fan_out(
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let mut batch = Vec::new();
         while lat.len() + errors < n {
-            std::mem::swap(&mut batch, &mut *samples.lock().unwrap());
-            if batch.is_empty() {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(err(format!(
-                        "round {round}: only {} of {n} streams received the message within 60 s",
-                        lat.len()
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                continue;
+            if !samples.take(&mut batch, deadline).await {
+                return Err(err(format!(
+                    "round {round}: only {} of {n} streams received the message within 60 s",
+                    lat.len()
+                )));
             }
             for s in batch.drain(..) {
                 if let Some(e) = s.error {

@@ -22,8 +22,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 // jemalloc rather than glibc's malloc: a fan-out frees on one worker what
-// another allocated, which under glibc contends on arena locks (a third of
-// hark's CPU was malloc in profiles), and jemalloc's page-aligned 8 KiB
+// another allocated, which under glibc contends on arena locks (a quarter
+// of hark's fan-out CPU was malloc and free in profiles), and jemalloc's page-aligned 8 KiB
 // class touches fewer pages of each connection's buffers. Measured in
 // benches/RESULTS.md ("jemalloc").
 #[global_allocator]

@@ -49,8 +49,7 @@ pub async fn run(metrics: Arc<Metrics>, min_drop: u32, mut shutdown: Shutdown) {
 }
 
 /// Purges the dirty pages of every jemalloc arena; false if jemalloc
-/// refused (it is not the allocator of a test binary, where that is
-/// harmless).
+/// refused.
 fn trim() -> bool {
     // jemalloc's MALLCTL_ARENAS_ALL: the purge applies to every arena.
     const PURGE_ALL: &[u8] = b"arena.4096.purge\0";

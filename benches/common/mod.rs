@@ -18,7 +18,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,8 +67,8 @@ pub fn raise_nofile() -> u64 {
 }
 
 /// The load generator's runtime: `BENCH_WORKERS` worker threads (default
-/// one per core, like hark's own). Fewer workers spend less CPU on waking
-/// each other; the README's results name the setting they used.
+/// one per core, like hark's own; every published result uses the
+/// default).
 pub fn runtime() -> tokio::runtime::Runtime {
     let workers = env_num("BENCH_WORKERS", 0usize);
     let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -1002,21 +1001,49 @@ pub struct Round {
 /// `polls_each` polls in sequence, every one with the cursor of the
 /// previous answer, and reports every answer.
 pub struct Pollers {
-    samples: Arc<Samples>,
+    samples: Arc<SampleList<Sample>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     pub n: usize,
     go: tokio::sync::watch::Sender<usize>,
 }
 
-/// Where pollers leave their answers. A channel would wake the collecting
-/// task (often on the other worker thread) once per answer; the collector
-/// looks every millisecond instead, and the timestamps are taken by the
-/// pollers, so that costs no precision.
-#[derive(Default)]
-struct Samples {
-    list: std::sync::Mutex<Vec<Sample>>,
-    /// Pollers that ended (error or aborted).
-    ended: AtomicUsize,
+/// Where load-generator tasks leave what they measured. A channel would
+/// wake the collecting task (often on the other worker thread) once per
+/// sample, on the two cores hark is measured on; the collector looks
+/// every millisecond instead. Samples carry their own timestamps, so that
+/// costs no precision.
+pub struct SampleList<T>(std::sync::Mutex<Vec<T>>);
+
+impl<T> Default for SampleList<T> {
+    fn default() -> Self {
+        SampleList(std::sync::Mutex::new(Vec::new()))
+    }
+}
+
+impl<T> SampleList<T> {
+    pub fn push(&self, sample: T) {
+        self.0.lock().unwrap().push(sample);
+    }
+
+    pub fn extend(&self, samples: impl IntoIterator<Item = T>) {
+        self.0.lock().unwrap().extend(samples);
+    }
+
+    /// Moves what has arrived into `batch` (which must be empty), waiting
+    /// in 1 ms steps until something has; false once `deadline` passed
+    /// with nothing.
+    pub async fn take(&self, batch: &mut Vec<T>, deadline: tokio::time::Instant) -> bool {
+        loop {
+            std::mem::swap(batch, &mut *self.0.lock().unwrap());
+            if !batch.is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
 
 impl Pollers {
@@ -1042,7 +1069,7 @@ impl Pollers {
         polls_each: usize,
         barrier: bool,
     ) -> Pollers {
-        let samples = Arc::new(Samples::default());
+        let samples = Arc::new(SampleList::default());
         let (go_tx, go_rx) = tokio::sync::watch::channel(0usize);
         let n = conns.len();
         let mut tasks = Vec::with_capacity(n);
@@ -1071,14 +1098,13 @@ impl Pollers {
                             Err(e) => (0, Some(e.to_string())),
                         };
                     let failed = error.is_some();
-                    samples.list.lock().unwrap().push(Sample {
+                    samples.push(Sample {
                         round,
                         at,
                         messages,
                         error,
                     });
                     if failed {
-                        samples.ended.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
                 }
@@ -1113,21 +1139,13 @@ impl Pollers {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut batch = Vec::new();
         while r.lat.len() + r.errors < self.n {
-            std::mem::swap(&mut batch, &mut *self.samples.list.lock().unwrap());
-            if batch.is_empty() {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(err(format!(
-                        "round {round}: only {} of {} polls answered within {:.0} s",
-                        r.lat.len(),
-                        self.n,
-                        timeout.as_secs_f64()
-                    )));
-                }
-                if self.samples.ended.load(Ordering::Relaxed) >= self.n {
-                    return Err(err("every poller ended"));
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                continue;
+            if !self.samples.take(&mut batch, deadline).await {
+                return Err(err(format!(
+                    "round {round}: only {} of {} polls answered within {:.0} s",
+                    r.lat.len(),
+                    self.n,
+                    timeout.as_secs_f64()
+                )));
             }
             for s in batch.drain(..) {
                 if s.round != round {
