@@ -27,7 +27,8 @@ pub struct Page {
     pub next: Position,
     /// More rows are due after `next` right now.
     pub more: bool,
-    /// Nothing is due as of now: the caller may wait for the hub.
+    /// Nothing is due after these rows as of now: the caller may wait for
+    /// the hub once it has delivered them.
     pub settled: bool,
     /// When the NOTIFY of the earliest row from memory arrived.
     pub heard: Option<Instant>,
@@ -91,6 +92,10 @@ pub fn memory_page(
                 app.metrics.polls_answered_from_memory.fetch_add(1, Relaxed);
                 let mut page = split(rows, more, Lower::Snapshot(s.clone()), head, heard);
                 page.more |= beyond;
+                // Every row visible in the hub's head is in this page, and
+                // the catch-up that moves the head past it wakes the
+                // subscriber: a stream reading again now would find nothing.
+                page.settled = !page.more;
                 Ok(Some(page))
             }
             HubRead::Nothing if !fresh => Ok(Some(Page {
