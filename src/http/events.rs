@@ -151,6 +151,7 @@ pub async fn events<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<Body>
         out: head,
         ping: Box::pin(tokio::time::sleep(ping_every)),
         ping_every,
+        last_write: Instant::now(),
         shutdown: app.shutdown.clone(),
         done: false,
         settled: false,
@@ -193,6 +194,9 @@ struct EventStream {
     out: BytesMut,
     ping: Pin<Box<Sleep>>,
     ping_every: Duration,
+    /// When the last chunk was handed out: a ping is due `ping_every`
+    /// after it.
+    last_write: Instant,
     shutdown: Shutdown,
     done: bool,
     /// The last `produce()` delivered everything due, and nothing has woken
@@ -207,7 +211,7 @@ impl EventStream {
     async fn next_chunk(&mut self) -> Option<Bytes> {
         loop {
             if !self.out.is_empty() {
-                self.ping.as_mut().reset(Instant::now() + self.ping_every);
+                self.last_write = Instant::now();
                 return Some(self.out.split().freeze());
             }
             if self.done || self.lag.is_cut() || self.shutdown.is_fired() {
@@ -228,8 +232,17 @@ impl EventStream {
             }
             tokio::select! {
                 _ = self.sub.notified() => self.settled = false,
+                // The timer is re-armed here rather than on every write: a
+                // reset per event is a timer-wheel update per delivery.
                 _ = &mut self.ping => {
-                    self.out.extend_from_slice(b": ping\n\n");
+                    let now = Instant::now();
+                    let due = self.last_write + self.ping_every;
+                    if now >= due {
+                        self.out.extend_from_slice(b": ping\n\n");
+                        self.ping.as_mut().reset(now + self.ping_every);
+                    } else {
+                        self.ping.as_mut().reset(due);
+                    }
                 }
                 _ = self.shutdown.wait() => self.done = true,
                 _ = self.lag.cut() => return None,
