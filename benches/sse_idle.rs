@@ -25,7 +25,10 @@
 //! Settings (environment): SSE_IDLE_STREAMS (20000), SSE_IDLE_ROOMS (100),
 //! SSE_IDLE_PINGS ("15000,1000"), SSE_IDLE_WINDOW_S (15),
 //! SSE_IDLE_BASELINE_S (5), SSE_IDLE_WAVES (2), SSE_IDLE_PARALLEL (128),
-//! SSE_IDLE_CONNECTIONS_ONLY (1; 0 skips the comparison).
+//! SSE_IDLE_CONNECTIONS_ONLY (1; 0 skips the comparison), and SSE_REUSED
+//! (0; 1 sends each connection a `GET /healthz` before its stream, so that
+//! hyper serves the stream, as for a browser that reuses a keep-alive
+//! connection for its EventSource).
 
 mod common;
 
@@ -65,6 +68,9 @@ async fn run() -> Result<()> {
         .map(|p| p.trim().parse::<u64>())
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| err(format!("SSE_IDLE_PINGS: {e}")))?;
+    if env_num("SSE_REUSED", 0u8) != 0 {
+        println!("SSE_REUSED: each stream's connection served a GET /healthz first (hyper's path)");
+    }
     let pg = Pg::start(&[]).await?;
     let result = async {
         let mut rooms: Vec<i64> = Vec::with_capacity(s.rooms);

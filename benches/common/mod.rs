@@ -1416,9 +1416,20 @@ impl SseStream {
     /// `text/event-stream`) and reads up to the `ready` event; returns the
     /// stream and the ready cursor. Events before `ready` (`reset`) are
     /// skipped.
+    ///
+    /// With `SSE_REUSED=1` the connection first serves a `GET /healthz`
+    /// and then carries the stream, as when a browser reuses a keep-alive
+    /// connection for its EventSource: hark then serves the stream through
+    /// hyper rather than its lean stream connection.
     pub async fn open(addr: SocketAddr, target: &str) -> Result<(SseStream, String)> {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
+        if env_num("SSE_REUSED", 0u8) != 0 {
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+                .await?;
+            read_whole_response(&mut stream).await?;
+        }
         let req = format!(
             "GET {target} HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n\r\n"
         );
@@ -1499,6 +1510,28 @@ impl SseStream {
             ));
         }
         Ok(n)
+    }
+}
+
+/// Reads one content-length framed response (nothing may follow it).
+async fn read_whole_response(stream: &mut TcpStream) -> Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            let (status, length, _) = parse_head(&buf[..i + 4])?;
+            if status != 200 {
+                return Err(err(format!("first request answered {status}")));
+            }
+            if buf.len() >= i + 4 + length {
+                return Ok(());
+            }
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(err("connection closed after the first request"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
