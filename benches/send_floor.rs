@@ -11,9 +11,11 @@
 //! generator as in `sse_fanout` (a tokio task per connection on this
 //! process's runtime, one read per wake-up, a timestamp when a round's
 //! bytes are complete). So the latency it reports, from the moment the
-//! sender is told to go to each connection's bytes being read, is what
-//! `sse_fanout` would report for a server whose own work cost nothing.
-//! The difference between the two is hark's share.
+//! sender is told to go to each connection's bytes being read, is about
+//! what `sse_fanout` would report for a server whose own work cost
+//! nothing. `sse_fanout`'s clock also covers the commit's NOTIFY and one
+//! catch-up query, and its reader parses SSE, so the floor is a little
+//! low. The difference between the two is hark's share.
 //!
 //! Settings (environment): SEND_FLOOR_STREAMS (10000), SEND_FLOOR_ROUNDS
 //! (20), SEND_FLOOR_GAP_MS (250), SEND_FLOOR_BYTES (227: the chunk of one
