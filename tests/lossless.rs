@@ -1,6 +1,8 @@
 //! Nothing is lost: a client that passes back its cursor gets every message
 //! exactly once — with writers committing out of id order, with the LISTEN
-//! connection killed, and with hark restarted mid-run.
+//! connection killed, and with hark restarted mid-run. Both kinds of client
+//! run over the same workload: long pollers looping on their cursors, and
+//! event streams that reconnect with `Last-Event-ID` as EventSource does.
 //!
 //! Each run also drives a naive `id > last_id` reader over the same
 //! workload and checks that it *does* lose messages: the workload really
@@ -14,8 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::*;
-use hyper::{Method, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 
 const WRITERS: usize = 8;
 const MESSAGES: usize = 2000;
@@ -81,6 +87,109 @@ async fn poller(
     seen
 }
 
+/// An EventSource-like client of `/events` (one room, or all the user's
+/// rooms): reads events, and after any disconnect or refused connection
+/// reconnects with the last `id:` it saw as `Last-Event-ID`, as browsers
+/// do. Starts from `start` (a long-poll cursor). Returns how often it saw
+/// each message id. A `reset` event fails the test: every cursor here is
+/// one hark issued, so none may be refused.
+async fn streamer(
+    base: String,
+    room: Option<i64>,
+    token: String,
+    start: String,
+    expected: usize,
+) -> HashMap<i64, usize> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let url = match room {
+        Some(r) => format!("{base}/events?room_id={r}"),
+        None => format!("{base}/events"),
+    };
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    let mut last_id = start;
+    let mut connections = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while seen.len() < expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stream stalled at {} of {expected} after {connections} connections",
+            seen.len()
+        );
+        let req = Request::get(&url)
+            .header("authorization", format!("Bearer {token}"))
+            .header("accept", "text/event-stream")
+            .header("last-event-id", &last_id)
+            .body(Empty::new())
+            .unwrap();
+        let resp = match client.request(req).await {
+            Ok(resp) if resp.status() == StatusCode::OK => resp,
+            Ok(resp) if resp.status() != StatusCode::SERVICE_UNAVAILABLE => {
+                panic!("/events answered {}", resp.status())
+            }
+            // hark restarting, or the database coming back.
+            _ => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        connections += 1;
+        let mut body = resp.into_body();
+        let mut pending: Vec<u8> = Vec::new();
+        while seen.len() < expected {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let data = match tokio::time::timeout(left, body.frame()).await {
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue,
+                },
+                // The stream ended or broke: reconnect from `last_id`.
+                _ => break,
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = pending.drain(..end + 2).collect();
+                let block = String::from_utf8(block).expect("UTF-8 event");
+                let (mut event, mut id, mut payload) = ("", None, "");
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        event = v;
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        id = Some(v);
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        payload = v;
+                    }
+                }
+                assert_ne!(event, "reset", "hark refused its own cursor: {block}");
+                if event == "message" {
+                    let m = json(payload.as_bytes());
+                    *seen.entry(m["id"].as_i64().unwrap()).or_default() += 1;
+                }
+                if let Some(id) = id {
+                    last_id = id.to_string();
+                }
+            }
+        }
+    }
+    seen
+}
+
+/// Fails the test unless `seen` holds every id of `all` exactly once.
+fn assert_exactly_once(who: &str, seen: &HashMap<i64, usize>, all: &[i64]) {
+    let dupes: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(dupes.is_empty(), "{who} got duplicates: {dupes:?}");
+    let missing: Vec<_> = all.iter().filter(|id| !seen.contains_key(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{who} missed {} messages: {missing:?}",
+        missing.len()
+    );
+    assert_eq!(
+        seen.len(),
+        all.len(),
+        "{who} saw ids that are not in the room"
+    );
+}
+
 /// What a client doing `WHERE id > last_id` sees, reading until `stop`.
 async fn naive_id_reader(conn: String, room: i64, stop: Arc<AtomicBool>) -> Vec<i64> {
     let db = connect(&conn).await;
@@ -137,6 +246,19 @@ async fn run(disturb: Disturb) {
             ))
         })
         .collect();
+    // One stream on the room, one on all the user's rooms.
+    let streamers: Vec<_> = [Some(room), None]
+        .into_iter()
+        .map(|r| {
+            tokio::spawn(streamer(
+                base.clone(),
+                r,
+                t.clone(),
+                start.clone(),
+                MESSAGES,
+            ))
+        })
+        .collect();
     let stop_naive = Arc::new(AtomicBool::new(false));
     let naive = tokio::spawn(naive_id_reader(hark.db.clone(), room, stop_naive.clone()));
     let writers: Vec<_> = (0..WRITERS)
@@ -179,19 +301,14 @@ async fn run(disturb: Disturb) {
             .await
             .expect("poller timed out")
             .unwrap();
-        let dupes: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
-        assert!(dupes.is_empty(), "poller {i} got duplicates: {dupes:?}");
-        let missing: Vec<_> = all.iter().filter(|id| !seen.contains_key(id)).collect();
-        assert!(
-            missing.is_empty(),
-            "poller {i} missed {} messages: {missing:?}",
-            missing.len()
-        );
-        assert_eq!(
-            seen.len(),
-            MESSAGES,
-            "poller {i} saw ids that are not in the room"
-        );
+        assert_exactly_once(&format!("poller {i}"), &seen, &all);
+    }
+    for (i, s) in streamers.into_iter().enumerate() {
+        let seen = tokio::time::timeout(Duration::from_secs(120), s)
+            .await
+            .expect("stream timed out")
+            .unwrap();
+        assert_exactly_once(&format!("stream {i}"), &seen, &all);
     }
 
     stop_naive.store(true, Ordering::SeqCst);
