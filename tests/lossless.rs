@@ -91,15 +91,16 @@ async fn poller(
 /// rooms): reads events, and after any disconnect or refused connection
 /// reconnects with the last `id:` it saw as `Last-Event-ID`, as browsers
 /// do. Starts from `start` (a long-poll cursor). Returns how often it saw
-/// each message id. A `reset` event fails the test: every cursor here is
-/// one hark issued, so none may be refused.
+/// each message id, and how many connections it took. A `reset` event
+/// fails the test: every cursor here is one hark issued, so none may be
+/// refused.
 async fn streamer(
     base: String,
     room: Option<i64>,
     token: String,
     start: String,
     expected: usize,
-) -> HashMap<i64, usize> {
+) -> (HashMap<i64, usize>, usize) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let url = match room {
         Some(r) => format!("{base}/events?room_id={r}"),
@@ -170,7 +171,12 @@ async fn streamer(
             }
         }
     }
-    seen
+    eprintln!(
+        "stream on {}: {} ids over {connections} connections",
+        room.map_or("all rooms".to_string(), |r| format!("room {r}")),
+        seen.len()
+    );
+    (seen, connections)
 }
 
 /// Fails the test unless `seen` holds every id of `all` exactly once.
@@ -304,11 +310,15 @@ async fn run(disturb: Disturb) {
         assert_exactly_once(&format!("poller {i}"), &seen, &all);
     }
     for (i, s) in streamers.into_iter().enumerate() {
-        let seen = tokio::time::timeout(Duration::from_secs(120), s)
+        let (seen, connections) = tokio::time::timeout(Duration::from_secs(120), s)
             .await
             .expect("stream timed out")
             .unwrap();
         assert_exactly_once(&format!("stream {i}"), &seen, &all);
+        if let Disturb::RestartHark = disturb {
+            // The restarts came while it was still reading: it resumed.
+            assert!(connections >= 2, "stream {i} never reconnected");
+        }
     }
 
     stop_naive.store(true, Ordering::SeqCst);
