@@ -165,6 +165,8 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
     wait_for_signal().await;
     tracing::info!("shutting down: answering waiting polls, ending streams");
     trigger.fire();
+    // Streams wait only on their subscriptions: wake them to see the signal.
+    app.hub.wake_streams();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     let _ = listener_task.await;
     let _ = sweeper_task.await;

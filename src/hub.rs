@@ -38,8 +38,8 @@
 //! only for map and ring work, never across an `.await`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -91,6 +91,9 @@ struct Inner {
     catchup: Notify,
     ring_capacity: usize,
     metrics: Arc<Metrics>,
+    /// `State::typing_seq`, readable without the lock: a woken stream
+    /// looks for typing events only when it moved.
+    typing_seq: AtomicU64,
 }
 
 #[derive(Default)]
@@ -146,7 +149,6 @@ pub struct Lag {
     pending: AtomicUsize,
     limit: usize,
     cut: AtomicBool,
-    kill: Notify,
     /// Closes the stream's connection. The hub fires it itself: a stream
     /// whose socket is full is not being polled and cannot notice.
     close: Option<Arc<Notify>>,
@@ -158,7 +160,6 @@ impl Lag {
             pending: AtomicUsize::new(0),
             limit: limit.max(1),
             cut: AtomicBool::new(false),
-            kill: Notify::new(),
             close,
         })
     }
@@ -182,24 +183,15 @@ impl Lag {
         self.cut.load(Relaxed)
     }
 
-    /// Resolves once the stream has been cut.
-    pub async fn cut(&self) {
-        loop {
-            let notified = self.kill.notified();
-            if self.is_cut() {
-                return;
-            }
-            notified.await;
-        }
-    }
-
     /// `n` more rows are due to this stream; true when that cuts it. A
     /// stream that had delivered everything is never cut, whatever the
     /// size of one batch: only one that keeps falling behind is.
     fn added(&self, n: usize) -> bool {
         let before = self.pending.fetch_add(n, Relaxed);
         if before > 0 && before + n > self.limit && !self.cut.swap(true, Relaxed) {
-            self.kill.notify_waiters();
+            // A stream waiting for the hub sees the cut when the catch-up
+            // that made it wakes its room; one blocked on a full socket is
+            // not waiting, so its connection is closed from here.
             if let Some(close) = &self.close {
                 close.notify_one();
             }
@@ -253,6 +245,7 @@ impl Hub {
                 catchup: Notify::new(),
                 ring_capacity: ring_capacity.max(1),
                 metrics,
+                typing_seq: AtomicU64::new(0),
             }),
         }
     }
@@ -550,6 +543,9 @@ impl Hub {
         let mut st = self.state();
         st.typing_seq += 1;
         let seq = st.typing_seq;
+        // Stored under the lock, before the event is kept and its streams
+        // are woken: a stream that reads the old value is woken after.
+        self.inner.typing_seq.store(seq, Release);
         let Some(r) = st.rooms.get_mut(&ev.room) else {
             return;
         };
@@ -571,7 +567,7 @@ impl Hub {
 
     /// The newest typing sequence number: a stream starts after it.
     pub fn typing_seq(&self) -> u64 {
-        self.state().typing_seq
+        self.inner.typing_seq.load(Acquire)
     }
 
     /// Typing events of `rooms` after `seq`, oldest first.
@@ -604,6 +600,28 @@ impl Hub {
             *epoch += 1;
             wake.extend(subs.values().cloned());
         }
+        drop(st);
+        for n in wake {
+            n.notify_one();
+        }
+    }
+
+    /// Wakes every event stream (shutdown: a stream waits only for its
+    /// subscription, and looks at the shutdown signal when woken).
+    pub fn wake_streams(&self) {
+        let st = self.state();
+        let wake: Vec<Arc<Notify>> = st
+            .rooms
+            .values()
+            .flat_map(|r| r.subs.values())
+            .filter(|s| s.is_stream())
+            .map(|s| s.notify.clone())
+            .chain(
+                st.users
+                    .values()
+                    .flat_map(|(_, subs)| subs.values().cloned()),
+            )
+            .collect();
         drop(st);
         for n in wake {
             n.notify_one();

@@ -230,6 +230,10 @@ impl EventStream {
                     }
                 }
             }
+            // Only two things to wait for: whatever should end the stream
+            // (a lag cut, shutdown) wakes its subscription too, and is
+            // checked above. Each extra waiter would be a registration
+            // and a removal on a shared lock per delivered event.
             tokio::select! {
                 _ = self.sub.notified() => self.settled = false,
                 // The timer is re-armed here rather than on every write: a
@@ -244,8 +248,6 @@ impl EventStream {
                         self.ping.as_mut().reset(due);
                     }
                 }
-                _ = self.shutdown.wait() => self.done = true,
-                _ = self.lag.cut() => return None,
             }
         }
     }
@@ -255,33 +257,32 @@ impl EventStream {
     async fn produce(&mut self) -> Result<bool, ApiError> {
         self.settled = false;
         let app = self.app.clone();
-        if !self.membership_holds().await? {
-            return Ok(true);
-        }
-
-        let (typing, seq) = app.hub.typing_since(&self.rooms, self.typing_seq);
-        self.typing_seq = seq;
-        for ev in typing.iter().filter(|e| e.user.id != self.user.id) {
-            let told = self.typing_told.insert((ev.room, ev.user.id), ev.is_typing);
-            // Say only what changes the client's view (a stop for someone
-            // it never saw start is noise too).
-            if told.unwrap_or(false) != ev.is_typing {
-                push_typing(&mut self.out, ev);
-            }
-            if !ev.is_typing {
-                self.typing_told.remove(&(ev.room, ev.user.id));
-            }
-        }
-
         let limit = app.config.stream_backlog as usize;
         let page = reader::next_page(&app, &self.rooms, &self.pos, limit, false).await?;
-        // Membership may have changed while we read: a room just left must
-        // not leak its messages. Drop the page; the next round reads again
-        // from the same position with the new room set. Rows read from the
-        // database may be newer than the membership NOTIFYs processed so
-        // far, so for those ask the database too.
+        // Membership is checked after the read, not before: a room left
+        // before or during the read must not leak its messages or typing.
+        // Drop the page; the next round reads again from the same position
+        // with the new room set. Rows read from the database may be newer
+        // than the membership NOTIFYs processed so far, so for those ask
+        // the database too.
         if !self.membership_holds().await? {
             return Ok(true);
+        }
+
+        if app.hub.typing_seq() != self.typing_seq {
+            let (typing, seq) = app.hub.typing_since(&self.rooms, self.typing_seq);
+            self.typing_seq = seq;
+            for ev in typing.iter().filter(|e| e.user.id != self.user.id) {
+                let told = self.typing_told.insert((ev.room, ev.user.id), ev.is_typing);
+                // Say only what changes the client's view (a stop for
+                // someone it never saw start is noise too).
+                if told.unwrap_or(false) != ev.is_typing {
+                    push_typing(&mut self.out, ev);
+                }
+                if !ev.is_typing {
+                    self.typing_told.remove(&(ev.room, ev.user.id));
+                }
+            }
         }
         if page.from_db && !page.rows.is_empty() {
             let now_in = app.directory.rooms_of(self.user.id).await?;
