@@ -232,20 +232,15 @@ async fn write_response(
     }
     drop(head);
     let mut trailing = 0usize;
-    // Kept across frames like `killed`: a fresh readiness future per frame
-    // would register and unregister with the socket on every event.
-    let readable = rd.as_ref().readable();
-    tokio::pin!(readable);
     loop {
         let frame = tokio::select! {
             biased;
             _ = &mut killed => return,
             f = body.frame() => f,
-            r = &mut readable => {
+            r = rd.as_ref().readable() => {
                 if r.is_err() || !discard_input(&rd, &mut trailing) {
                     return;
                 }
-                readable.set(rd.as_ref().readable());
                 continue;
             }
         };
