@@ -130,6 +130,16 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
         .run(shutdown.clone()),
     );
     let sweeper_task = tokio::spawn(typing.clone().run_sweeper(shutdown.clone()));
+    // Streams wait only on their subscriptions, so the signal (also fired
+    // by a dropped trigger) reaches them through the hub.
+    tokio::spawn({
+        let hub = hub.clone();
+        let mut shutdown = shutdown.clone();
+        async move {
+            shutdown.wait().await;
+            hub.wake_streams();
+        }
+    });
     let trim_task = tokio::spawn(crate::trim::run(
         metrics.clone(),
         config.trim_after_connections,
@@ -165,8 +175,6 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
     wait_for_signal().await;
     tracing::info!("shutting down: answering waiting polls, ending streams");
     trigger.fire();
-    // Streams wait only on their subscriptions: wake them to see the signal.
-    app.hub.wake_streams();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     let _ = listener_task.await;
     let _ = sweeper_task.await;
