@@ -91,8 +91,9 @@ struct Inner {
     catchup: Notify,
     ring_capacity: usize,
     metrics: Arc<Metrics>,
-    /// `State::typing_seq`, readable without the lock: a woken stream
-    /// looks for typing events only when it moved.
+    /// The newest typing event's number. Written only under the state
+    /// lock, read without it: a woken stream looks for typing events only
+    /// when it moved.
     typing_seq: AtomicU64,
 }
 
@@ -112,7 +113,6 @@ struct State {
     /// and a counter of that user's membership changes.
     users: HashMap<i64, (u64, HashMap<u64, Arc<Notify>>)>,
     next_key: u64,
-    typing_seq: u64,
 }
 
 struct Room {
@@ -541,10 +541,9 @@ impl Hub {
     /// A typing NOTIFY: kept for the room's streams and woken to them.
     pub fn typing(&self, ev: TypingEvent) {
         let mut st = self.state();
-        st.typing_seq += 1;
-        let seq = st.typing_seq;
-        // Stored under the lock, before the event is kept and its streams
+        // Moved under the lock, before the event is kept and its streams
         // are woken: a stream that reads the old value is woken after.
+        let seq = self.inner.typing_seq.load(Relaxed) + 1;
         self.inner.typing_seq.store(seq, Release);
         let Some(r) = st.rooms.get_mut(&ev.room) else {
             return;
@@ -580,7 +579,8 @@ impl Hub {
             }
         }
         out.sort_unstable_by_key(|(s, _)| *s);
-        (out.into_iter().map(|(_, e)| e).collect(), st.typing_seq)
+        let seq = self.inner.typing_seq.load(Relaxed);
+        (out.into_iter().map(|(_, e)| e).collect(), seq)
     }
 
     /// A participant joined or left `room` (or the room went away): wake
