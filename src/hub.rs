@@ -47,6 +47,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::cursor::{Origin, Snapshot};
+use crate::http::park::Park;
 use crate::message::{StoredMessage, User};
 use crate::metrics::Metrics;
 
@@ -133,6 +134,9 @@ struct Sub {
     /// Event streams (typing and membership wake-ups, lag accounting);
     /// None for polls.
     lag: Option<Arc<Lag>>,
+    /// A stream that may park ([`crate::http::park`]): a catch-up's rows
+    /// are handed to [`Hub::finish_catchup`]'s caller instead of a wake-up.
+    park: Option<Arc<Park>>,
 }
 
 impl Sub {
@@ -183,6 +187,11 @@ impl Lag {
         self.cut.load(Relaxed)
     }
 
+    /// Most messages one page of this stream may carry.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// `n` more rows are due to this stream; true when that cuts it. A
     /// stream that had delivered everything is never cut, whatever the
     /// size of one batch: only one that keeps falling behind is.
@@ -227,6 +236,26 @@ pub enum HubRead {
         /// When the earliest of these rows' NOTIFY arrived (latency metric).
         heard: Option<Instant>,
     },
+}
+
+/// A catch-up's rows for one room, for the room's parked streams: every
+/// row of the room visible in `head` and not in `lower` is in `rows`, so a
+/// stream parked at a snapshot between the two is due exactly the rows it
+/// does not see.
+pub struct Delivery {
+    pub lower: Arc<Snapshot>,
+    pub head: Arc<Snapshot>,
+    /// Ascending id.
+    pub rows: Vec<Arc<StoredMessage>>,
+    /// When the NOTIFY that led to them arrived (latency metric).
+    pub heard: Instant,
+    pub streams: Vec<ParkedStream>,
+}
+
+pub struct ParkedStream {
+    pub park: Arc<Park>,
+    pub notify: Arc<Notify>,
+    pub lag: Arc<Lag>,
 }
 
 /// What a catch-up must read.
@@ -443,12 +472,17 @@ impl Hub {
     /// Applies a catch-up's result: `rows` are every row of `plan.rooms`
     /// new relative to `plan.lower` and visible in `head`, ascending id (at
     /// most CATCHUP_LIMIT + 1 of them).
+    ///
+    /// Subscribers are woken, except parked streams of rooms that got
+    /// rows: those are returned, for [`crate::http::park::deliver`] to
+    /// write to or wake.
+    #[must_use]
     pub fn finish_catchup(
         &self,
         plan: CatchupPlan,
         head: Arc<Snapshot>,
         rows: Vec<Arc<StoredMessage>>,
-    ) {
+    ) -> Vec<Delivery> {
         self.inner.metrics.catchup_queries.fetch_add(1, Relaxed);
         let planned: HashSet<i64> = plan.rooms.iter().copied().collect();
         let mut wake: Vec<Arc<Notify>> = Vec::new();
@@ -494,29 +528,57 @@ impl Hub {
                 r.heard = None;
             }
         }
+        let mut deliveries: Vec<Delivery> = Vec::new();
         if !overflow {
-            let mut touched: Vec<(i64, usize)> = Vec::new();
+            // Per room: rows added, and for rooms with parked streams the
+            // delivery being built.
+            let mut touched: Vec<(i64, usize, Option<Delivery>)> = Vec::new();
             for msg in rows {
                 let Some(r) = st.rooms.get_mut(&msg.room) else {
                     continue; // nobody watches it any more
                 };
-                if r.bound.is_none() {
+                let Some(bound) = &r.bound else {
                     continue;
-                }
-                match touched.iter_mut().find(|(room, _)| *room == msg.room) {
-                    Some((_, n)) => *n += 1,
+                };
+                let heard = r.heard.unwrap_or(plan.started);
+                let t = match touched.iter().position(|(room, ..)| *room == msg.room) {
+                    Some(i) => i,
                     None => {
-                        touched.push((msg.room, 1));
-                        wake.extend(r.subs.values().map(|s| s.notify.clone()));
+                        let parks = !activated.contains(&msg.room)
+                            && r.subs.values().any(|s| s.park.is_some());
+                        // Every catch-up since the ring's last batch read
+                        // this (live, so planned) room and found nothing:
+                        // its rows new since that batch are this
+                        // catch-up's.
+                        let lower = r.ring.back().map_or(bound, |e| &e.batch).clone();
+                        let delivery = parks.then(|| Delivery {
+                            lower,
+                            head: head.clone(),
+                            rows: Vec::new(),
+                            heard,
+                            streams: Vec::new(),
+                        });
+                        touched.push((msg.room, 0, delivery));
+                        wake.extend(
+                            r.subs
+                                .values()
+                                .filter(|s| !parks || s.park.is_none())
+                                .map(|s| s.notify.clone()),
+                        );
+                        touched.len() - 1
                     }
+                };
+                touched[t].1 += 1;
+                if let Some(d) = &mut touched[t].2 {
+                    d.rows.push(msg.clone());
                 }
                 r.ring.push_back(Entry {
                     batch: head.clone(),
                     msg,
-                    heard: r.heard.unwrap_or(plan.started),
+                    heard,
                 });
             }
-            for (room, n) in touched {
+            for (room, n, delivery) in touched {
                 if let Some(r) = st.rooms.get_mut(&room) {
                     trim(r, capacity);
                     if activated.contains(&room) {
@@ -527,6 +589,20 @@ impl Hub {
                             self.inner.metrics.streams_cut_slow.fetch_add(1, Relaxed);
                         }
                     }
+                    if let Some(mut d) = delivery {
+                        d.streams = r
+                            .subs
+                            .values()
+                            .filter_map(|s| {
+                                Some(ParkedStream {
+                                    park: s.park.clone()?,
+                                    notify: s.notify.clone(),
+                                    lag: s.lag.clone()?,
+                                })
+                            })
+                            .collect();
+                        deliveries.push(d);
+                    }
                 }
             }
         }
@@ -534,6 +610,7 @@ impl Hub {
         for n in wake {
             n.notify_one();
         }
+        deliveries
     }
 
     // ---- typing and membership ------------------------------------------
@@ -589,12 +666,15 @@ impl Hub {
         let mut st = self.state();
         let mut wake: Vec<Arc<Notify>> = Vec::new();
         if let Some(r) = st.rooms.get(&room) {
-            wake.extend(
-                r.subs
-                    .values()
-                    .filter(|s| s.is_stream())
-                    .map(|s| s.notify.clone()),
-            );
+            for s in r.subs.values().filter(|s| s.is_stream()) {
+                // Before this returns, so that no catch-up the listener
+                // runs after this NOTIFY writes to a stream that has not
+                // checked its membership.
+                if let Some(park) = &s.park {
+                    park.revoke();
+                }
+                wake.push(s.notify.clone());
+            }
         }
         if let Some((epoch, subs)) = user.and_then(|u| st.users.get_mut(&u)) {
             *epoch += 1;
@@ -691,6 +771,21 @@ impl Subscription {
         self.user = Some(user);
     }
 
+    /// Lets catch-ups write to this stream while it is parked. Only for a
+    /// stream that keeps its one room ([`crate::http::park`]).
+    pub fn allow_parking(&self, park: &Arc<Park>) {
+        let mut st = self.hub.state();
+        for room in &self.rooms {
+            if let Some(s) = st
+                .rooms
+                .get_mut(room)
+                .and_then(|r| r.subs.get_mut(&self.key))
+            {
+                s.park = Some(park.clone());
+            }
+        }
+    }
+
     /// Replaces the room set (a stream following its user's rooms).
     pub fn set_rooms(&mut self, rooms: &[i64]) {
         let mut st = self.hub.state();
@@ -743,6 +838,7 @@ fn add_sub(
         Sub {
             notify: notify.clone(),
             lag: lag.clone(),
+            park: None,
         },
     );
     fresh
@@ -809,8 +905,60 @@ mod tests {
     }
 
     async fn catch_up(hub: &Hub, head: Arc<Snapshot>, rows: Vec<Arc<StoredMessage>>) {
+        let _ = deliveries_of(hub, head, rows).await;
+    }
+
+    async fn deliveries_of(
+        hub: &Hub,
+        head: Arc<Snapshot>,
+        rows: Vec<Arc<StoredMessage>>,
+    ) -> Vec<Delivery> {
+        hub.message_notified(1);
         let plan = hub.next_catchup().await;
-        hub.finish_catchup(plan, head, rows);
+        hub.finish_catchup(plan, head, rows)
+    }
+
+    fn woken(sub: &Subscription) -> bool {
+        use futures::FutureExt;
+        sub.notified().now_or_never().is_some()
+    }
+
+    #[tokio::test]
+    async fn parked_streams_get_their_rooms_rows_instead_of_a_wake_up() {
+        let hub = started_hub(snap(10, 10, &[])).await;
+        let poll = hub.subscribe(&[1], None);
+        let stream = hub.subscribe(&[1], Some(Lag::new(8, None)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let park = Park::new(Arc::new(listener.accept().await.unwrap().0));
+        stream.allow_parking(&park);
+        catch_up(&hub, snap(10, 10, &[]), vec![]).await; // room 1 goes live
+        let _ = (woken(&poll), woken(&stream));
+
+        let d = deliveries_of(&hub, snap(11, 11, &[]), vec![msg(1, 1, 10)]).await;
+        assert_eq!(d.len(), 1);
+        assert_eq!(*d[0].lower, *snap(10, 10, &[]));
+        assert_eq!(d[0].rows.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(d[0].streams.len(), 1);
+        assert!(woken(&poll));
+        assert!(!woken(&stream), "the delivery decides whether to wake it");
+
+        // A catch-up that finds nothing for the room hands it nothing, and
+        // the next delivery still covers everything since the room's last
+        // rows: its lower snapshot is that batch, not the plan's.
+        assert!(deliveries_of(&hub, snap(12, 12, &[]), vec![])
+            .await
+            .is_empty());
+        let d = deliveries_of(&hub, snap(13, 13, &[]), vec![msg(2, 1, 12)]).await;
+        assert_eq!(*d[0].lower, *snap(11, 11, &[]));
+
+        // A membership change stops writes until the stream has checked.
+        park.checking();
+        hub.membership_changed(1, Some(5));
+        assert!(woken(&stream));
+        assert!(!park.park(&snap(13, 13, &[])));
     }
 
     async fn started_hub(head: Arc<Snapshot>) -> Hub {
@@ -898,9 +1046,10 @@ mod tests {
         let hub = started_hub(snap(10, 10, &[])).await;
         let _a = hub.subscribe(&[1], None);
         let plan = hub.next_catchup().await;
-        let _b = hub.subscribe(&[2], None); // not in this plan
-                                            // Room 2 had a row in this window, but the plan did not read room 2.
-        hub.finish_catchup(plan, snap(12, 12, &[]), vec![msg(1, 1, 10), msg(2, 2, 11)]);
+        // Not in this plan: room 2 had a row in this window, which the
+        // plan did not read.
+        let _b = hub.subscribe(&[2], None);
+        let _ = hub.finish_catchup(plan, snap(12, 12, &[]), vec![msg(1, 1, 10), msg(2, 2, 11)]);
         assert!(matches!(
             hub.read(&[2], &snap(12, 12, &[]), None, 10),
             HubRead::Unknown

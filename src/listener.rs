@@ -22,6 +22,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use crate::db::messages::{self, Read};
 use crate::db::{CachingClient, DbError};
 use crate::directory::Directory;
+use crate::http::park;
 use crate::hub::{Hub, TypingEvent, CATCHUP_LIMIT};
 use crate::message::User;
 use crate::metrics::Metrics;
@@ -152,7 +153,12 @@ impl Listener {
                     })
                     .await;
                     match result {
-                        Ok(Ok((head, rows))) => self.hub.finish_catchup(plan, head, rows),
+                        Ok(Ok((head, rows))) => {
+                            let deliveries = self.hub.finish_catchup(plan, head, rows);
+                            // Before the next catch-up: a parked stream gets
+                            // its pages in order.
+                            park::deliver(deliveries, origin, &self.metrics).await;
+                        }
                         Ok(Err(e)) => {
                             self.hub.catchup_failed();
                             driver.abort();

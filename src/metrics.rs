@@ -62,6 +62,8 @@ pub struct Metrics {
     pub listener_reconnects: AtomicU64,
     pub polls_answered_from_memory: AtomicU64,
     pub streams_cut_slow: AtomicU64,
+    /// Pages a catch-up wrote straight to a parked stream's socket.
+    pub stream_direct_writes: AtomicU64,
     pub rejected_connections: AtomicU64,
     /// Times freed heap memory was handed back after connections dropped.
     pub memory_trims: AtomicU64,
@@ -110,7 +112,7 @@ impl Metrics {
                 v.load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 8] = [
+        let counters: [(&str, &str, &AtomicU64); 9] = [
             (
                 "hark_notifications_total",
                 "NOTIFY messages received on the LISTEN connection.",
@@ -140,6 +142,11 @@ impl Metrics {
                 "hark_streams_cut_slow_total",
                 "Event streams disconnected for falling behind.",
                 &self.streams_cut_slow,
+            ),
+            (
+                "hark_stream_direct_writes_total",
+                "Event pages written by the listener straight to an idle stream's socket.",
+                &self.stream_direct_writes,
             ),
             (
                 "hark_rejected_connections_total",

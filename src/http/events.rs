@@ -29,6 +29,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::chat::require_participant;
 use super::error::ApiError;
+use super::park::Park;
 use super::poll::parse_room_id;
 use super::{authenticate, query_get, query_pairs, Body, ConnectionKill};
 use crate::app::App;
@@ -52,6 +53,7 @@ pub async fn events<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<Body>
     let pairs = query_pairs(&req);
     let user = authenticate(app, &req, &pairs).await?;
     let kill = req.extensions().get::<ConnectionKill>().cloned();
+    let park = req.extensions().get::<Arc<Park>>().cloned();
     let last_event_id = req
         .headers()
         .get("last-event-id")
@@ -94,6 +96,12 @@ pub async fn events<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<Body>
     let lag = Lag::new(app.config.stream_backlog as usize, kill.map(|k| k.0));
     let mut sub = app.hub.subscribe(&rooms, Some(lag.clone()));
     let mut user_epoch = 0;
+    // A stream of one named room keeps its room set for good, so a
+    // catch-up may write to it while it is parked.
+    let park = park.filter(|_| rooms.len() == 1);
+    if let Some(park) = &park {
+        sub.allow_parking(park);
+    }
     if follow {
         sub.follow_user(user.id);
         user_epoch = app.hub.user_epoch(user.id);
@@ -145,6 +153,7 @@ pub async fn events<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<Body>
         rooms,
         sub,
         lag,
+        park,
         pos,
         typing_seq,
         typing_told,
@@ -168,6 +177,15 @@ pub async fn events<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<Body>
     Ok(resp)
 }
 
+/// One `event: message` with its cursor as the id.
+pub fn push_message(out: &mut BytesMut, id: &str, json: &[u8]) {
+    out.extend_from_slice(b"event: message\nid: ");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
+}
+
 fn push_typing(out: &mut BytesMut, ev: &TypingEvent) {
     out.extend_from_slice(b"event: typing\ndata: ");
     out.extend_from_slice(&ev.json);
@@ -184,6 +202,8 @@ struct EventStream {
     rooms: Vec<i64>,
     sub: Subscription,
     lag: Arc<Lag>,
+    /// Where the stream parks while idle, on a lean connection.
+    park: Option<Arc<Park>>,
     pos: Position,
     typing_seq: u64,
     /// What this stream last told the client about each typist: a start
@@ -230,6 +250,11 @@ impl EventStream {
                     }
                 }
             }
+            // Idle: catch-ups may write for the stream meanwhile.
+            let parked = match (&self.park, &self.pos) {
+                (Some(park), Position::At(at)) if self.settled && park.park(at) => Some(park),
+                _ => None,
+            };
             // Only two things to wait for: whatever should end the stream
             // (a lag cut, shutdown) wakes its subscription too, and is
             // checked above. Each extra waiter would be a registration
@@ -249,6 +274,16 @@ impl EventStream {
                     }
                 }
             }
+            if let Some(park) = parked {
+                if let Some(at) = park.unpark() {
+                    self.pos = Position::At(at);
+                }
+                if park.has_rest() {
+                    // The connection writes the tail of a cut-short direct
+                    // write before this stream may write or park again.
+                    return Some(Bytes::new());
+                }
+            }
         }
     }
 
@@ -256,6 +291,9 @@ impl EventStream {
     /// again at once (more is due), Ok(false) when it is time to wait.
     async fn produce(&mut self) -> Result<bool, ApiError> {
         self.settled = false;
+        if let Some(park) = &self.park {
+            park.checking();
+        }
         let app = self.app.clone();
         let limit = app.config.stream_backlog as usize;
         let page = reader::next_page(&app, &self.rooms, &self.pos, limit, false).await?;
@@ -303,11 +341,7 @@ impl EventStream {
                 position: page.position_after(i),
             }
             .encode();
-            self.out.extend_from_slice(b"event: message\nid: ");
-            self.out.extend_from_slice(id.as_bytes());
-            self.out.extend_from_slice(b"\ndata: ");
-            self.out.extend_from_slice(&row.json);
-            self.out.extend_from_slice(b"\n\n");
+            push_message(&mut self.out, &id, &row.json);
         }
         self.lag.delivered(page.rows.len());
         if page.settled {
@@ -349,6 +383,9 @@ impl EventStream {
 
 impl Drop for EventStream {
     fn drop(&mut self) {
+        if let Some(park) = &self.park {
+            park.close();
+        }
         self.app.metrics.open_streams.fetch_sub(1, Relaxed);
     }
 }

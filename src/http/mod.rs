@@ -7,6 +7,7 @@ pub mod cors;
 pub mod error;
 pub mod events;
 pub mod ops;
+pub mod park;
 pub mod poll;
 pub mod router;
 pub mod send_timeout;

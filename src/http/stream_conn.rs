@@ -25,12 +25,12 @@ use http_body_util::BodyExt;
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use hyper::{Method, Request, Response, Uri, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::timeout;
 
 use super::error::ApiError;
+use super::park::{frame_chunk, Park};
 use super::{events, Body, ConnectionKill, Seen};
 use crate::app::App;
 
@@ -66,8 +66,10 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, header_timeout: Duratio
         Err(_) | Ok(Err(HeadError::Closed)) => return,
         Ok(Err(HeadError::Bad(e))) => {
             let resp = e.into_response();
-            write_response(
+            let stream = Arc::new(stream);
+            write_shared(
                 stream,
+                None,
                 resp,
                 Version::HTTP_11,
                 &Notify::new(),
@@ -81,11 +83,16 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, header_timeout: Duratio
     let kill = Arc::new(Notify::new());
     req.extensions_mut().insert(ConnectionKill(kill.clone()));
     let version = req.version();
+    let stream = Arc::new(stream);
+    let park = (version == Version::HTTP_11).then(|| Park::new(stream.clone()));
+    if let Some(park) = &park {
+        req.extensions_mut().insert(park.clone());
+    }
     let seen = Seen::new(&req);
     let result = Box::pin(events::events(&app, req)).await;
     let resp = seen.finish(&app, result);
     let stall = Duration::from_secs(app.config.send_timeout_s);
-    write_response(stream, resp, version, &kill, stall).await;
+    write_shared(stream, park, resp, version, &kill, stall).await;
 }
 
 enum HeadError {
@@ -202,14 +209,36 @@ enum Framing {
     UntilClose,
 }
 
-/// Writes the response and closes. Returns early when the client goes
-/// away, sends more than MAX_TRAILING after its head, or the hub cuts the
-/// stream (`kill`): a reader that stopped reading blocks the write, so the
-/// write too gives way to `kill`. A write that makes no progress for
+/// [`write_response`] on a socket a [`Park`] may share while the stream
+/// is parked; once the response is over the socket is this connection's
+/// alone again, and is closed as usual.
+async fn write_shared(
+    stream: Arc<TcpStream>,
+    park: Option<Arc<Park>>,
+    resp: Response<Body>,
+    version: Version,
+    kill: &Notify,
+    stall: Duration,
+) {
+    write_response(&stream, park.as_deref(), resp, version, kill, stall).await;
+    if let Some(park) = &park {
+        park.close();
+    }
+    drop(park);
+    if let Ok(mut stream) = Arc::try_unwrap(stream) {
+        let _ = timeout(stall, stream.shutdown()).await;
+    }
+}
+
+/// Writes the response; the caller closes. Returns early when the client
+/// goes away, sends more than MAX_TRAILING after its head, or the hub cuts
+/// the stream (`kill`): a reader that stopped reading blocks the write, so
+/// the write too gives way to `kill`. A write that makes no progress for
 /// `stall` ends it too: a reader that stopped reading in a quiet room is
 /// never cut for lag, and would otherwise hold its connection for good.
 async fn write_response(
-    mut stream: TcpStream,
+    sock: &TcpStream,
+    park: Option<&Park>,
     resp: Response<Body>,
     version: Version,
     kill: &Notify,
@@ -222,12 +251,11 @@ async fn write_response(
     };
     let head = head_bytes(&resp, framing);
     let mut body = resp.into_body();
-    let (rd, mut wr) = stream.split();
     // One waiter on `kill` for the whole response, not one per frame.
     let killed = kill.notified();
     tokio::pin!(killed);
     tokio::select! {
-        ok = write_all_within(&mut wr, &head, stall) => if !ok { return },
+        ok = write_all_within(sock, &head, stall) => if !ok { return },
         _ = &mut killed => return,
     }
     drop(head);
@@ -237,13 +265,21 @@ async fn write_response(
             biased;
             _ = &mut killed => return,
             f = body.frame() => f,
-            r = rd.as_ref().readable() => {
-                if r.is_err() || !discard_input(&rd, &mut trailing) {
+            r = sock.readable() => {
+                if r.is_err() || !discard_input(sock, &mut trailing) {
                     return;
                 }
                 continue;
             }
         };
+        // The stream is not parked while its body yields a frame or ends:
+        // what a direct write left unwritten goes first.
+        if let Some(rest) = park.map(Park::take_rest).filter(|r| !r.is_empty()) {
+            tokio::select! {
+                ok = write_all_within(sock, &rest, stall) => if !ok { return },
+                _ = &mut killed => return,
+            }
+        }
         let Some(frame) = frame else { break };
         let Ok(data) = frame.unwrap_or_else(|never| match never {}).into_data() else {
             continue;
@@ -252,36 +288,39 @@ async fn write_response(
             continue;
         }
         let out = match framing {
-            Framing::Chunked => {
-                let mut c = Vec::with_capacity(data.len() + 12);
-                let _ = write!(c, "{:x}\r\n", data.len());
-                c.extend_from_slice(&data);
-                c.extend_from_slice(b"\r\n");
-                c.into()
-            }
+            Framing::Chunked => frame_chunk(&data),
             _ => data,
         };
         tokio::select! {
-            ok = write_all_within(&mut wr, &out, stall) => if !ok { return },
+            ok = write_all_within(sock, &out, stall) => if !ok { return },
             _ = &mut killed => return,
         }
     }
     if let Framing::Chunked = framing {
-        if !write_all_within(&mut wr, b"0\r\n\r\n", stall).await {
+        if !write_all_within(sock, b"0\r\n\r\n", stall).await {
             return;
         }
     }
     // Closing with unread input makes the kernel send a reset, which can
     // destroy the answer before the client reads it: read what is there.
-    discard_input(&rd, &mut trailing);
-    let _ = timeout(stall, wr.shutdown()).await;
+    discard_input(sock, &mut trailing);
 }
 
 /// Writes all of `buf`; false when the client is gone or no byte could be
 /// written for `stall`.
-async fn write_all_within(wr: &mut WriteHalf<'_>, mut buf: &[u8], stall: Duration) -> bool {
+async fn write_all_within(sock: &TcpStream, mut buf: &[u8], stall: Duration) -> bool {
     while !buf.is_empty() {
-        match timeout(stall, wr.write(buf)).await {
+        let wrote = timeout(stall, async {
+            loop {
+                sock.writable().await?;
+                match sock.try_write(buf) {
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                    r => return r,
+                }
+            }
+        })
+        .await;
+        match wrote {
             Ok(Ok(n)) if n > 0 => buf = &buf[n..],
             _ => return false,
         }
@@ -292,10 +331,10 @@ async fn write_all_within(wr: &mut WriteHalf<'_>, mut buf: &[u8], stall: Duratio
 /// Reads and drops what the client sent after its head, as far as it can
 /// without waiting. False when the client is gone (EOF, error) or has sent
 /// more than MAX_TRAILING in all.
-fn discard_input(rd: &ReadHalf<'_>, total: &mut usize) -> bool {
+fn discard_input(sock: &TcpStream, total: &mut usize) -> bool {
     let mut scratch = [0u8; 512];
     loop {
-        match rd.as_ref().try_read(&mut scratch) {
+        match sock.try_read(&mut scratch) {
             Ok(0) => return false,
             Ok(n) => {
                 *total += n;

@@ -1,0 +1,528 @@
+//! Parked event streams: a catch-up's rows written by the listener's task
+//! straight to the sockets of idle streams, with no task wake-up per
+//! stream (DESIGN §8).
+//!
+//! An idle stream on a lean HTTP/1.1 connection ([`super::stream_conn`])
+//! that watches one room *parks*: it leaves its position here and waits.
+//! After a catch-up the hub hands [`deliver`] each room's new rows with the
+//! room's parked streams. The events for one position are built once and
+//! written to every stream parked there with one non-blocking write, which
+//! moves that stream's parked position on. Whatever cannot be done so — a
+//! socket that takes nothing, a position outside the catch-up's range, a
+//! membership change not yet checked, a page over the backlog bound — is
+//! left to the stream, which is woken as it would be without parking.
+//!
+//! Exactly once: the position and the right to write change hands under
+//! the park's lock. The listener writes only to a parked stream and moves
+//! its position in the same critical section; the stream takes its
+//! position back (unparks) before it writes anything itself, and parks only
+//! when everything due has been written. The tail of a write the socket
+//! took only part of stays here, and the connection writes it before
+//! anything else.
+
+use std::io::Write as _;
+use std::ops::Range;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use tokio::net::TcpStream;
+
+use super::events::push_message;
+use crate::cursor::{Cursor, Lower, Origin, Position, Snapshot};
+use crate::hub::Delivery;
+use crate::metrics::Metrics;
+
+/// Writes between two yields of the listener's task: a fan-out to many
+/// thousands of sockets must not hold a runtime thread for its whole
+/// length.
+const YIELD_EVERY: usize = 256;
+/// Parked streams in one room above which its writes are split over the
+/// runtime's threads.
+const SPLIT_ABOVE: usize = 512;
+
+/// One stream's parking place.
+pub struct Park {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Set while the stream is parked: every row visible in it has been
+    /// written to the socket.
+    at: Option<Arc<Snapshot>>,
+    /// None once the connection is ending.
+    sock: Option<Arc<TcpStream>>,
+    /// A membership change of the room was heard and the stream has not
+    /// checked it yet: nothing is written for it here meanwhile.
+    stale: bool,
+    /// The part of a direct write the socket did not take.
+    rest: Bytes,
+}
+
+impl Park {
+    pub fn new(sock: Arc<TcpStream>) -> Arc<Park> {
+        Arc::new(Park {
+            state: Mutex::new(State {
+                sock: Some(sock),
+                ..State::default()
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Plain data behind the lock: a panic elsewhere leaves it usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The stream is about to read and check its membership: a change
+    /// heard from now on keeps it from parking until it checks again.
+    pub fn checking(&self) {
+        self.lock().stale = false;
+    }
+
+    /// Parks the stream at `at`. False (not parked) when a membership
+    /// change is unchecked, a tail is unwritten, or the connection ends.
+    pub fn park(&self, at: &Arc<Snapshot>) -> bool {
+        let mut st = self.lock();
+        if st.stale || !st.rest.is_empty() || st.sock.is_none() {
+            return false;
+        }
+        st.at = Some(at.clone());
+        true
+    }
+
+    /// Takes the stream's position back, moved on by whatever was written
+    /// while it was parked. None when it was not parked.
+    pub fn unpark(&self) -> Option<Arc<Snapshot>> {
+        self.lock().at.take()
+    }
+
+    /// A direct write was cut short: the connection must write this first.
+    pub fn take_rest(&self) -> Bytes {
+        std::mem::take(&mut self.lock().rest)
+    }
+
+    pub fn has_rest(&self) -> bool {
+        !self.lock().rest.is_empty()
+    }
+
+    /// The room's membership changed: write nothing until the stream has
+    /// checked it (the hub wakes the stream too).
+    pub fn revoke(&self) {
+        self.lock().stale = true;
+    }
+
+    /// The connection is ending: no more writes, and the socket is the
+    /// connection's alone again.
+    pub fn close(&self) {
+        let mut st = self.lock();
+        st.at = None;
+        st.sock = None;
+    }
+}
+
+/// What one direct write did.
+enum Written {
+    /// The whole page.
+    All,
+    /// The page, of which a tail is left to the connection.
+    Part,
+    /// Nothing: the stream must see to it.
+    Nothing,
+}
+
+/// One page for streams parked at one position.
+struct Page {
+    at: Arc<Snapshot>,
+    /// Framed for the wire; None when such streams must see to it
+    /// themselves.
+    bytes: Option<Bytes>,
+}
+
+/// Writes each delivery's rows to its parked streams and wakes every
+/// stream that could not be served so. Runs on the listener's task after
+/// the catch-up that read the rows and returns when every write is done,
+/// before the next catch-up starts, so writes to one stream are in
+/// catch-up order. A large room is split over the runtime's threads: one
+/// thread alone spends as long on the kernel's side of the writes as the
+/// whole runtime does waking each stream's task.
+pub async fn deliver(deliveries: Vec<Delivery>, origin: Origin, metrics: &Arc<Metrics>) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for d in deliveries {
+        let parts = threads.min(d.streams.len().div_ceil(SPLIT_ABOVE)).max(1);
+        if parts == 1 {
+            deliver_part(&d, 0..d.streams.len(), origin, metrics).await;
+            continue;
+        }
+        let d = Arc::new(d);
+        let per = d.streams.len().div_ceil(parts);
+        let tasks: Vec<_> = (0..parts)
+            .map(|i| {
+                let (d, metrics) = (d.clone(), metrics.clone());
+                let range = i * per..((i + 1) * per).min(d.streams.len());
+                tokio::spawn(async move { deliver_part(&d, range, origin, &metrics).await })
+            })
+            .collect();
+        for t in tasks {
+            // A panicked part has woken nobody it did not write to; its
+            // streams wake on their ping and read from memory.
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "direct delivery task failed");
+            }
+        }
+    }
+}
+
+async fn deliver_part(d: &Delivery, range: Range<usize>, origin: Origin, metrics: &Metrics) {
+    let mut pages: Vec<Page> = Vec::new();
+    for (k, s) in d.streams[range].iter().enumerate() {
+        let written = write_parked(&s.park, d, origin, s.lag.limit(), &mut pages);
+        if let Written::All | Written::Part = written {
+            // Everything up to the head is on the wire or in the tail, and
+            // no catch-up adds more before this returns.
+            s.lag.caught_up();
+            metrics.stream_direct_writes.fetch_add(1, Relaxed);
+            metrics.delivery_latency.observe(d.heard.elapsed());
+        }
+        if let Written::Part | Written::Nothing = written {
+            s.notify.notify_one();
+        }
+        if (k + 1) % YIELD_EVERY == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+fn write_parked(
+    park: &Park,
+    d: &Delivery,
+    origin: Origin,
+    limit: usize,
+    pages: &mut Vec<Page>,
+) -> Written {
+    let mut st = park.lock();
+    if st.stale {
+        return Written::Nothing;
+    }
+    let (Some(at), Some(sock)) = (&st.at, &st.sock) else {
+        return Written::Nothing;
+    };
+    let i = match pages
+        .iter()
+        .position(|p| Arc::ptr_eq(&p.at, at) || p.at == *at)
+    {
+        Some(i) => i,
+        None => {
+            pages.push(Page {
+                at: at.clone(),
+                bytes: build(d, at, origin, limit),
+            });
+            pages.len() - 1
+        }
+    };
+    let Some(bytes) = &pages[i].bytes else {
+        return Written::Nothing;
+    };
+    match sock.try_write(bytes) {
+        Ok(w) if w == bytes.len() => {
+            st.at = Some(d.head.clone());
+            Written::All
+        }
+        Ok(w) if w > 0 => {
+            st.at = Some(d.head.clone());
+            st.rest = bytes.slice(w..);
+            Written::Part
+        }
+        // Full, or gone: the stream finds out itself.
+        _ => Written::Nothing,
+    }
+}
+
+/// The framed events of the rows due to a stream parked at `at`: the
+/// catch-up's rows not visible in `at`. Valid only when `at` lies
+/// between the catch-up's lower snapshot and its head — then the rows
+/// due are exactly those, and the stream's next position is the head —
+/// and when there is something due, within the backlog bound.
+fn build(d: &Delivery, at: &Arc<Snapshot>, origin: Origin, limit: usize) -> Option<Bytes> {
+    if !at.contains(&d.lower) || !d.head.contains(at) {
+        return None;
+    }
+    let due: Vec<_> = d.rows.iter().filter(|m| !at.is_visible(m.txid)).collect();
+    if due.is_empty() || due.len() > limit {
+        return None;
+    }
+    let mut events = BytesMut::new();
+    for (i, row) in due.iter().enumerate() {
+        // The same ids a stream reading this page itself would write
+        // (`reader::Page::position_after`).
+        let position = if i + 1 < due.len() {
+            Position::Paging {
+                lower: Lower::Snapshot(at.clone()),
+                upper: d.head.clone(),
+                after_id: row.id,
+            }
+        } else {
+            Position::At(d.head.clone())
+        };
+        let id = Cursor { origin, position }.encode();
+        push_message(&mut events, &id, &row.json);
+    }
+    Some(frame_chunk(&events))
+}
+
+/// `data` as one HTTP/1.1 chunk.
+pub fn frame_chunk(data: &[u8]) -> Bytes {
+    let mut c = Vec::with_capacity(data.len() + 12);
+    let _ = write!(c, "{:x}\r\n", data.len());
+    c.extend_from_slice(data);
+    c.extend_from_slice(b"\r\n");
+    c.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{Lag, ParkedStream};
+    use crate::message::{Message, StoredMessage, User};
+    use chrono::Utc;
+    use futures::FutureExt;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+    use tokio::sync::Notify;
+    use tokio::time::Instant;
+
+    const ORIGIN: Origin = Origin {
+        system_id: 7,
+        timeline: 1,
+    };
+
+    fn snap(xmin: u64, xmax: u64, xip: &[u64]) -> Arc<Snapshot> {
+        Arc::new(Snapshot::new(xmin, xmax, xip.to_vec()).unwrap())
+    }
+
+    fn msg(id: i64, txid: u64, content: String) -> Arc<StoredMessage> {
+        let m = Message {
+            id,
+            room: 1,
+            sender: User {
+                id: 2,
+                username: "bob".into(),
+                first_name: String::new(),
+                last_name: String::new(),
+            },
+            content,
+            created_at: Utc::now(),
+        };
+        Arc::new(StoredMessage::new(&m, txid))
+    }
+
+    /// A loopback connection: the server side (what a park writes to) and
+    /// the client side.
+    async fn pair() -> (Arc<TcpStream>, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        (Arc::new(server), client)
+    }
+
+    struct Stream {
+        park: Arc<Park>,
+        notify: Arc<Notify>,
+        lag: Arc<Lag>,
+        client: TcpStream,
+    }
+
+    async fn stream() -> Stream {
+        let (server, client) = pair().await;
+        Stream {
+            park: Park::new(server),
+            notify: Arc::new(Notify::new()),
+            lag: Lag::new(100, None),
+            client,
+        }
+    }
+
+    fn delivery(
+        lower: &Arc<Snapshot>,
+        head: &Arc<Snapshot>,
+        rows: Vec<Arc<StoredMessage>>,
+        streams: &[&Stream],
+    ) -> Delivery {
+        Delivery {
+            lower: lower.clone(),
+            head: head.clone(),
+            rows,
+            heard: Instant::now(),
+            streams: streams
+                .iter()
+                .map(|s| ParkedStream {
+                    park: s.park.clone(),
+                    notify: s.notify.clone(),
+                    lag: s.lag.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// What a stream reading the same rows after `at` writes itself.
+    fn expected(at: &Arc<Snapshot>, head: &Arc<Snapshot>, rows: &[&Arc<StoredMessage>]) -> Bytes {
+        let mut events = BytesMut::new();
+        for (i, row) in rows.iter().enumerate() {
+            let position = if i + 1 < rows.len() {
+                Position::Paging {
+                    lower: Lower::Snapshot(at.clone()),
+                    upper: head.clone(),
+                    after_id: row.id,
+                }
+            } else {
+                Position::At(head.clone())
+            };
+            let id = Cursor {
+                origin: ORIGIN,
+                position,
+            }
+            .encode();
+            push_message(&mut events, &id, &row.json);
+        }
+        frame_chunk(&events)
+    }
+
+    fn woken(n: &Notify) -> bool {
+        n.notified().now_or_never().is_some()
+    }
+
+    fn nothing_to_read(c: &TcpStream) -> bool {
+        let mut b = [0u8; 16];
+        matches!(c.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    #[tokio::test]
+    async fn a_parked_stream_gets_exactly_the_rows_it_does_not_see_and_moves_to_the_head() {
+        let lower = snap(10, 10, &[]);
+        let head = snap(13, 13, &[]);
+        let rows = vec![
+            msg(1, 10, "a".into()),
+            msg(2, 11, "b".into()),
+            msg(3, 12, "c".into()),
+        ];
+        // Two streams parked at different positions inside the range: one
+        // at the catch-up's lower snapshot, one that has seen txid 10.
+        let mut s1 = stream().await;
+        let mut s2 = stream().await;
+        assert!(s1.park.park(&lower));
+        let seen10 = snap(11, 11, &[]);
+        assert!(s2.park.park(&seen10));
+        let metrics = Arc::new(Metrics::default());
+        let d = delivery(&lower, &head, rows.clone(), &[&s1, &s2]);
+        deliver(vec![d], ORIGIN, &metrics).await;
+
+        for (s, at, due) in [
+            (&mut s1, &lower, vec![&rows[0], &rows[1], &rows[2]]),
+            (&mut s2, &seen10, vec![&rows[1], &rows[2]]),
+        ] {
+            let want = expected(at, &head, &due);
+            let mut got = vec![0u8; want.len()];
+            s.client.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, want);
+            assert!(nothing_to_read(&s.client));
+            assert_eq!(s.park.unpark(), Some(head.clone()));
+            assert!(!woken(&s.notify), "served streams are not woken");
+        }
+        assert_eq!(metrics.stream_direct_writes.load(Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn streams_it_cannot_serve_are_woken_and_nothing_is_written_for_them() {
+        let lower = snap(10, 10, &[]);
+        let head = snap(12, 12, &[]);
+        let rows = vec![msg(1, 10, "a".into()), msg(2, 11, "b".into())];
+
+        let not_parked = stream().await;
+        // A membership change heard after its check: even parked, it is
+        // not written to.
+        let revoked = stream().await;
+        revoked.park.checking();
+        assert!(revoked.park.park(&lower));
+        revoked.park.revoke();
+        // Parked before the catch-up's lower snapshot: rows of an earlier
+        // catch-up may be due too, which this delivery does not carry.
+        let older = stream().await;
+        let old = snap(9, 9, &[]);
+        assert!(older.park.park(&old));
+        // Due more than its backlog bound allows in one page.
+        let mut bounded = stream().await;
+        bounded.lag = Lag::new(1, None);
+        assert!(bounded.park.park(&lower));
+        // Already sees every row (parked at the head): nothing to write.
+        let current = stream().await;
+        assert!(current.park.park(&head));
+
+        let all = [&not_parked, &revoked, &older, &bounded, &current];
+        let d = delivery(&lower, &head, rows, &all);
+        deliver(vec![d], ORIGIN, &Arc::new(Metrics::default())).await;
+        for (name, s, at) in [
+            ("not parked", &not_parked, None),
+            ("revoked", &revoked, Some(&lower)),
+            ("older", &older, Some(&old)),
+            ("bounded", &bounded, Some(&lower)),
+            ("current", &current, Some(&head)),
+        ] {
+            assert!(woken(&s.notify), "{name}");
+            assert!(nothing_to_read(&s.client), "{name}");
+            assert_eq!(s.park.unpark().as_ref(), at, "{name}: position moved");
+        }
+        // A revoked stream parks again only after checking.
+        assert!(!revoked.park.park(&lower));
+        revoked.park.checking();
+        assert!(revoked.park.park(&lower));
+    }
+
+    #[tokio::test]
+    async fn a_closed_park_is_not_written_to() {
+        let lower = snap(10, 10, &[]);
+        let head = snap(11, 11, &[]);
+        let s = stream().await;
+        assert!(s.park.park(&lower));
+        s.park.close();
+        assert!(!s.park.park(&lower));
+        let d = delivery(&lower, &head, vec![msg(1, 10, "a".into())], &[&s]);
+        deliver(vec![d], ORIGIN, &Arc::new(Metrics::default())).await;
+        assert!(woken(&s.notify));
+        assert!(nothing_to_read(&s.client));
+    }
+
+    #[tokio::test]
+    async fn a_write_the_socket_takes_in_part_leaves_its_tail_to_the_connection() {
+        let lower = snap(10, 10, &[]);
+        let head = snap(11, 11, &[]);
+        // Far more than a loopback socket buffers while nobody reads.
+        let row = msg(1, 10, "x".repeat(16 << 20));
+        let mut s = stream().await;
+        assert!(s.park.park(&lower));
+        let d = delivery(&lower, &head, vec![row.clone()], &[&s]);
+        deliver(vec![d], ORIGIN, &Arc::new(Metrics::default())).await;
+
+        assert!(s.park.has_rest(), "the socket took it all");
+        assert!(woken(&s.notify), "the stream must write the tail");
+        assert_eq!(s.park.unpark(), Some(head.clone()));
+        assert!(!s.park.park(&head), "parked with a tail unwritten");
+        // As the connection does: the tail, then whatever comes next.
+        let rest = s.park.take_rest();
+        let sock = s.park.lock().sock.clone().unwrap();
+        let want = expected(&lower, &head, &[&row]);
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; want.len()];
+            s.client.read_exact(&mut got).await.unwrap();
+            assert!(got == want, "the bytes on the wire are not the page");
+        });
+        let mut rest: &[u8] = &rest;
+        while !rest.is_empty() {
+            sock.writable().await.unwrap();
+            if let Ok(n) = sock.try_write(rest) {
+                rest = &rest[n..];
+            }
+        }
+        reader.await.unwrap();
+    }
+}
