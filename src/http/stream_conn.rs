@@ -20,6 +20,7 @@ use std::io::{ErrorKind, Write as _};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use chrono::Utc;
 use http_body_util::BodyExt;
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
@@ -65,17 +66,8 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, header_timeout: Duratio
         // Silence, as hyper does when a head does not arrive in time.
         Err(_) | Ok(Err(HeadError::Closed)) => return,
         Ok(Err(HeadError::Bad(e))) => {
-            let resp = e.into_response();
-            let stream = Arc::new(stream);
-            write_shared(
-                stream,
-                None,
-                resp,
-                Version::HTTP_11,
-                &Notify::new(),
-                header_timeout,
-            )
-            .await;
+            let resp = prepare(e.into_response(), Version::HTTP_11);
+            respond(Arc::new(stream), None, resp, &Notify::new(), header_timeout).await;
             return;
         }
         Ok(Ok(req)) => req,
@@ -92,7 +84,7 @@ pub async fn serve(app: Arc<App>, mut stream: TcpStream, header_timeout: Duratio
     let result = Box::pin(events::events(&app, req)).await;
     let resp = seen.finish(&app, result);
     let stall = Duration::from_secs(app.config.send_timeout_s);
-    write_shared(stream, park, resp, version, &kill, stall).await;
+    respond(stream, park, prepare(resp, version), &kill, stall).await;
 }
 
 enum HeadError {
@@ -209,18 +201,39 @@ enum Framing {
     UntilClose,
 }
 
-/// [`write_response`] on a socket a [`Park`] may share while the stream
-/// is parked; once the response is over the socket is this connection's
-/// alone again, and is closed as usual.
-async fn write_shared(
+/// The head bytes, body and framing of `resp`, taken apart before any
+/// await: an async fn keeps its arguments for its whole life, and the
+/// writing's state is part of every idle stream's memory.
+fn prepare(resp: Response<Body>, version: Version) -> Prepared {
+    let framing = match hyper::body::Body::size_hint(resp.body()).exact() {
+        Some(n) => Framing::Length(n),
+        None if version == Version::HTTP_10 => Framing::UntilClose,
+        None => Framing::Chunked,
+    };
+    Prepared {
+        head: head_bytes(&resp, framing),
+        body: resp.into_body(),
+        framing,
+    }
+}
+
+struct Prepared {
+    head: Vec<u8>,
+    body: Body,
+    framing: Framing,
+}
+
+/// Writes the response and closes the connection. The socket is shared
+/// with `park` while the stream is parked; once the response is over it
+/// is this connection's alone again.
+async fn respond(
     stream: Arc<TcpStream>,
     park: Option<Arc<Park>>,
-    resp: Response<Body>,
-    version: Version,
+    resp: Prepared,
     kill: &Notify,
     stall: Duration,
 ) {
-    write_response(&stream, park.as_deref(), resp, version, kill, stall).await;
+    write_response(&stream, park.as_deref(), resp, kill, stall).await;
     if let Some(park) = &park {
         park.close();
     }
@@ -239,18 +252,15 @@ async fn write_shared(
 async fn write_response(
     sock: &TcpStream,
     park: Option<&Park>,
-    resp: Response<Body>,
-    version: Version,
+    resp: Prepared,
     kill: &Notify,
     stall: Duration,
 ) {
-    let framing = match hyper::body::Body::size_hint(resp.body()).exact() {
-        Some(n) => Framing::Length(n),
-        None if version == Version::HTTP_10 => Framing::UntilClose,
-        None => Framing::Chunked,
-    };
-    let head = head_bytes(&resp, framing);
-    let mut body = resp.into_body();
+    let Prepared {
+        head,
+        mut body,
+        framing,
+    } = resp;
     // One waiter on `kill` for the whole response, not one per frame.
     let killed = kill.notified();
     tokio::pin!(killed);
@@ -272,33 +282,37 @@ async fn write_response(
                 continue;
             }
         };
+        let is_end = frame.is_none();
+        let data = match frame {
+            Some(frame) => frame
+                .unwrap_or_else(|never| match never {})
+                .into_data()
+                .unwrap_or_default(),
+            None => Bytes::new(),
+        };
+        let mut out = match framing {
+            Framing::Chunked if !data.is_empty() => frame_chunk(&data),
+            _ => data,
+        };
+        if is_end {
+            if let Framing::Chunked = framing {
+                out = Bytes::from_static(b"0\r\n\r\n");
+            }
+        }
         // The stream is not parked while its body yields a frame or ends:
-        // what a direct write left unwritten goes first.
+        // what a direct write left unwritten goes first. One write either
+        // way, so that an idle connection's task is no larger for it.
         if let Some(rest) = park.map(Park::take_rest).filter(|r| !r.is_empty()) {
+            out = [&rest[..], &out[..]].concat().into();
+        }
+        if !out.is_empty() {
             tokio::select! {
-                ok = write_all_within(sock, &rest, stall) => if !ok { return },
+                ok = write_all_within(sock, &out, stall) => if !ok { return },
                 _ = &mut killed => return,
             }
         }
-        let Some(frame) = frame else { break };
-        let Ok(data) = frame.unwrap_or_else(|never| match never {}).into_data() else {
-            continue;
-        };
-        if data.is_empty() {
-            continue;
-        }
-        let out = match framing {
-            Framing::Chunked => frame_chunk(&data),
-            _ => data,
-        };
-        tokio::select! {
-            ok = write_all_within(sock, &out, stall) => if !ok { return },
-            _ = &mut killed => return,
-        }
-    }
-    if let Framing::Chunked = framing {
-        if !write_all_within(sock, b"0\r\n\r\n", stall).await {
-            return;
+        if is_end {
+            break;
         }
     }
     // Closing with unread input makes the kernel send a reset, which can
@@ -310,15 +324,20 @@ async fn write_response(
 /// written for `stall`.
 async fn write_all_within(sock: &TcpStream, mut buf: &[u8], stall: Duration) -> bool {
     while !buf.is_empty() {
-        let wrote = timeout(stall, async {
-            loop {
-                sock.writable().await?;
+        // `poll_write_ready` keeps its waker in the socket's own slot,
+        // where `writable()` would add a waiter node to this (long-lived)
+        // task's state. Only this connection ever waits to write; a
+        // catch-up writing to a parked stream never waits.
+        let wrote = timeout(
+            stall,
+            std::future::poll_fn(|cx| loop {
+                std::task::ready!(sock.poll_write_ready(cx))?;
                 match sock.try_write(buf) {
                     Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                    r => return r,
+                    r => return std::task::Poll::Ready(r),
                 }
-            }
-        })
+            }),
+        )
         .await;
         match wrote {
             Ok(Ok(n)) if n > 0 => buf = &buf[n..],
