@@ -283,22 +283,20 @@ async fn write_response(
             }
         };
         let is_end = frame.is_none();
-        let data = match frame {
-            Some(frame) => frame
-                .unwrap_or_else(|never| match never {})
-                .into_data()
-                .unwrap_or_default(),
-            None => Bytes::new(),
-        };
-        let mut out = match framing {
-            Framing::Chunked if !data.is_empty() => frame_chunk(&data),
-            _ => data,
-        };
-        if is_end {
-            if let Framing::Chunked = framing {
-                out = Bytes::from_static(b"0\r\n\r\n");
+        let mut out = match (frame, framing) {
+            (None, Framing::Chunked) => Bytes::from_static(b"0\r\n\r\n"),
+            (None, _) => Bytes::new(),
+            (Some(frame), framing) => {
+                let data = frame
+                    .unwrap_or_else(|never| match never {})
+                    .into_data()
+                    .unwrap_or_default();
+                match framing {
+                    Framing::Chunked if !data.is_empty() => frame_chunk(&data),
+                    _ => data,
+                }
             }
-        }
+        };
         // The stream is not parked while its body yields a frame or ends:
         // what a direct write left unwritten goes first. One write either
         // way, so that an idle connection's task is no larger for it.
