@@ -116,9 +116,9 @@ async fn run() -> Result<()> {
         if s.conn_only {
             let mut hark = Hark::start(&pg.conn, "sse_idle-connections", &[]).await?;
             // Connections that send nothing are closed after hark's 10 s
-            // header-read timeout, and opening 20,000 of them took 9–14 s on
-            // a machine with many sockets still in TIME_WAIT from the waves
-            // before; half as many give the same cost per connection.
+            // header-read timeout, and opening 19,900 of them took 9.3 s on
+            // one host and longer than that in the runs after it; half as
+            // many give the same cost per connection.
             let conns = n.min(10_000);
             let r = connections_only(&hark, &s, conns, &rooms, &token, &mut mem_rows).await;
             hark.stop().await;
