@@ -26,9 +26,9 @@
 //! SSE_IDLE_PINGS ("15000,1000"), SSE_IDLE_WINDOW_S (15),
 //! SSE_IDLE_BASELINE_S (5), SSE_IDLE_WAVES (2), SSE_IDLE_PARALLEL (128),
 //! SSE_IDLE_CONNECTIONS_ONLY (1; 0 skips the comparison), and SSE_REUSED
-//! (0; 1 sends each connection a `GET /healthz` before its stream, so that
-//! hyper serves the stream, as for a browser that reuses a keep-alive
-//! connection for its EventSource).
+//! (0; 1 sends each connection a `GET /healthz` before its stream, as for
+//! a browser that reuses a keep-alive connection for its EventSource; 2
+//! sends a bodiless `POST` instead, so that hyper serves the stream).
 
 mod common;
 
@@ -68,8 +68,10 @@ async fn run() -> Result<()> {
         .map(|p| p.trim().parse::<u64>())
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| err(format!("SSE_IDLE_PINGS: {e}")))?;
-    if env_num("SSE_REUSED", 0u8) != 0 {
-        println!("SSE_REUSED: each stream's connection served a GET /healthz first (hyper's path)");
+    match env_num("SSE_REUSED", 0u8) {
+        0 => {}
+        1 => println!("SSE_REUSED=1: each stream's connection served a GET /healthz first"),
+        _ => println!("SSE_REUSED=2: each stream's connection served a POST first (hyper's path)"),
     }
     let pg = Pg::start(&[]).await?;
     let result = async {

@@ -1785,6 +1785,135 @@ async fn without_cors_configured_no_origin_is_allowed() {
     assert!(h.get("access-control-allow-origin").is_none());
 }
 
+// ------------------------------------------------------- one connection
+
+fn status_of(head: &str) -> u16 {
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status")
+}
+
+/// Several GETs on one connection, the first three pipelined in one write:
+/// answered in order, and the connection stays open for more.
+#[tokio::test]
+async fn gets_on_one_connection_are_answered_in_order_and_kept_alive() {
+    let c = chat(&[]).await;
+    let (a, b) = (token(c.alice), token(c.bob));
+    let mut raw = Raw::connect(c.hark.addr).await;
+    raw.send(
+        format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n\
+             GET /api/chat/rooms/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {a}\r\n\r\n\
+             GET /api/chat/rooms/{room}/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {b}\r\n\r\n",
+            room = c.room
+        )
+        .as_bytes(),
+    )
+    .await;
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let (head, body) = raw.answer().await;
+        assert_eq!(status_of(&head), 200, "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        answers.push(json(&body));
+    }
+    assert_eq!(answers[0]["status"], "ok");
+    assert_eq!(
+        answers[1].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        answers[1]
+    );
+    assert_eq!(answers[1][0]["id"], c.room);
+    assert_eq!(answers[2]["id"], c.room);
+    // An error answer keeps the connection too.
+    raw.send(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (head, body) = raw.answer().await;
+    assert_eq!(status_of(&head), 404, "{head}");
+    assert_eq!(json(&body)["code"], "not_found");
+    raw.send(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (head, _) = raw.answer().await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    assert_eq!(c.hark.metric("hark_open_connections").await, 2.0);
+}
+
+/// A request with a body (or another method) after bodiless GETs: the
+/// connection goes on, served as a whole, the body read as such.
+#[tokio::test]
+async fn a_request_with_a_body_after_gets_is_answered_on_the_same_connection() {
+    let c = chat(&[]).await;
+    let a = token(c.alice);
+    let body = r#"{"is_typing": true}"#;
+    let mut raw = Raw::connect(c.hark.addr).await;
+    raw.send(
+        format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n\
+             POST /api/chat/rooms/{room}/typing/ HTTP/1.1\r\nHost: x\r\n\
+             Authorization: Bearer {a}\r\nContent-Type: application/json\r\n\
+             Content-Length: {len}\r\n\r\n{body}\
+             GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}\
+             GET /api/chat/rooms/{room}/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {b}\r\n\r\n",
+            room = c.room,
+            len = body.len(),
+            b = token(c.bob),
+        )
+        .as_bytes(),
+    )
+    .await;
+    let (head, _) = raw.answer().await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    let (head, answer) = raw.answer().await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    assert_eq!(json(&answer)["success"], true);
+    // A GET's body is not taken for the next request.
+    let (head, answer) = raw.answer().await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    assert_eq!(json(&answer)["status"], "ok");
+    let (head, answer) = raw.answer().await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    assert_eq!(typists(&json(&answer)), vec![c.alice]);
+    raw.send(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let head = raw.answer_to_head().await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    let (head, answer) = raw.answer().await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    assert_eq!(json(&answer)["status"], "ok", "the HEAD answer had no body");
+}
+
+/// `Connection: close` and HTTP/1.0: one answer, saying so, then the end.
+#[tokio::test]
+async fn connection_close_and_http_1_0_end_the_connection_after_the_answer() {
+    let c = chat(&[]).await;
+    for req in [
+        &b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
+        b"GET /healthz HTTP/1.0\r\n\r\n",
+        b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    ] {
+        let mut raw = Raw::connect(c.hark.addr).await;
+        raw.send(req).await;
+        let (head, body) = raw.answer().await;
+        assert_eq!(status_of(&head), 200, "{head}");
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+        assert_eq!(json(&body)["status"], "ok");
+        assert!(raw.closed_within(Duration::from_secs(5)).await);
+    }
+}
+
+/// Shutdown does not wait for a connection that is between requests.
+#[tokio::test]
+async fn an_idle_connection_does_not_hold_up_shutdown() {
+    let mut c = chat(&[]).await;
+    let mut raw = Raw::connect(c.hark.addr).await;
+    raw.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (head, _) = raw.answer().await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    let took = c.hark.stop().await;
+    assert!(took < Duration::from_secs(2), "exit took {took:?}");
+    assert!(raw.closed_within(Duration::from_secs(1)).await);
+}
+
 // ------------------------------------------------------------------ limits
 
 /// A kept-alive connection that has been served once (so it holds its slot).

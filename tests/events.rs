@@ -612,22 +612,6 @@ async fn resume_with_last_event_id_query_parameter_on_an_all_rooms_stream() {
     resume_case(Via::Query, true).await;
 }
 
-/// Inserts `n` messages in one transaction; returns their ids ascending.
-async fn insert_batch(fx: &Fixture, room: i64, sender: i64, n: i64, tag: &str) -> Vec<i64> {
-    let rows = fx
-        .db
-        .query(
-            "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) \
-             SELECT $1, $2, $3 || g, now() FROM generate_series(1, $4::int8) g RETURNING id",
-            &[&room, &sender, &tag, &n],
-        )
-        .await
-        .expect("insert batch");
-    let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-    ids.sort_unstable();
-    ids
-}
-
 #[tokio::test]
 async fn resume_from_the_middle_of_a_batch() {
     let Room3 {
@@ -641,11 +625,11 @@ async fn resume_from_the_middle_of_a_batch() {
     let t = token(alice);
     let q = format!("?room_id={room}");
     let (mut s, _) = opened(&hark, &q, &t).await;
-    let batch = insert_batch(&fx, room, bob, 5, "batch ").await;
+    let batch = fx.insert_many(room, bob, 5, "batch ").await;
     let (cursors, ids) = messages(&mut s, 2).await;
     assert_eq!(ids, batch[..2]);
     drop(s);
-    let later = insert_batch(&fx, room, bob, 2, "later ").await;
+    let later = fx.insert_many(room, bob, 2, "later ").await;
 
     // The mid-batch id is a valid `since` for the poll as well.
     let mut rest: Vec<i64> = batch[2..].to_vec();
@@ -695,7 +679,7 @@ async fn resume_from_cursors_issued_by_the_long_poll() {
     let at = body["cursor"].as_str().unwrap().to_string();
     let since = chrono::Utc::now() - chrono::Duration::seconds(60);
     let since = since.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let sent = insert_batch(&fx, room, bob, 5, "m").await;
+    let sent = fx.insert_many(room, bob, 5, "m").await;
 
     let (mut s1, opening) = resume(&hark, &q, &t, &at, Via::Header).await;
     assert_eq!(opening.reset, None);
@@ -1147,7 +1131,7 @@ async fn small_buffer_stream(
 /// The same on hyper's path: the stream is the connection's second request.
 #[tokio::test]
 async fn a_slow_reader_on_a_reused_connection_is_cut_and_resumes_losslessly() {
-    slow_reader_is_cut_and_resumes(Some("/healthz")).await;
+    slow_reader_is_cut_and_resumes(Some("POST /api/chat/messages/")).await;
 }
 
 async fn slow_reader_is_cut_and_resumes(first: Option<&'static str>) {
@@ -1169,7 +1153,7 @@ async fn slow_reader_is_cut_and_resumes(first: Option<&'static str>) {
     let mut inserted = 0;
     let mut cut = false;
     for _ in 0..80 {
-        insert_batch(&fx, room, bob, 50, &filler).await;
+        fx.insert_many(room, bob, 50, &filler).await;
         inserted += 50;
         if hark.metric("hark_streams_cut_slow_total").await >= 1.0 {
             cut = true;
@@ -1259,7 +1243,7 @@ async fn a_stalled_reader_is_closed_after_the_send_timeout() {
 /// The same on hyper's path: the stream is the connection's second request.
 #[tokio::test]
 async fn a_stalled_reader_on_a_reused_connection_is_closed_after_the_send_timeout() {
-    stalled_reader_is_closed(Some("/healthz")).await;
+    stalled_reader_is_closed(Some("POST /api/chat/messages/")).await;
 }
 
 async fn stalled_reader_is_closed(first: Option<&'static str>) {
@@ -1280,7 +1264,7 @@ async fn stalled_reader_is_closed(first: Option<&'static str>) {
     let filler = "x".repeat(9000);
     let mut closed = false;
     for _ in 0..100 {
-        insert_batch(&fx, room, bob, 50, &filler).await;
+        fx.insert_many(room, bob, 50, &filler).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         if hark.metric("hark_open_streams").await == 0.0 {
             closed = true;
@@ -1301,9 +1285,10 @@ async fn stalled_reader_is_closed(first: Option<&'static str>) {
 
 // ---- the two connection paths --------------------------------------------------
 
-/// A connection whose first request is /events is served on hark's lean
-/// path (it closes when the stream ends); /events as a later request of a
-/// keep-alive connection is served by hyper. Both stream the same.
+/// A connection whose requests so far were bodiless GETs is served on
+/// hark's lean path (it closes when the stream ends); /events after any
+/// other request of a keep-alive connection is served by hyper. Both
+/// stream the same.
 #[tokio::test]
 async fn a_stream_works_as_first_or_later_request_of_a_connection() {
     let Room3 {
@@ -1321,9 +1306,18 @@ async fn a_stream_works_as_first_or_later_request_of_a_connection() {
     let variants = [
         ("first request", Opts::default(), Some("close"), CHUNKED),
         (
-            "after /healthz on the same connection",
+            "after GET /healthz on the same connection",
             Opts {
-                first: Some("/healthz"),
+                first: Some("GET /healthz"),
+                ..Opts::default()
+            },
+            Some("close"),
+            CHUNKED,
+        ),
+        (
+            "after a POST on the same connection",
+            Opts {
+                first: Some("POST /api/chat/messages/"),
                 ..Opts::default()
             },
             None,
@@ -1478,7 +1472,7 @@ async fn a_reader_that_keeps_up_is_not_cut_for_history_before_it_opened() {
         ..
     } = room_of_three(&[("HARK_STREAM_BACKLOG", "32")]).await;
     // History written while nobody watched the room.
-    insert_batch(&fx, room, bob, 40, "history ").await;
+    fx.insert_many(room, bob, 40, "history ").await;
     let (mut s, _) = opened(&hark, &format!("?room_id={room}"), &token(alice)).await;
     // Then a reader that reads each message as soon as it is sent.
     for i in 0..5 {
@@ -1495,7 +1489,7 @@ async fn a_reader_that_keeps_up_is_not_cut_for_history_before_it_opened() {
         }
     }
     // A batch below the backlog bound, read at once, does not cut either.
-    let batch = insert_batch(&fx, room, bob, 20, "batch ").await;
+    let batch = fx.insert_many(room, bob, 20, "batch ").await;
     let (_, got) = messages(&mut s, batch.len()).await;
     assert_eq!(got, batch);
     let id = fx.insert(room, bob, "last").await;
@@ -1554,7 +1548,7 @@ async fn sigterm_exits_within_5_s_with_a_reader_that_stopped_reading() {
     // Far more than the socket buffers hold (about 4 MB on Linux).
     let filler = "y".repeat(9000);
     for _ in 0..20 {
-        insert_batch(&fx, room, bob, 50, &filler).await;
+        fx.insert_many(room, bob, 50, &filler).await;
     }
     // Nothing announces a full socket: give hark a moment to write what
     // fits (not needed for correctness, only to make the case real).

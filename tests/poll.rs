@@ -135,14 +135,11 @@ async fn paging_with_limit_delivers_everything_once_in_order() {
     let (hark, fx, alice, bob, room) = room_with_two().await;
     let t = token(alice);
     let mut cursor = cursor_now(&hark, room, &t).await;
-    let mut expected = Vec::new();
-    for i in 0..25 {
-        expected.push(fx.insert(room, bob, &format!("m{i}")).await);
-    }
+    // One commit: the hub knows all of them or none (then the database
+    // answers), so the first page is full whatever the listener's timing.
+    let expected = fx.insert_many(room, bob, 25, "m").await;
     let mut got = Vec::new();
     let mut pages = Vec::new();
-    // The hub may hold only part of what committed when the first page is
-    // read (a NOTIFY still in flight); pages then differ, never the result.
     loop {
         let (s, body) = get_json(
             &poll_url(&hark, room, Some(&cursor), "&limit=10&timeout=0"),
@@ -353,6 +350,33 @@ async fn a_thousand_waiting_polls_cost_one_catchup_per_insert() {
         "no poll read the database"
     );
     assert_eq!(hark.metric("hark_waiting_polls").await, 0.0);
+}
+
+/// A fetch loop's polls on one kept-alive connection: each waits, is
+/// answered by the next commit, and the next goes on the same connection.
+#[tokio::test]
+async fn polls_on_one_connection_wait_and_follow_each_other() {
+    let (hark, fx, alice, bob, room) = room_with_two().await;
+    let t = token(alice);
+    let mut cursor = cursor_now(&hark, room, &t).await;
+    let mut raw = Raw::connect(hark.addr).await;
+    for round in 0..3 {
+        raw.send(
+            format!(
+                "GET /api/chat/messages/poll/?room_id={room}&since={cursor}&timeout=30 HTTP/1.1\r\n\
+                 Host: x\r\nAuthorization: Bearer {t}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        hark.wait_for_metric("hark_waiting_polls", 1.0).await;
+        let id = fx.insert(room, bob, &format!("m{round}")).await;
+        let (head, body) = raw.answer_within(Duration::from_secs(20)).await;
+        assert!(head.starts_with("http/1.1 200 "), "{head}");
+        let body = json(&body);
+        assert_eq!(ids(&body), vec![id], "{body}");
+        cursor = body["cursor"].as_str().unwrap().to_string();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

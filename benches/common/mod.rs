@@ -1419,15 +1419,20 @@ impl SseStream {
     ///
     /// With `SSE_REUSED=1` the connection first serves a `GET /healthz`
     /// and then carries the stream, as when a browser reuses a keep-alive
-    /// connection for its EventSource: hark then serves the stream through
-    /// hyper rather than its lean stream connection.
+    /// connection for its EventSource (hark's lean connection serves both).
+    /// With `SSE_REUSED=2` the first request is a bodiless `POST` (a 401),
+    /// after which hark serves the connection, stream included, through
+    /// hyper.
     pub async fn open(addr: SocketAddr, target: &str) -> Result<(SseStream, String)> {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        if env_num("SSE_REUSED", 0u8) != 0 {
-            stream
-                .write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
-                .await?;
+        let first: &[u8] = match env_num("SSE_REUSED", 0u8) {
+            0 => b"",
+            1 => b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
+            _ => b"POST /api/chat/messages/ HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n",
+        };
+        if !first.is_empty() {
+            stream.write_all(first).await?;
             read_whole_response(&mut stream).await?;
         }
         let req = format!(
@@ -1520,7 +1525,8 @@ async fn read_whole_response(stream: &mut TcpStream) -> Result<()> {
     loop {
         if let Some(i) = find(&buf, b"\r\n\r\n") {
             let (status, length, _) = parse_head(&buf[..i + 4])?;
-            if status != 200 {
+            // 401 is the bodiless POST's answer, which keeps the connection.
+            if status != 200 && status != 401 {
                 return Err(err(format!("first request answered {status}")));
             }
             if buf.len() >= i + 4 + length {

@@ -1,12 +1,11 @@
 //! The chat endpoints: typing, rooms list and detail, the read marker and
 //! sending a message.
 
-use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::{authenticate, json_response, query_pairs, read_json, Body};
+use super::{authenticate, json_response, query_pairs, read_json, Body, ReqBody};
 use crate::app::App;
 use crate::db::{messages, rooms};
 use crate::directory::Access;
@@ -32,9 +31,9 @@ fn ok_json(status: StatusCode, v: &impl serde::Serialize) -> Result<Response<Bod
 }
 
 /// POST /api/chat/rooms/{id}/typing/
-pub async fn typing(
+pub async fn typing<B: ReqBody>(
     app: &App,
-    req: Request<Incoming>,
+    req: Request<B>,
     room: i64,
 ) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
@@ -61,9 +60,9 @@ pub async fn typing(
 }
 
 /// GET /api/chat/rooms/ and /api/chat/rooms/{id}/
-pub async fn rooms(
+pub async fn rooms<B: ReqBody>(
     app: &App,
-    req: Request<Incoming>,
+    req: Request<B>,
     only: Option<i64>,
 ) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
@@ -84,9 +83,9 @@ pub async fn rooms(
 }
 
 /// POST /api/chat/rooms/{id}/read/
-pub async fn mark_read(
+pub async fn mark_read<B: ReqBody>(
     app: &App,
-    req: Request<Incoming>,
+    req: Request<B>,
     room: i64,
 ) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
@@ -98,7 +97,10 @@ pub async fn mark_read(
 }
 
 /// POST /api/chat/messages/
-pub async fn send_message(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn send_message<B: ReqBody>(
+    app: &App,
+    req: Request<B>,
+) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let user = authenticate(app, &req, &pairs).await?;
     let body = read_json(app, req).await?;

@@ -48,7 +48,7 @@ const RETRY_MS: u64 = 2000;
 const MAX_ROOMS: usize = 100;
 
 /// Generic over the request body, which a stream never reads: hyper hands
-/// it `Incoming`, the lean stream connection ([`super::stream_conn`]) `()`.
+/// it `Incoming`, the lean connection ([`super::lean`]) `()`.
 pub async fn events<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let user = authenticate(app, &req, &pairs).await?;

@@ -6,12 +6,12 @@ pub mod chat;
 pub mod cors;
 pub mod error;
 pub mod events;
+pub mod lean;
 pub mod ops;
 pub mod park;
 pub mod poll;
 pub mod router;
 pub mod send_timeout;
-pub mod stream_conn;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -40,6 +40,22 @@ use error::ApiError;
 
 /// Every response body: small JSON in one frame, or an event stream.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+/// A request body as handlers take it: hyper's `Incoming`, or an `Empty`
+/// one from the lean connection, which serves only requests without a body.
+pub trait ReqBody:
+    hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + 'static
+{
+}
+
+impl<T> ReqBody for T where
+    T: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static
+{
+}
 
 /// Time a client has to send its request head (slowloris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,9 +116,9 @@ pub async fn authenticate<B>(
 
 /// Reads a JSON object body within the size limit. A missing Content-Type
 /// is read as JSON; another explicit type is a 415; an empty body is `{}`.
-pub async fn read_json(
+pub async fn read_json<B: ReqBody>(
     app: &App,
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
     let max = app.config.max_body_bytes;
     if let Some(ct) = req.headers().get(CONTENT_TYPE) {
@@ -330,29 +346,34 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
     }
 }
 
-/// One accepted connection, to the end: an event stream on the lean path
-/// when that is its first request, hyper otherwise.
+/// One accepted connection, to the end: on the lean path while its
+/// requests are bodiless GETs ([`lean`]), hyper's otherwise.
 async fn serve_connection(
     app: &Arc<App>,
     stream: tokio::net::TcpStream,
     builder: &http1::Builder,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
-    let mut first = [0u8; stream_conn::PEEK_LEN];
+    let mut first = [0u8; lean::PEEK_LEN];
     let peeked = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await;
     let n = match peeked {
         Ok(Ok(n)) if n > 0 => n,
         // Silence, a reset or end of stream before a byte: nothing to answer.
         _ => return,
     };
-    if stream_conn::wants_stream(&first[..n]) {
-        return stream_conn::serve(app.clone(), stream, HEADER_READ_TIMEOUT).await;
-    }
+    let io = if lean::wants_lean(&first[..n]) {
+        match Box::pin(lean::serve(app.clone(), stream, HEADER_READ_TIMEOUT)).await {
+            Some(handoff) => Replay::new(handoff.stream, handoff.read),
+            None => return,
+        }
+    } else {
+        Replay::new(stream, Vec::new())
+    };
     let kill = Arc::new(tokio::sync::Notify::new());
     let kill2 = kill.clone();
     let app2 = app.clone();
     let send_timeout = Duration::from_secs(app.config.send_timeout_s);
-    let io = send_timeout::SendTimeout::new(TokioIo::new(stream), send_timeout);
+    let io = send_timeout::SendTimeout::new(TokioIo::new(io), send_timeout);
     let conn = builder.serve_connection(
         io,
         service_fn(move |mut req| {
@@ -367,5 +388,72 @@ async fn serve_connection(
         // Dropping the connection closes the socket, even one whose
         // reader stopped reading.
         _ = kill.notified() => {}
+    }
+}
+
+/// A socket whose first bytes were already read (by the lean connection)
+/// and are read again from here, so hyper sees the connection whole.
+struct Replay {
+    read: Bytes,
+    stream: tokio::net::TcpStream,
+}
+
+impl Replay {
+    fn new(stream: tokio::net::TcpStream, read: Vec<u8>) -> Replay {
+        Replay {
+            read: read.into(),
+            stream,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Replay {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Replay {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

@@ -2,7 +2,7 @@
 //! straight to the sockets of idle streams, with no task wake-up per
 //! stream (DESIGN §8).
 //!
-//! An idle stream on a lean HTTP/1.1 connection ([`super::stream_conn`])
+//! An idle stream on a lean HTTP/1.1 connection ([`super::lean`])
 //! that watches one room *parks*: it leaves its position here and waits.
 //! After a catch-up the hub hands [`deliver`] each room's new rows with the
 //! room's parked streams. The events for one position are built once and

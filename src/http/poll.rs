@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL};
 use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
@@ -112,7 +111,7 @@ pub fn check_origin(cursor: &Cursor, origin: Origin) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub async fn poll(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn poll<B>(app: &App, req: Request<B>) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let user = Box::pin(authenticate(app, &req, &pairs)).await?;
     drop(req);

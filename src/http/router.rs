@@ -4,11 +4,10 @@
 
 use std::sync::Arc;
 
-use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 
 use super::error::ApiError;
-use super::{chat, events, ops, poll, Body};
+use super::{chat, events, ops, poll, Body, ReqBody};
 use crate::app::App;
 
 enum Route {
@@ -68,7 +67,10 @@ fn parse(path: &str) -> Option<Route> {
     })
 }
 
-pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn route<B: ReqBody>(
+    app: &Arc<App>,
+    req: Request<B>,
+) -> Result<Response<Body>, ApiError> {
     let Some(route) = parse(req.uri().path()) else {
         return Err(ApiError::NotFound("Not found"));
     };

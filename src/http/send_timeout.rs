@@ -6,7 +6,7 @@
 //! cut for lag, and a poll whose client stopped reading a large answer
 //! holds its connection too; without this they would stay until TCP gave
 //! up, which it does not while the peer keeps acknowledging. The lean
-//! stream connection ([`super::stream_conn`]) applies the same limit to
+//! connection ([`super::lean`]) applies the same limit to
 //! its own writes.
 
 use std::future::Future;

@@ -449,6 +449,23 @@ impl Fixture {
             .expect("insert message")
             .get(0)
     }
+
+    /// `n` messages in one statement, so one commit: readers see all or
+    /// none. Returns their ids in order.
+    pub async fn insert_many(&self, room: i64, sender: i64, n: i64, tag: &str) -> Vec<i64> {
+        let rows = self
+            .db
+            .query(
+                "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) \
+                 SELECT $1, $2, $3 || g, now() FROM generate_series(1, $4::int8) g RETURNING id",
+                &[&room, &sender, &tag, &n],
+            )
+            .await
+            .expect("insert messages");
+        let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        ids.sort_unstable();
+        ids
+    }
 }
 
 /// Terminates the LISTEN backend(s) of hark processes on `db`'s database,
@@ -495,4 +512,90 @@ pub fn poll_url(hark: &Hark, room: i64, since: Option<&str>, extra: &str) -> Str
 
 pub fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("hark-test-{}-{name}", std::process::id()))
+}
+
+/// A raw HTTP/1.1 connection, for what a client library hides: several
+/// requests on one connection, pipelining, exact bytes. Reads answers that
+/// have a `Content-Length` body.
+pub struct Raw {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        Raw {
+            stream: tokio::net::TcpStream::connect(addr).await.expect("connect"),
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.expect("send");
+    }
+
+    /// The next answer: its head (lower-cased) and body. Panics if the
+    /// connection ends first or nothing comes within `wait`.
+    pub async fn answer_within(&mut self, wait: Duration) -> (String, Vec<u8>) {
+        self.next_answer(wait, true).await
+    }
+
+    /// The next answer to a `HEAD`: its head, which gives the length of a
+    /// body that is not sent.
+    pub async fn answer_to_head(&mut self) -> String {
+        self.next_answer(Duration::from_secs(10), false).await.0
+    }
+
+    async fn next_answer(&mut self, wait: Duration, with_body: bool) -> (String, Vec<u8>) {
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().expect("a length"))
+                    .unwrap_or_else(|| panic!("no content-length: {head}"));
+                let start = end + 4;
+                let len = if with_body { len } else { 0 };
+                if self.buf.len() >= start + len {
+                    let body = self.buf[start..start + len].to_vec();
+                    self.buf.drain(..start + len);
+                    return (head, body);
+                }
+            }
+            let n = self.read_some(wait).await;
+            assert!(
+                n > 0,
+                "the connection ended before a whole answer: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+        }
+    }
+
+    pub async fn answer(&mut self) -> (String, Vec<u8>) {
+        self.answer_within(Duration::from_secs(10)).await
+    }
+
+    /// Whether the server ends the connection within `wait`, sending
+    /// nothing more first.
+    pub async fn closed_within(&mut self, wait: Duration) -> bool {
+        self.read_some(wait).await == 0 && self.buf.is_empty()
+    }
+
+    async fn read_some(&mut self, wait: Duration) -> usize {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 8192];
+        match tokio::time::timeout(wait, self.stream.read(&mut chunk)).await {
+            Err(_) => panic!(
+                "nothing from the server within {wait:?}; have {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+            Ok(Err(_)) => 0,
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                n
+            }
+        }
+    }
 }

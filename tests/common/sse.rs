@@ -102,9 +102,10 @@ pub struct Opts {
     pub recv_buffer: Option<u32>,
     /// Send `HEAD` instead of `GET` (the answer has no body).
     pub head: bool,
-    /// A `GET` of this path first, on the same connection, its answer read
-    /// and dropped: the stream then is a keep-alive connection's second
-    /// request (hark serves that one through hyper, not its lean path).
+    /// A request first (`"<METHOD> <path>"`, with an empty body), on the
+    /// same connection, its answer read and dropped: the stream then is a
+    /// keep-alive connection's second request. After a `GET` hark serves it
+    /// on its lean path; after anything else through hyper.
     pub first: Option<&'static str>,
     /// Send the request head in two writes, this many bytes first, with a
     /// pause between.
@@ -479,10 +480,10 @@ impl Sse {
     }
 }
 
-/// `GET path` on `stream`; reads its answer (which must have a
-/// Content-Length and keep the connection open) and drops it.
+/// `first` (method and path) on `stream`; reads its answer (which must
+/// have a Content-Length and keep the connection open) and drops it.
 async fn read_one_answer(stream: &mut TcpStream, addr: SocketAddr, path: &str) {
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let req = format!("{path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
     stream
         .write_all(req.as_bytes())
         .await

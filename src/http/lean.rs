@@ -1,0 +1,613 @@
+//! The lean HTTP/1.1 connection: hark's own server for connections whose
+//! first request is a `GET`.
+//!
+//! hyper keeps two 8 KiB buffers per HTTP/1 connection for the
+//! connection's whole life (one to read requests into, one for response
+//! heads), and its dispatcher is most of the user-space work of a long
+//! poll. The requests that matter for both — event streams that stay open
+//! and long polls that wait, then come back on the same connection — are
+//! bodiless `GET`s, which need little of HTTP/1.1. So a connection whose
+//! first bytes are `GET /` is served here:
+//!
+//! - each request head is read into a buffer that grows only as the head
+//!   needs and is freed once parsed, then answered by the router, as on
+//!   hyper's path (through [`Seen`]), and the connection is kept alive for
+//!   the next one (pipelined requests are answered in order);
+//! - `GET /events` is answered chunk by chunk and ends the connection (the
+//!   response says `Connection: close`); its idle stream may park
+//!   ([`super::park`]);
+//! - the first request this module does not serve — another method, a body
+//!   on anything but /events — hands the connection to hyper with the bytes
+//!   already read, that request's head first ([`Handoff`]). hyper keeps it
+//!   to the end.
+//!
+//! Every other connection is hyper's from the start. Deciding costs one
+//! `peek` per new connection and consumes nothing.
+//!
+//! Limits are hyper's on the other path: the head size and header count,
+//! the header-read timeout (which also closes a connection idle between
+//! requests), the send timeout, and an end of input while a request is in
+//! flight closing the connection (hyper's default, no half-close).
+
+use std::io::{ErrorKind, Write as _};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+use http_body_util::{BodyExt, Empty};
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+use hyper::{HeaderMap, Method, Request, Response, Uri, Version};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::timeout;
+
+use super::error::ApiError;
+use super::park::{frame_chunk, Park};
+use super::{events, router, Body, ConnectionKill, Seen};
+use crate::app::App;
+
+/// Longest request head, and most header fields: hyper's limits on the
+/// other path (`max_buf_size` in [`super::serve`], hyper's default count),
+/// so a request is not refused here that hyper would take.
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
+/// What a client may send after its request head on a stream (a body,
+/// pipelined requests: read and dropped, the connection closes after the
+/// stream) or while a request is in flight (pipelined requests, kept)
+/// before it is cut.
+const MAX_TRAILING: usize = 64 * 1024;
+
+/// Whether a connection that starts with these bytes is this module's:
+/// a `GET` of an origin-form target. Too few bytes to tell is a no: hyper
+/// serves everything.
+pub fn wants_lean(first: &[u8]) -> bool {
+    first.starts_with(b"GET /")
+}
+
+/// Bytes [`wants_lean`] needs to see.
+pub const PEEK_LEN: usize = 5;
+
+/// A connection for hyper to serve from here on, and what was read from it
+/// and not answered (a request head first).
+pub struct Handoff {
+    pub stream: TcpStream,
+    pub read: Vec<u8>,
+}
+
+/// Serves a connection whose first bytes passed [`wants_lean`], until it
+/// ends or has a request for hyper.
+pub async fn serve(app: Arc<App>, stream: TcpStream, header_timeout: Duration) -> Option<Handoff> {
+    let stall = Duration::from_secs(app.config.send_timeout_s);
+    let mut shutdown = app.shutdown.clone();
+    let mut buf = Vec::new();
+    loop {
+        let head = tokio::select! {
+            h = timeout(header_timeout, read_head(&stream, &mut buf)) => h,
+            // Between requests nothing is lost by closing; a head half
+            // read is a request not yet made.
+            _ = shutdown.wait() => return None,
+        };
+        let (req, head_len) = match head {
+            // Silence, as hyper does when a head does not arrive in time.
+            Err(_) | Ok(Err(HeadError::Closed)) => return None,
+            Ok(Err(HeadError::Bad(e))) => {
+                let resp = prepare(e.into_response(), Version::HTTP_11, false);
+                respond(Arc::new(stream), None, resp, &Notify::new(), stall).await;
+                return None;
+            }
+            Ok(Ok(Head::Hyper)) => return Some(Handoff { stream, read: buf }),
+            Ok(Ok(Head::Lean(req, len))) => (req, len),
+        };
+        if is_events(req.uri()) {
+            // What followed the head is dropped: the stream ends the
+            // connection, so none of it can pass for a request.
+            drop(buf);
+            return serve_stream(app, stream, req, stall).await;
+        }
+        buf.drain(..head_len);
+        if buf.is_empty() {
+            // A connection between requests (or a waiting poll) holds no buffer.
+            buf = Vec::new();
+        }
+        let version = req.version();
+        let mut keep_alive = version == Version::HTTP_11 && !asks_close(req.headers());
+        let seen = Seen::new(&req);
+        let answer = Box::pin(router::route(&app, req.map(|()| Empty::<Bytes>::new())));
+        let result = tokio::select! {
+            r = answer => r,
+            // The client went away (or sent too much) while its request
+            // was in flight: a waiting poll is dropped with it.
+            () = read_ahead(&stream, &mut buf) => return None,
+        };
+        let resp = seen.finish(&app, result);
+        keep_alive &= !shutdown.is_fired() && !asks_close(resp.headers());
+        let resp = prepare(resp, version, keep_alive);
+        if !resp.keep_alive {
+            respond(Arc::new(stream), None, resp, &Notify::new(), stall).await;
+            return None;
+        }
+        if !write_whole(&stream, resp, stall).await {
+            return None;
+        }
+    }
+}
+
+/// `GET /events` (the router's own test of the path): a stream, then the end.
+fn is_events(uri: &Uri) -> bool {
+    matches!(uri.path(), "/events" | "/events/")
+}
+
+/// Whether the `Connection` header has the `close` option.
+fn asks_close(headers: &HeaderMap) -> bool {
+    headers.get_all(CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|o| o.trim().eq_ignore_ascii_case("close")))
+    })
+}
+
+/// An event stream: the same handler as on hyper's path, then the body
+/// chunk by chunk until the stream ends; then the connection closes.
+async fn serve_stream(
+    app: Arc<App>,
+    stream: TcpStream,
+    mut req: Request<()>,
+    stall: Duration,
+) -> Option<Handoff> {
+    let kill = Arc::new(Notify::new());
+    req.extensions_mut().insert(ConnectionKill(kill.clone()));
+    let version = req.version();
+    let stream = Arc::new(stream);
+    let park = (version == Version::HTTP_11).then(|| Park::new(stream.clone()));
+    if let Some(park) = &park {
+        req.extensions_mut().insert(park.clone());
+    }
+    let seen = Seen::new(&req);
+    let result = Box::pin(events::events(&app, req)).await;
+    let resp = seen.finish(&app, result);
+    respond(stream, park, prepare(resp, version, false), &kill, stall).await;
+    None
+}
+
+/// Reads (and keeps, for the next request) what the client sends while a
+/// request is in flight. Returns when the client is gone: end of input, an
+/// error, or more than MAX_TRAILING not yet answered.
+async fn read_ahead(sock: &TcpStream, buf: &mut Vec<u8>) {
+    loop {
+        match read_some(sock, buf, MAX_TRAILING).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) if buf.len() > MAX_TRAILING => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// One read into `buf`, which grows by at least one byte and about
+/// `max - buf.len()` at most. Waits on the socket's own readiness slot, as
+/// [`write_all_within`] does, so a waiting connection's task holds no
+/// waiter node.
+async fn read_some(sock: &TcpStream, buf: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
+    buf.reserve(max.saturating_sub(buf.len()).clamp(1, 4096));
+    std::future::poll_fn(|cx| loop {
+        std::task::ready!(sock.poll_read_ready(cx))?;
+        match sock.try_read_buf(buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            r => return Poll::Ready(r),
+        }
+    })
+    .await
+}
+
+enum HeadError {
+    /// The client went away (or the read failed) before a whole head.
+    Closed,
+    /// Answered with this error, then closed.
+    Bad(ApiError),
+}
+
+/// What a complete request head asks of this module.
+// Only ever returned, once per request: boxing the request would cost an
+// allocation for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Head {
+    /// A request served here, and the length of its head in the buffer.
+    Lean(Request<()>, usize),
+    /// A request for hyper; the buffer holds it from its first byte.
+    Hyper,
+}
+
+/// Reads until `buf` starts with a whole request head.
+async fn read_head(sock: &TcpStream, buf: &mut Vec<u8>) -> Result<Head, HeadError> {
+    loop {
+        if !buf.is_empty() {
+            if let Some(head) = parse_head(buf)? {
+                return Ok(head);
+            }
+            if buf.len() >= MAX_HEAD {
+                return Err(HeadError::Bad(ApiError::HeadTooLarge));
+            }
+        }
+        match read_some(sock, buf, MAX_HEAD).await {
+            Ok(0) | Err(_) => return Err(HeadError::Closed),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The request at the start of `buf`, or None when its head is not
+/// complete yet.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
+    let bad = |what: &str| {
+        HeadError::Bad(ApiError::bad(
+            "invalid_request",
+            format!("Malformed request: {what}"),
+        ))
+    };
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Complete(len)) => len,
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::Bad(ApiError::HeadTooLarge)),
+        Err(e) => return Err(bad(&e.to_string())),
+    };
+    if parsed.method != Some("GET") {
+        return Ok(Some(Head::Hyper));
+    }
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let uri: Uri = parsed
+        .path
+        .unwrap_or("")
+        .parse()
+        .map_err(|_| bad("request target"))?;
+    // A body on a GET is rare and ignored, but must be read past to find
+    // the next request: hyper's work. On /events it is dropped with
+    // whatever follows, since the stream ends the connection.
+    let has_body = parsed.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("transfer-encoding")
+            || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
+    });
+    if has_body && !is_events(&uri) {
+        return Ok(Some(Head::Hyper));
+    }
+    let mut req = Request::new(());
+    *req.method_mut() = Method::GET;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    let map = req.headers_mut();
+    map.reserve(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad("header name"))?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| bad("header value"))?;
+        map.append(name, value);
+    }
+    Ok(Some(Head::Lean(req, len)))
+}
+
+/// The status line and headers, ending with the framing this module uses.
+fn head_bytes(resp: &Response<Body>, framing: Framing, keep_alive: bool) -> Vec<u8> {
+    let status = resp.status();
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in resp.headers() {
+        if name == CONNECTION || name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !resp.headers().contains_key(DATE) {
+        let date = Utc::now().format("%a, %d %b %Y %H:%M:%S GMT");
+        let _ = write!(out, "date: {date}\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::UntilClose => {}
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+#[derive(Clone, Copy)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    /// HTTP/1.0 has no chunks: the body ends where the connection does.
+    UntilClose,
+}
+
+/// The head bytes, body and framing of `resp`, taken apart before any
+/// await: an async fn keeps its arguments for its whole life, and the
+/// writing's state is part of every idle stream's memory.
+/// `keep_alive` holds only for a body of known length.
+fn prepare(resp: Response<Body>, version: Version, keep_alive: bool) -> Prepared {
+    let framing = match hyper::body::Body::size_hint(resp.body()).exact() {
+        Some(n) => Framing::Length(n),
+        None if version == Version::HTTP_10 => Framing::UntilClose,
+        None => Framing::Chunked,
+    };
+    let keep_alive = keep_alive && matches!(framing, Framing::Length(_));
+    Prepared {
+        head: head_bytes(&resp, framing, keep_alive),
+        body: resp.into_body(),
+        framing,
+        keep_alive,
+    }
+}
+
+struct Prepared {
+    head: Vec<u8>,
+    body: Body,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// Writes a response of known length in one write, the connection staying
+/// open for the next request. False when the client is gone.
+async fn write_whole(sock: &TcpStream, resp: Prepared, stall: Duration) -> bool {
+    let Prepared { mut head, body, .. } = resp;
+    let Ok(body) = body.collect().await;
+    head.extend_from_slice(&body.to_bytes());
+    write_all_within(sock, &head, stall).await
+}
+
+/// Writes the response and closes the connection. The socket is shared
+/// with `park` while the stream is parked; once the response is over it
+/// is this connection's alone again.
+async fn respond(
+    stream: Arc<TcpStream>,
+    park: Option<Arc<Park>>,
+    resp: Prepared,
+    kill: &Notify,
+    stall: Duration,
+) {
+    write_response(&stream, park.as_deref(), resp, kill, stall).await;
+    if let Some(park) = &park {
+        park.close();
+    }
+    drop(park);
+    if let Ok(mut stream) = Arc::try_unwrap(stream) {
+        let _ = timeout(stall, stream.shutdown()).await;
+    }
+}
+
+/// Writes the response; the caller closes. Returns early when the client
+/// goes away, sends more than MAX_TRAILING after its head, or the hub cuts
+/// the stream (`kill`): a reader that stopped reading blocks the write, so
+/// the write too gives way to `kill`. A write that makes no progress for
+/// `stall` ends it too: a reader that stopped reading in a quiet room is
+/// never cut for lag, and would otherwise hold its connection for good.
+async fn write_response(
+    sock: &TcpStream,
+    park: Option<&Park>,
+    resp: Prepared,
+    kill: &Notify,
+    stall: Duration,
+) {
+    let Prepared {
+        head,
+        mut body,
+        framing,
+        ..
+    } = resp;
+    // One waiter on `kill` for the whole response, not one per frame.
+    let killed = kill.notified();
+    tokio::pin!(killed);
+    tokio::select! {
+        ok = write_all_within(sock, &head, stall) => if !ok { return },
+        _ = &mut killed => return,
+    }
+    drop(head);
+    let mut trailing = 0usize;
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = &mut killed => return,
+            f = body.frame() => f,
+            r = sock.readable() => {
+                if r.is_err() || !discard_input(sock, &mut trailing) {
+                    return;
+                }
+                continue;
+            }
+        };
+        let is_end = frame.is_none();
+        let mut out = match (frame, framing) {
+            (None, Framing::Chunked) => Bytes::from_static(b"0\r\n\r\n"),
+            (None, _) => Bytes::new(),
+            (Some(frame), framing) => {
+                let data = frame
+                    .unwrap_or_else(|never| match never {})
+                    .into_data()
+                    .unwrap_or_default();
+                match framing {
+                    Framing::Chunked if !data.is_empty() => frame_chunk(&data),
+                    _ => data,
+                }
+            }
+        };
+        // The stream is not parked while its body yields a frame or ends:
+        // what a direct write left unwritten goes first. One write either
+        // way, so that an idle connection's task is no larger for it.
+        if let Some(rest) = park.map(Park::take_rest).filter(|r| !r.is_empty()) {
+            out = [&rest[..], &out[..]].concat().into();
+        }
+        if !out.is_empty() {
+            tokio::select! {
+                ok = write_all_within(sock, &out, stall) => if !ok { return },
+                _ = &mut killed => return,
+            }
+        }
+        if is_end {
+            break;
+        }
+    }
+    // Closing with unread input makes the kernel send a reset, which can
+    // destroy the answer before the client reads it: read what is there.
+    discard_input(sock, &mut trailing);
+}
+
+/// Writes all of `buf`; false when the client is gone or no byte could be
+/// written for `stall`.
+async fn write_all_within(sock: &TcpStream, mut buf: &[u8], stall: Duration) -> bool {
+    while !buf.is_empty() {
+        // `poll_write_ready` keeps its waker in the socket's own slot,
+        // where `writable()` would add a waiter node to this (long-lived)
+        // task's state. Only this connection ever waits to write; a
+        // catch-up writing to a parked stream never waits.
+        let wrote = timeout(
+            stall,
+            std::future::poll_fn(|cx| loop {
+                std::task::ready!(sock.poll_write_ready(cx))?;
+                match sock.try_write(buf) {
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                    r => return std::task::Poll::Ready(r),
+                }
+            }),
+        )
+        .await;
+        match wrote {
+            Ok(Ok(n)) if n > 0 => buf = &buf[n..],
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Reads and drops what the client sent after its head, as far as it can
+/// without waiting. False when the client is gone (EOF, error) or has sent
+/// more than MAX_TRAILING in all.
+fn discard_input(sock: &TcpStream, total: &mut usize) -> bool {
+    let mut scratch = [0u8; 512];
+    loop {
+        match sock.try_read(&mut scratch) {
+            Ok(0) => return false,
+            Ok(n) => {
+                *total += n;
+                if *total > MAX_TRAILING {
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_connections_that_start_with_a_get() {
+        for yes in [
+            &b"GET /events?access_token=x HTTP/1.1\r\n"[..],
+            b"GET /api/chat/messages/poll/?room_id=1 HTTP/1.1\r\n",
+            b"GET / HTTP/1.1\r\n",
+            b"GET /",
+        ] {
+            assert!(wants_lean(yes), "{}", String::from_utf8_lossy(yes));
+        }
+        for no in [
+            &b"GET "[..],
+            b"HEAD /events HTTP/1.1",
+            b"POST /events HTTP/1.1",
+            b"OPTIONS / HTTP/1.1",
+            b"GET http://h/events HTTP/1.1",
+            b"",
+        ] {
+            assert!(!wants_lean(no), "{}", String::from_utf8_lossy(no));
+        }
+    }
+
+    fn parsed(raw: &str) -> Result<Option<Head>, HeadError> {
+        parse_head(raw.as_bytes())
+    }
+
+    fn lean(raw: &str) -> (Request<()>, usize) {
+        match parsed(raw) {
+            Ok(Some(Head::Lean(req, len))) => (req, len),
+            _ => panic!("not served here: {raw:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_a_head_and_refuses_malformed_ones() {
+        let raw = "GET /events?room_id=3 HTTP/1.1\r\nHost: h\r\nLast-Event-ID: abc\r\n\r\n";
+        let (req, len) = lean(raw);
+        assert_eq!(len, raw.len());
+        assert_eq!(req.uri().path(), "/events");
+        assert_eq!(req.uri().query(), Some("room_id=3"));
+        assert_eq!(req.headers()["last-event-id"], "abc");
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert!(matches!(
+            parsed("GET /events HTTP/1.1\r\nHost: h\r\n"),
+            Ok(None)
+        ));
+        // The head's length leaves a pipelined request in the buffer.
+        let first = "GET /healthz HTTP/1.1\r\n\r\n";
+        assert_eq!(
+            lean(&format!("{first}GET /readyz HTTP/1.1\r\n\r\n")).1,
+            first.len()
+        );
+        assert_eq!(lean("GET / HTTP/1.0\r\n\r\n").0.version(), Version::HTTP_10);
+        for bad in [
+            "GET /events HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            "GET /events HTTP/9.9\r\n\r\n",
+        ] {
+            assert!(matches!(parsed(bad), Err(HeadError::Bad(_))), "{bad:?}");
+        }
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        assert!(matches!(
+            parsed(&format!("GET /events HTTP/1.1\r\n{many}\r\n")),
+            Err(HeadError::Bad(ApiError::HeadTooLarge))
+        ));
+    }
+
+    #[test]
+    fn bodies_and_other_methods_are_for_hyper() {
+        for raw in [
+            "POST /api/chat/messages/ HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            "HEAD /healthz HTTP/1.1\r\n\r\n",
+            "OPTIONS /events HTTP/1.1\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            "GET /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ] {
+            assert!(matches!(parsed(raw), Ok(Some(Head::Hyper))), "{raw:?}");
+        }
+        // No body, or one on a stream (dropped: the stream ends the connection).
+        lean("GET /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        lean("GET /events HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello");
+    }
+
+    #[test]
+    fn close_is_an_option_of_the_connection_header() {
+        let of = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(CONNECTION, HeaderValue::from_static(v));
+            asks_close(&h)
+        };
+        assert!(of("close"));
+        assert!(of("keep-alive, Close"));
+        assert!(!of("keep-alive"));
+        assert!(!of("closed"));
+        assert!(!asks_close(&HeaderMap::new()));
+    }
+}
