@@ -1429,7 +1429,9 @@ impl SseStream {
         let first: &[u8] = match env_num("SSE_REUSED", 0u8) {
             0 => b"",
             1 => b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
-            _ => b"POST /api/chat/messages/ HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n",
+            _ => {
+                b"POST /api/chat/messages/ HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n"
+            }
         };
         if !first.is_empty() {
             stream.write_all(first).await?;

@@ -3,9 +3,8 @@
 //!
 //! hyper keeps two 8 KiB buffers per HTTP/1 connection for the
 //! connection's whole life (one to read requests into, one for response
-//! heads), and its dispatcher is most of the user-space work of a long
-//! poll. The requests that matter for both — event streams that stay open
-//! and long polls that wait, then come back on the same connection — are
+//! heads). The connections that stay open in numbers — event streams, and
+//! long polls that wait and then come back on the same connection — carry
 //! bodiless `GET`s, which need little of HTTP/1.1. So a connection whose
 //! first bytes are `GET /` is served here:
 //!
@@ -18,8 +17,8 @@
 //!   ([`super::park`]);
 //! - the first request this module does not serve — another method, a body
 //!   on anything but /events — hands the connection to hyper with the bytes
-//!   already read, that request's head first ([`Handoff`]). hyper keeps it
-//!   to the end.
+//!   already read, that request's head first ([`Served::Hyper`]). hyper
+//!   keeps it to the end.
 //!
 //! Every other connection is hyper's from the start. Deciding costs one
 //! `peek` per new connection and consumes nothing.
@@ -31,7 +30,6 @@
 
 use std::io::{ErrorKind, Write as _};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -39,7 +37,7 @@ use chrono::Utc;
 use http_body_util::{BodyExt, Empty};
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use hyper::{HeaderMap, Method, Request, Response, Uri, Version};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::timeout;
@@ -59,6 +57,9 @@ const MAX_HEADERS: usize = 100;
 /// stream) or while a request is in flight (pipelined requests, kept)
 /// before it is cut.
 const MAX_TRAILING: usize = 64 * 1024;
+/// Most bytes one read takes: a request head with a token is well under
+/// it, and the buffer is freed between requests.
+const READ_CHUNK: usize = 2048;
 
 /// Whether a connection that starts with these bytes is this module's:
 /// a `GET` of an origin-form target. Too few bytes to tell is a no: hyper
@@ -70,42 +71,48 @@ pub fn wants_lean(first: &[u8]) -> bool {
 /// Bytes [`wants_lean`] needs to see.
 pub const PEEK_LEN: usize = 5;
 
-/// A connection for hyper to serve from here on, and what was read from it
-/// and not answered (a request head first).
-pub struct Handoff {
-    pub stream: TcpStream,
-    pub read: Vec<u8>,
+/// How [`serve`] left a connection.
+pub enum Served {
+    /// Closed, or to be closed: nothing more to do.
+    Closed,
+    /// A request for hyper: the connection, and what was read from it and
+    /// not answered (that request's head first).
+    Hyper(TcpStream, Vec<u8>),
+    /// `GET /events`, for [`serve_stream`]. Returned rather than served
+    /// from within the request loop so that an open stream's task holds
+    /// only the stream's state, not the loop's. (Boxed: an async fn keeps
+    /// room for its arguments for its whole life.)
+    Stream(TcpStream, Box<Request<()>>),
 }
 
-/// Serves a connection whose first bytes passed [`wants_lean`], until it
-/// ends or has a request for hyper.
-pub async fn serve(app: Arc<App>, stream: TcpStream, header_timeout: Duration) -> Option<Handoff> {
+/// Serves a connection whose first bytes passed [`wants_lean`] until it
+/// ends, asks for an event stream, or has a request for hyper.
+pub async fn serve(app: &Arc<App>, mut stream: TcpStream, header_timeout: Duration) -> Served {
     let stall = Duration::from_secs(app.config.send_timeout_s);
     let mut shutdown = app.shutdown.clone();
     let mut buf = Vec::new();
     loop {
         let head = tokio::select! {
-            h = timeout(header_timeout, read_head(&stream, &mut buf)) => h,
+            h = timeout(header_timeout, read_head(&mut stream, &mut buf)) => h,
             // Between requests nothing is lost by closing; a head half
             // read is a request not yet made.
-            _ = shutdown.wait() => return None,
+            _ = shutdown.wait() => return Served::Closed,
         };
         let (req, head_len) = match head {
             // Silence, as hyper does when a head does not arrive in time.
-            Err(_) | Ok(Err(HeadError::Closed)) => return None,
+            Err(_) | Ok(Err(HeadError::Closed)) => return Served::Closed,
             Ok(Err(HeadError::Bad(e))) => {
                 let resp = prepare(e.into_response(), Version::HTTP_11, false);
                 respond(Arc::new(stream), None, resp, &Notify::new(), stall).await;
-                return None;
+                return Served::Closed;
             }
-            Ok(Ok(Head::Hyper)) => return Some(Handoff { stream, read: buf }),
+            Ok(Ok(Head::Hyper)) => return Served::Hyper(stream, buf),
             Ok(Ok(Head::Lean(req, len))) => (req, len),
         };
         if is_events(req.uri()) {
             // What followed the head is dropped: the stream ends the
             // connection, so none of it can pass for a request.
-            drop(buf);
-            return serve_stream(app, stream, req, stall).await;
+            return Served::Stream(stream, Box::new(req));
         }
         buf.drain(..head_len);
         if buf.is_empty() {
@@ -115,22 +122,22 @@ pub async fn serve(app: Arc<App>, stream: TcpStream, header_timeout: Duration) -
         let version = req.version();
         let mut keep_alive = version == Version::HTTP_11 && !asks_close(req.headers());
         let seen = Seen::new(&req);
-        let answer = Box::pin(router::route(&app, req.map(|()| Empty::<Bytes>::new())));
+        let answer = Box::pin(router::route(app, req.map(|()| Empty::<Bytes>::new())));
         let result = tokio::select! {
             r = answer => r,
             // The client went away (or sent too much) while its request
             // was in flight: a waiting poll is dropped with it.
-            () = read_ahead(&stream, &mut buf) => return None,
+            () = read_ahead(&mut stream, &mut buf) => return Served::Closed,
         };
-        let resp = seen.finish(&app, result);
+        let resp = seen.finish(app, result);
         keep_alive &= !shutdown.is_fired() && !asks_close(resp.headers());
         let resp = prepare(resp, version, keep_alive);
         if !resp.keep_alive {
             respond(Arc::new(stream), None, resp, &Notify::new(), stall).await;
-            return None;
+            return Served::Closed;
         }
         if !write_whole(&stream, resp, stall).await {
-            return None;
+            return Served::Closed;
         }
     }
 }
@@ -150,12 +157,9 @@ fn asks_close(headers: &HeaderMap) -> bool {
 
 /// An event stream: the same handler as on hyper's path, then the body
 /// chunk by chunk until the stream ends; then the connection closes.
-async fn serve_stream(
-    app: Arc<App>,
-    stream: TcpStream,
-    mut req: Request<()>,
-    stall: Duration,
-) -> Option<Handoff> {
+pub async fn serve_stream(app: &Arc<App>, stream: TcpStream, req: Box<Request<()>>) {
+    let mut req = *req;
+    let stall = Duration::from_secs(app.config.send_timeout_s);
     let kill = Arc::new(Notify::new());
     req.extensions_mut().insert(ConnectionKill(kill.clone()));
     let version = req.version();
@@ -165,16 +169,15 @@ async fn serve_stream(
         req.extensions_mut().insert(park.clone());
     }
     let seen = Seen::new(&req);
-    let result = Box::pin(events::events(&app, req)).await;
-    let resp = seen.finish(&app, result);
+    let result = Box::pin(events::events(app, req)).await;
+    let resp = seen.finish(app, result);
     respond(stream, park, prepare(resp, version, false), &kill, stall).await;
-    None
 }
 
 /// Reads (and keeps, for the next request) what the client sends while a
 /// request is in flight. Returns when the client is gone: end of input, an
 /// error, or more than MAX_TRAILING not yet answered.
-async fn read_ahead(sock: &TcpStream, buf: &mut Vec<u8>) {
+async fn read_ahead(sock: &mut TcpStream, buf: &mut Vec<u8>) {
     loop {
         match read_some(sock, buf, MAX_TRAILING).await {
             Ok(0) | Err(_) => return,
@@ -184,20 +187,19 @@ async fn read_ahead(sock: &TcpStream, buf: &mut Vec<u8>) {
     }
 }
 
-/// One read into `buf`, which grows by at least one byte and about
-/// `max - buf.len()` at most. Waits on the socket's own readiness slot, as
-/// [`write_all_within`] does, so a waiting connection's task holds no
-/// waiter node.
-async fn read_some(sock: &TcpStream, buf: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
-    buf.reserve(max.saturating_sub(buf.len()).clamp(1, 4096));
-    std::future::poll_fn(|cx| loop {
-        std::task::ready!(sock.poll_read_ready(cx))?;
-        match sock.try_read_buf(buf) {
-            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-            r => return Poll::Ready(r),
-        }
-    })
-    .await
+/// One read into `buf`, which grows by at least one byte and by about
+/// `max - buf.len()` at most. Memory is taken only once the socket is
+/// readable: a connection between requests, or a waiting poll, holds
+/// none. The read goes through tokio's `AsyncRead`, which takes a short
+/// read to mean the socket is drained: the next wait then goes straight
+/// to the poller, without a read that would only say "would block" (one
+/// system call per request fewer). Readiness is awaited in the socket's
+/// own slot, as [`write_all_within`] does, so a waiting connection's task
+/// holds no waiter node.
+async fn read_some(sock: &mut TcpStream, buf: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| sock.poll_read_ready(cx)).await?;
+    buf.reserve(max.saturating_sub(buf.len()).clamp(1, READ_CHUNK));
+    sock.read_buf(buf).await
 }
 
 enum HeadError {
@@ -219,7 +221,7 @@ enum Head {
 }
 
 /// Reads until `buf` starts with a whole request head.
-async fn read_head(sock: &TcpStream, buf: &mut Vec<u8>) -> Result<Head, HeadError> {
+async fn read_head(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Head, HeadError> {
     loop {
         if !buf.is_empty() {
             if let Some(head) = parse_head(buf)? {
@@ -292,7 +294,13 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
 /// The status line and headers, ending with the framing this module uses.
 fn head_bytes(resp: &Response<Body>, framing: Framing, keep_alive: bool) -> Vec<u8> {
     let status = resp.status();
-    let mut out = Vec::with_capacity(512);
+    // Room for a small body too: an answer of known length is sent in one
+    // write, its body appended here.
+    let body = match framing {
+        Framing::Length(n) => n.min(64 * 1024) as usize,
+        _ => 0,
+    };
+    let mut out = Vec::with_capacity(512 + body);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -308,8 +316,9 @@ fn head_bytes(resp: &Response<Body>, framing: Framing, keep_alive: bool) -> Vec<
         out.extend_from_slice(b"\r\n");
     }
     if !resp.headers().contains_key(DATE) {
-        let date = Utc::now().format("%a, %d %b %Y %H:%M:%S GMT");
-        let _ = write!(out, "date: {date}\r\n");
+        out.extend_from_slice(b"date: ");
+        push_date(&mut out);
+        out.extend_from_slice(b"\r\n");
     }
     match framing {
         Framing::Length(n) => {
@@ -323,6 +332,29 @@ fn head_bytes(resp: &Response<Body>, framing: Framing, keep_alive: bool) -> Vec<
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// The `Date` value for now (IMF-fixdate), formatted once a second per
+/// thread, as hyper does: formatting it for every answer was over 2% of
+/// the CPU of a poll answered from memory.
+fn push_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static LAST: std::cell::RefCell<(i64, String)> = const {
+            std::cell::RefCell::new((i64::MIN, String::new()))
+        };
+    }
+    let now = Utc::now();
+    LAST.with_borrow_mut(|(second, text)| {
+        if *second != now.timestamp() {
+            *second = now.timestamp();
+            text.clear();
+            let _ = std::fmt::Write::write_fmt(
+                text,
+                format_args!("{}", now.format("%a, %d %b %Y %H:%M:%S GMT")),
+            );
+        }
+        out.extend_from_slice(text.as_bytes());
+    });
 }
 
 #[derive(Clone, Copy)]

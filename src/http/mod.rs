@@ -361,14 +361,47 @@ async fn serve_connection(
         // Silence, a reset or end of stream before a byte: nothing to answer.
         _ => return,
     };
-    let io = if lean::wants_lean(&first[..n]) {
-        match Box::pin(lean::serve(app.clone(), stream, HEADER_READ_TIMEOUT)).await {
-            Some(handoff) => Replay::new(handoff.stream, handoff.read),
-            None => return,
+    // The request loop is boxed and freed before a stream starts, and
+    // hyper's connection is boxed: an open stream's task holds only what
+    // the stream needs. (Boxed by plain functions: a future built in an
+    // async fn and then moved into a box keeps its size in the caller's
+    // state too.)
+    if !lean::wants_lean(&first[..n]) {
+        return boxed_hyper(app, Replay::new(stream, Vec::new()), builder, watcher).await;
+    }
+    let (stream, req) = match boxed_lean(app, stream).await {
+        lean::Served::Closed => return,
+        lean::Served::Hyper(stream, read) => {
+            return boxed_hyper(app, Replay::new(stream, read), builder, watcher).await
         }
-    } else {
-        Replay::new(stream, Vec::new())
+        lean::Served::Stream(stream, req) => (stream, req),
     };
+    lean::serve_stream(app, stream, req).await
+}
+
+fn boxed_lean(
+    app: &Arc<App>,
+    stream: tokio::net::TcpStream,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = lean::Served> + '_>> {
+    Box::pin(lean::serve(app, stream, HEADER_READ_TIMEOUT))
+}
+
+fn boxed_hyper<'a>(
+    app: &'a Arc<App>,
+    io: Replay,
+    builder: &'a http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = ()> + 'a>> {
+    Box::pin(serve_hyper(app, io, builder, watcher))
+}
+
+/// hyper's HTTP/1.1 for the rest of a connection.
+async fn serve_hyper(
+    app: &Arc<App>,
+    io: Replay,
+    builder: &http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
     let kill = Arc::new(tokio::sync::Notify::new());
     let kill2 = kill.clone();
     let app2 = app.clone();
