@@ -10,6 +10,7 @@ pub mod lean;
 pub mod ops;
 pub mod park;
 pub mod poll;
+pub mod replay;
 pub mod router;
 pub mod send_timeout;
 
@@ -37,6 +38,7 @@ use crate::auth::AuthError;
 use crate::message::User;
 use crate::shutdown::Shutdown;
 use error::ApiError;
+use replay::Replay;
 
 /// Every response body: small JSON in one frame, or an event stream.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
@@ -435,73 +437,6 @@ async fn serve_hyper(
         // Dropping the connection closes the socket, even one whose
         // reader stopped reading.
         _ = kill.notified() => {}
-    }
-}
-
-/// A socket whose first bytes were already read (by the lean connection)
-/// and are read again from here, so hyper sees the connection whole.
-struct Replay {
-    read: Bytes,
-    stream: tokio::net::TcpStream,
-}
-
-impl Replay {
-    fn new(stream: tokio::net::TcpStream, read: Vec<u8>) -> Replay {
-        Replay {
-            read: read.into(),
-            stream,
-        }
-    }
-}
-
-impl tokio::io::AsyncRead for Replay {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if !self.read.is_empty() {
-            let n = self.read.len().min(buf.remaining());
-            buf.put_slice(&self.read.split_to(n));
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Replay {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
