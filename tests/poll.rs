@@ -379,6 +379,33 @@ async fn polls_on_one_connection_wait_and_follow_each_other() {
     }
 }
 
+/// What a client sends while its poll waits is kept for its next request,
+/// within a bound: past 64 KiB the client is cut and its waiter freed.
+#[tokio::test]
+async fn a_client_that_floods_a_waiting_poll_is_cut() {
+    let (hark, _fx, alice, _bob, room) = room_with_two().await;
+    let t = token(alice);
+    let cursor = cursor_now(&hark, room, &t).await;
+    let mut raw = Raw::connect(hark.addr).await;
+    raw.send(
+        format!(
+            "GET /api/chat/messages/poll/?room_id={room}&since={cursor}&timeout=60 HTTP/1.1\r\n\
+             Host: x\r\nAuthorization: Bearer {t}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
+    // Under the bound: the poll keeps waiting.
+    raw.send(&vec![b'x'; 32 * 1024]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hark.metric("hark_waiting_polls").await, 1.0);
+    // Over it: cut, without an answer.
+    raw.send(&vec![b'x'; 40 * 1024]).await;
+    hark.wait_for_metric("hark_waiting_polls", 0.0).await;
+    assert!(raw.closed_within(Duration::from_secs(5)).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clients_that_hang_up_free_their_waiters() {
     use tokio::io::AsyncWriteExt;
