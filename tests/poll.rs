@@ -68,6 +68,14 @@ async fn cursor_now(hark: &Hark, room: i64, t: &str) -> String {
     body["cursor"].as_str().unwrap().to_string()
 }
 
+/// A raw long-poll request, for tests that drive the connection by hand.
+fn poll_request(room: i64, cursor: &str, token: &str, timeout_s: u64) -> String {
+    format!(
+        "GET /api/chat/messages/poll/?room_id={room}&since={cursor}&timeout={timeout_s} HTTP/1.1\r\n\
+         Host: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+}
+
 fn ids(body: &serde_json::Value) -> Vec<i64> {
     body["messages"]
         .as_array()
@@ -361,14 +369,8 @@ async fn polls_on_one_connection_wait_and_follow_each_other() {
     let mut cursor = cursor_now(&hark, room, &t).await;
     let mut raw = Raw::connect(hark.addr).await;
     for round in 0..3 {
-        raw.send(
-            format!(
-                "GET /api/chat/messages/poll/?room_id={room}&since={cursor}&timeout=30 HTTP/1.1\r\n\
-                 Host: x\r\nAuthorization: Bearer {t}\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await;
+        raw.send(poll_request(room, &cursor, &t, 30).as_bytes())
+            .await;
         hark.wait_for_metric("hark_waiting_polls", 1.0).await;
         let id = fx.insert(room, bob, &format!("m{round}")).await;
         let (head, body) = raw.answer_within(Duration::from_secs(20)).await;
@@ -387,14 +389,8 @@ async fn a_client_that_floods_a_waiting_poll_is_cut() {
     let t = token(alice);
     let cursor = cursor_now(&hark, room, &t).await;
     let mut raw = Raw::connect(hark.addr).await;
-    raw.send(
-        format!(
-            "GET /api/chat/messages/poll/?room_id={room}&since={cursor}&timeout=60 HTTP/1.1\r\n\
-             Host: x\r\nAuthorization: Bearer {t}\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await;
+    raw.send(poll_request(room, &cursor, &t, 60).as_bytes())
+        .await;
     hark.wait_for_metric("hark_waiting_polls", 1.0).await;
     // Under the bound: the poll keeps waiting.
     raw.send(&vec![b'x'; 32 * 1024]).await;
@@ -412,11 +408,10 @@ async fn clients_that_hang_up_free_their_waiters() {
     let (hark, _fx, alice, _bob, room) = room_with_two().await;
     let t = token(alice);
     let c = cursor_now(&hark, room, &t).await;
-    let path = format!("/api/chat/messages/poll/?room_id={room}&since={c}&timeout=60");
+    let req = poll_request(room, &c, &t, 60);
     let mut sockets = Vec::new();
     for _ in 0..1000 {
         let mut s = tokio::net::TcpStream::connect(hark.addr).await.unwrap();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n");
         s.write_all(req.as_bytes()).await.unwrap();
         sockets.push(s);
     }

@@ -142,8 +142,9 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, header_timeout: Durati
     }
 }
 
-/// `GET /events` (the router's own test of the path): a stream, then the end.
-fn is_events(uri: &Uri) -> bool {
+/// `GET /events`: a stream, then the end. The router's test of the same
+/// path, without its allocation; a router test checks they agree.
+pub(crate) fn is_events(uri: &Uri) -> bool {
     matches!(uri.path(), "/events" | "/events/")
 }
 

@@ -126,4 +126,25 @@ mod tests {
         assert!(parse("/nope").is_none());
         assert!(parse("/api/chat/rooms//").is_none());
     }
+
+    #[test]
+    fn the_lean_connection_knows_the_stream_path_as_routing_does() {
+        for p in [
+            "/events",
+            "/events/",
+            "/events//",
+            "//events",
+            "/events/1",
+            "/eventsx",
+            "/",
+            "/api/chat/messages/poll/",
+        ] {
+            let uri: hyper::Uri = p.parse().unwrap();
+            assert_eq!(
+                matches!(parse(p), Some(Route::Events)),
+                super::super::lean::is_events(&uri),
+                "{p}"
+            );
+        }
+    }
 }
