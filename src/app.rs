@@ -119,6 +119,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
     let hub = Hub::new(config.hub_ring as usize, metrics.clone());
     let directory = Directory::new(pool.clone(), hub.clone());
     let typing = Typing::new(pool.clone(), config.typing_ttl());
+    let cors = Cors::new(config.cors_origins.as_deref());
     let listener_task = tokio::spawn(
         Listener {
             pg,
@@ -126,6 +127,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
             directory: directory.clone(),
             typing: typing.clone(),
             metrics: metrics.clone(),
+            cors: cors.clone(),
         }
         .run(shutdown.clone()),
     );
@@ -155,7 +157,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
     }
 
     let app = Arc::new(App {
-        cors: Cors::new(config.cors_origins.as_deref()),
+        cors,
         auth: Auth::new(secret.as_bytes()),
         config,
         pool: pool.clone(),

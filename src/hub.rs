@@ -238,10 +238,10 @@ pub enum HubRead {
     },
 }
 
-/// A catch-up's rows for one room, for the room's parked streams: every
-/// row of the room visible in `head` and not in `lower` is in `rows`, so a
-/// stream parked at a snapshot between the two is due exactly the rows it
-/// does not see.
+/// A catch-up's rows for one room, for the room's parked streams and
+/// polls: every row of the room visible in `head` and not in `lower` is in
+/// `rows`, so one parked at a snapshot between the two is due exactly the
+/// rows it does not see.
 pub struct Delivery {
     pub lower: Arc<Snapshot>,
     pub head: Arc<Snapshot>,
@@ -249,13 +249,18 @@ pub struct Delivery {
     pub rows: Vec<Arc<StoredMessage>>,
     /// When the NOTIFY that led to them arrived (latency metric).
     pub heard: Instant,
+    /// A NOTIFY for the room came after this catch-up began: more may be
+    /// due than it read (a poll's `has_more`).
+    pub beyond: bool,
     pub streams: Vec<ParkedStream>,
 }
 
+/// A stream or a poll that may be parked.
 pub struct ParkedStream {
     pub park: Arc<Park>,
     pub notify: Arc<Notify>,
-    pub lag: Arc<Lag>,
+    /// None for a poll.
+    pub lag: Option<Arc<Lag>>,
 }
 
 /// What a catch-up must read.
@@ -556,6 +561,7 @@ impl Hub {
                             head: head.clone(),
                             rows: Vec::new(),
                             heard,
+                            beyond: false,
                             streams: Vec::new(),
                         });
                         touched.push((msg.room, 0, delivery));
@@ -590,6 +596,7 @@ impl Hub {
                         }
                     }
                     if let Some(mut d) = delivery {
+                        d.beyond = r.heard.is_some();
                         d.streams = r
                             .subs
                             .values()
@@ -597,7 +604,7 @@ impl Hub {
                                 Some(ParkedStream {
                                     park: s.park.clone()?,
                                     notify: s.notify.clone(),
-                                    lag: s.lag.clone()?,
+                                    lag: s.lag.clone(),
                                 })
                             })
                             .collect();
@@ -771,8 +778,8 @@ impl Subscription {
         self.user = Some(user);
     }
 
-    /// Lets catch-ups write to this stream while it is parked. Only for a
-    /// stream that keeps its one room ([`crate::http::park`]).
+    /// Lets catch-ups write to this stream (or poll) while it is parked.
+    /// Only for one that keeps its one room ([`crate::http::park`]).
     pub fn allow_parking(&self, park: &Arc<Park>) {
         let mut st = self.hub.state();
         for room in &self.rooms {

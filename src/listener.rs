@@ -22,6 +22,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use crate::db::messages::{self, Read};
 use crate::db::{CachingClient, DbError};
 use crate::directory::Directory;
+use crate::http::cors::Cors;
 use crate::http::park;
 use crate::hub::{Hub, TypingEvent, CATCHUP_LIMIT};
 use crate::message::User;
@@ -45,6 +46,8 @@ pub struct Listener {
     pub directory: Directory,
     pub typing: Typing,
     pub metrics: Arc<Metrics>,
+    /// For the CORS headers of parked polls' answers.
+    pub cors: Cors,
 }
 
 /// A NOTIFY payload. Kinds: `m` message (room), `t` typing (room, user,
@@ -157,7 +160,8 @@ impl Listener {
                             let deliveries = self.hub.finish_catchup(plan, head, rows);
                             // Before the next catch-up: a parked stream gets
                             // its pages in order.
-                            park::deliver(deliveries, origin, &self.metrics).await;
+                            let ctx = park::Ctx { origin, metrics: &self.metrics, cors: &self.cors };
+                            park::deliver(deliveries, &ctx).await;
                         }
                         Ok(Err(e)) => {
                             self.hub.catchup_failed();

@@ -64,6 +64,7 @@ pub struct Metrics {
     pub streams_cut_slow: AtomicU64,
     /// Pages a catch-up wrote straight to a parked stream's socket.
     pub stream_direct_writes: AtomicU64,
+    pub poll_direct_answers: AtomicU64,
     pub rejected_connections: AtomicU64,
     /// Times freed heap memory was handed back after connections dropped.
     pub memory_trims: AtomicU64,
@@ -112,7 +113,7 @@ impl Metrics {
                 v.load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 9] = [
+        let counters: [(&str, &str, &AtomicU64); 10] = [
             (
                 "hark_notifications_total",
                 "NOTIFY messages received on the LISTEN connection.",
@@ -147,6 +148,11 @@ impl Metrics {
                 "hark_stream_direct_writes_total",
                 "Event pages written by the listener straight to an idle stream's socket.",
                 &self.stream_direct_writes,
+            ),
+            (
+                "hark_poll_direct_answers_total",
+                "Waiting polls answered by the listener straight to their sockets.",
+                &self.poll_direct_answers,
             ),
             (
                 "hark_rejected_connections_total",

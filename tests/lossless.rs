@@ -340,6 +340,12 @@ async fn run(disturb: Disturb) {
         let direct = hark.metric("hark_stream_direct_writes_total").await;
         assert!(direct > 0.0, "no page was written to a parked stream");
         eprintln!("{direct} pages written to the parked stream");
+        // Likewise the pollers' waiting polls on their kept-alive
+        // connections: part of what they counted exactly once was
+        // answered by the listener.
+        let answered = hark.metric("hark_poll_direct_answers_total").await;
+        assert!(answered > 0.0, "no waiting poll was answered while parked");
+        eprintln!("{answered} polls answered while parked");
     }
 }
 

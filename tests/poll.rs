@@ -526,3 +526,100 @@ async fn listener_outage_readyz_503_and_waiting_polls_get_what_committed() {
     assert_eq!(ids(&body), vec![id]);
     hark.wait_ready().await;
 }
+
+/// The head's fields but `date` and `content-length`, in order.
+fn fields(head: &str) -> Vec<String> {
+    head.lines()
+        .filter(|l| !l.starts_with("date:") && !l.starts_with("content-length:"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A waiting poll on a kept-alive connection is answered by the listener
+/// (it parks, DESIGN §8) with the answer it would have written itself:
+/// the same head, CORS included, the same messages, cursor and
+/// `has_more`. The connection then carries the next poll, which parks too.
+#[tokio::test]
+async fn a_parked_poll_is_answered_as_it_would_answer_itself() {
+    const ORIGIN: &str = "http://app.example";
+    let (hark, fx) = setup(&[("HARK_CORS_ORIGINS", ORIGIN)]).await;
+    let alice = fx.user("alice").await;
+    let bob = fx.user("bob").await;
+    let room = fx.room("r", &[alice, bob]).await;
+    let t = token(alice);
+    let request = |cursor: &str| {
+        poll_request(room, cursor, &t, 30)
+            .replace("\r\n\r\n", &format!("\r\nOrigin: {ORIGIN}\r\n\r\n"))
+    };
+    let start = cursor_now(&hark, room, &t).await;
+    let mut raw = Raw::connect(hark.addr).await;
+    raw.send(request(&start).as_bytes()).await;
+    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
+    let id = fx.insert(room, bob, "parked").await;
+    let (direct_head, direct) = raw.answer_within(Duration::from_secs(20)).await;
+    assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 1.0);
+    assert_eq!(hark.metric("hark_waiting_polls").await, 0.0);
+    let direct = json(&direct);
+    assert_eq!(ids(&direct), vec![id], "{direct}");
+
+    // The same request again: the message is due at once, so the poll's
+    // own task answers it, on the same connection.
+    raw.send(request(&start).as_bytes()).await;
+    let (own_head, own) = raw.answer().await;
+    let own = json(&own);
+    assert_eq!(fields(&direct_head), fields(&own_head));
+    assert!(
+        direct_head.contains(&format!("access-control-allow-origin: {ORIGIN}")),
+        "{direct_head}"
+    );
+    for k in ["messages", "cursor", "has_more"] {
+        assert_eq!(direct[k], own[k], "{k}");
+    }
+    assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 1.0);
+
+    // And the next poll, from the new cursor, waits and is answered by the
+    // listener again.
+    let cursor = direct["cursor"].as_str().unwrap().to_string();
+    raw.send(request(&cursor).as_bytes()).await;
+    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
+    let id2 = fx.insert(room, bob, "parked again").await;
+    let (_, next) = raw.answer_within(Duration::from_secs(20)).await;
+    assert_eq!(ids(&json(&next)), vec![id2]);
+    assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 2.0);
+}
+
+/// A request pipelined behind a waiting poll — read with it, or sent while
+/// it waits — keeps the poll from being answered where the connection
+/// would not notice: the poll answers itself, then the next request is
+/// answered at once, in order.
+#[tokio::test]
+async fn input_behind_a_waiting_poll_keeps_it_from_parking() {
+    let (hark, fx, alice, bob, room) = room_with_two().await;
+    let t = token(alice);
+    let mut cursor = cursor_now(&hark, room, &t).await;
+    let mut raw = Raw::connect(hark.addr).await;
+    let next = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    for together in [true, false] {
+        let poll = poll_request(room, &cursor, &t, 60);
+        if together {
+            raw.send(format!("{poll}{next}").as_bytes()).await;
+            hark.wait_for_metric("hark_waiting_polls", 1.0).await;
+        } else {
+            raw.send(poll.as_bytes()).await;
+            hark.wait_for_metric("hark_waiting_polls", 1.0).await;
+            raw.send(next.as_bytes()).await;
+            // Let the connection read it before the commit.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let id = fx.insert(room, bob, &format!("together={together}")).await;
+        let (head, body) = raw.answer_within(Duration::from_secs(20)).await;
+        assert!(head.starts_with("http/1.1 200 "), "{head}");
+        let body = json(&body);
+        assert_eq!(ids(&body), vec![id], "{body}");
+        cursor = body["cursor"].as_str().unwrap().to_string();
+        // Well before the poll's 60 s timeout.
+        let (head, _) = raw.answer_within(Duration::from_secs(20)).await;
+        assert!(head.starts_with("http/1.1 200 "), "{head}");
+        assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 0.0);
+    }
+}

@@ -11,6 +11,7 @@ use hyper::{Response, StatusCode};
 use super::{full, Body};
 
 /// The allowed origins (`HARK_CORS_ORIGINS`).
+#[derive(Clone)]
 pub struct Cors {
     any: bool,
     origins: Vec<String>,

@@ -38,6 +38,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use hyper::{HeaderMap, Method, Request, Response, Uri, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::timeout;
@@ -87,13 +88,19 @@ pub enum Served {
 
 /// Serves a connection whose first bytes passed [`wants_lean`] until it
 /// ends, asks for an event stream, or has a request for hyper.
-pub async fn serve(app: &Arc<App>, mut stream: TcpStream, header_timeout: Duration) -> Served {
+pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) -> Served {
     let stall = Duration::from_secs(app.config.send_timeout_s);
     let mut shutdown = app.shutdown.clone();
     let mut buf = Vec::new();
+    let (rd, wr) = stream.into_split();
+    let mut conn = Conn {
+        rd,
+        wr: Arc::new(wr),
+        park: ConnPark(None),
+    };
     loop {
         let head = tokio::select! {
-            h = timeout(header_timeout, read_head(&mut stream, &mut buf)) => h,
+            h = timeout(header_timeout, read_head(&mut conn.rd, &mut buf)) => h,
             // Between requests nothing is lost by closing; a head half
             // read is a request not yet made.
             _ = shutdown.wait() => return Served::Closed,
@@ -103,16 +110,24 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, header_timeout: Durati
             Err(_) | Ok(Err(HeadError::Closed)) => return Served::Closed,
             Ok(Err(HeadError::Bad(e))) => {
                 let resp = prepare(e.into_response(), Version::HTTP_11, false);
-                respond(Arc::new(stream), None, resp, &Notify::new(), stall).await;
+                if let Some(stream) = conn.into_stream() {
+                    respond(Arc::new(stream), None, resp, &Notify::new(), stall).await;
+                }
                 return Served::Closed;
             }
-            Ok(Ok(Head::Hyper)) => return Served::Hyper(stream, buf),
+            Ok(Ok(Head::Hyper)) => {
+                return conn
+                    .into_stream()
+                    .map_or(Served::Closed, |s| Served::Hyper(s, buf))
+            }
             Ok(Ok(Head::Lean(req, len))) => (req, len),
         };
         if is_events(req.uri()) {
             // What followed the head is dropped: the stream ends the
             // connection, so none of it can pass for a request.
-            return Served::Stream(stream, Box::new(req));
+            return conn
+                .into_stream()
+                .map_or(Served::Closed, |s| Served::Stream(s, Box::new(req)));
         }
         buf.drain(..head_len);
         if buf.is_empty() {
@@ -121,24 +136,85 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, header_timeout: Durati
         }
         let version = req.version();
         let mut keep_alive = version == Version::HTTP_11 && !asks_close(req.headers());
+        let mut req = req.map(|()| Empty::<Bytes>::new());
+        if keep_alive && buf.is_empty() && req.uri().path().starts_with("/api/chat/messages/poll") {
+            // Its answer may be written by the listener (a parked poll),
+            // which a keep-alive answer of known length allows. Not with
+            // a request already read behind it: the loop notices an answer
+            // written for it only when more input arrives.
+            let park = conn
+                .park
+                .0
+                .get_or_insert_with(|| Park::for_requests(conn.wr.clone()));
+            req.extensions_mut().insert(park.clone());
+        }
         let seen = Seen::new(&req);
-        let answer = Box::pin(router::route(app, req.map(|()| Empty::<Bytes>::new())));
+        let answer = Box::pin(router::route(app, req));
         let result = tokio::select! {
             r = answer => r,
-            // The client went away (or sent too much) while its request
-            // was in flight: a waiting poll is dropped with it.
-            () = read_ahead(&mut stream, &mut buf) => return Served::Closed,
+            ahead = read_ahead(&mut conn.rd, &mut buf, conn.park.0.as_deref()) => match ahead {
+                // The client went away (or sent too much) while its
+                // request was in flight: a waiting poll is dropped with it.
+                Ahead::Gone => return Served::Closed,
+                // The listener answered it: what the client sent is its
+                // next request. The poll is dropped unread.
+                Ahead::Answered => Ok(Response::new(Body::default())),
+            },
         };
+        if let Some(rest) = conn.park.0.as_ref().and_then(|p| p.finish_request()) {
+            // The listener wrote the answer, all of it but `rest`.
+            seen.done(hyper::StatusCode::OK);
+            if !write_all_within(conn.sock(), &rest, stall).await || shutdown.is_fired() {
+                return Served::Closed;
+            }
+            continue;
+        }
         let resp = seen.finish(app, result);
         keep_alive &= !shutdown.is_fired() && !asks_close(resp.headers());
         let resp = prepare(resp, version, keep_alive);
         if !resp.keep_alive {
-            respond(Arc::new(stream), None, resp, &Notify::new(), stall).await;
+            if let Some(stream) = conn.into_stream() {
+                respond(Arc::new(stream), None, resp, &Notify::new(), stall).await;
+            }
             return Served::Closed;
         }
-        if !write_whole(&stream, resp, stall).await {
+        if !write_whole(conn.sock(), resp, stall).await {
             return Served::Closed;
         }
+    }
+}
+
+/// A connection while the request loop serves it: split, so that the
+/// listener can write a parked poll's answer while the loop reads on.
+struct Conn {
+    rd: OwnedReadHalf,
+    wr: Arc<OwnedWriteHalf>,
+    /// Made for the first poll that may park.
+    park: ConnPark,
+}
+
+/// Closes the connection's park when the loop ends, however it ends: the
+/// write half must not outlive the connection inside it.
+struct ConnPark(Option<Arc<Park>>);
+
+impl Drop for ConnPark {
+    fn drop(&mut self) {
+        if let Some(park) = &self.0 {
+            park.close();
+        }
+    }
+}
+
+impl Conn {
+    fn sock(&self) -> &TcpStream {
+        (*self.wr).as_ref()
+    }
+
+    /// The socket whole again, for hyper, a stream or a last answer.
+    fn into_stream(self) -> Option<TcpStream> {
+        let Conn { rd, wr, park } = self;
+        drop(park);
+        rd.reunite(Arc::try_unwrap(wr).ok()?).ok()
     }
 }
 
@@ -175,14 +251,23 @@ pub async fn serve_stream(app: &Arc<App>, stream: TcpStream, req: Box<Request<()
     respond(stream, park, prepare(resp, version, false), &kill, stall).await;
 }
 
+enum Ahead {
+    /// End of input, an error, or more than MAX_TRAILING not yet answered.
+    Gone,
+    /// The listener answered the request in flight (a parked poll).
+    Answered,
+}
+
 /// Reads (and keeps, for the next request) what the client sends while a
-/// request is in flight. Returns when the client is gone: end of input, an
-/// error, or more than MAX_TRAILING not yet answered.
-async fn read_ahead(sock: &mut TcpStream, buf: &mut Vec<u8>) {
+/// request is in flight, until the client is gone, or sends something
+/// after the listener answered the request. Input while a poll is parked
+/// takes the poll back: the loop would not notice an answer behind it.
+async fn read_ahead(sock: &mut OwnedReadHalf, buf: &mut Vec<u8>, park: Option<&Park>) -> Ahead {
     loop {
         match read_some(sock, buf, MAX_TRAILING).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) if buf.len() > MAX_TRAILING => return,
+            Ok(0) | Err(_) => return Ahead::Gone,
+            Ok(_) if buf.len() > MAX_TRAILING => return Ahead::Gone,
+            Ok(_) if park.is_some_and(Park::input_arrived) => return Ahead::Answered,
             Ok(_) => {}
         }
     }
@@ -197,8 +282,12 @@ async fn read_ahead(sock: &mut TcpStream, buf: &mut Vec<u8>) {
 /// system call per request fewer). Readiness is awaited in the socket's
 /// own slot, as [`write_all_within`] does, so a waiting connection's task
 /// holds no waiter node.
-async fn read_some(sock: &mut TcpStream, buf: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
-    std::future::poll_fn(|cx| sock.poll_read_ready(cx)).await?;
+async fn read_some(
+    sock: &mut OwnedReadHalf,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| sock.as_ref().poll_read_ready(cx)).await?;
     buf.reserve(max.saturating_sub(buf.len()).clamp(1, READ_CHUNK));
     sock.read_buf(buf).await
 }
@@ -222,7 +311,7 @@ enum Head {
 }
 
 /// Reads until `buf` starts with a whole request head.
-async fn read_head(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Head, HeadError> {
+async fn read_head(sock: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> Result<Head, HeadError> {
     loop {
         if !buf.is_empty() {
             if let Some(head) = parse_head(buf)? {
@@ -332,6 +421,26 @@ fn head_bytes(resp: &Response<Body>, framing: Framing, keep_alive: bool) -> Vec<
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A keep-alive answer on the wire, head and body, for a response whose
+/// body is whole already, with the CORS headers for `origin`: what this
+/// module would write for it (a parked poll's answer, written by the
+/// listener).
+pub(crate) fn answer_bytes(
+    mut resp: Response<Body>,
+    cors: &super::cors::Cors,
+    origin: Option<&HeaderValue>,
+) -> Vec<u8> {
+    use futures::FutureExt as _;
+    cors.apply(origin, resp.headers_mut());
+    let body = match resp.body_mut().collect().now_or_never() {
+        Some(Ok(b)) => b.to_bytes(),
+        None => Bytes::new(),
+    };
+    let mut out = head_bytes(&resp, Framing::Length(body.len() as u64), true);
+    out.extend_from_slice(&body);
     out
 }
 

@@ -262,16 +262,21 @@ impl Seen {
     ) -> Response<Body> {
         let mut resp = result.unwrap_or_else(ApiError::into_response);
         app.cors.apply(self.origin.as_ref(), resp.headers_mut());
+        self.done(resp.status());
+        resp
+    }
+
+    /// Logs the line of a request answered with `status`.
+    pub(crate) fn done(self, status: hyper::StatusCode) {
         if let Some(target) = self.target {
             tracing::info!(
                 target: "hark::request",
                 method = %self.method,
                 path = %target,
-                status = resp.status().as_u16(),
+                status = status.as_u16(),
                 ms = self.started.elapsed().as_secs_f64() * 1000.0,
             );
         }
-        resp
     }
 }
 

@@ -19,6 +19,13 @@
 //! when everything due has been written. The tail of a write the socket
 //! took only part of stays here, and the connection writes it before
 //! anything else.
+//!
+//! A waiting long poll on a lean connection parks too (DESIGN §8): the
+//! listener writes its whole answer — the one the poll would have written
+//! — and the connection takes note lazily, when its client sends the next
+//! request (or goes away, or the poll's own timer fires). One answer per
+//! request: the right to answer changes hands under the park's lock, as a
+//! stream's position does.
 
 use std::io::Write as _;
 use std::ops::Range;
@@ -26,11 +33,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
+use hyper::header::HeaderValue;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 
+use super::cors::Cors;
 use super::events::push_message;
 use crate::cursor::{Cursor, Lower, Origin, Position, Snapshot};
-use crate::hub::Delivery;
+use crate::hub::{Delivery, ParkedStream};
 use crate::metrics::Metrics;
 
 /// Writes between two yields of the listener's task: a fan-out to many
@@ -41,18 +51,51 @@ const YIELD_EVERY: usize = 256;
 /// runtime's threads.
 const SPLIT_ABOVE: usize = 512;
 
-/// One stream's parking place.
+/// One stream's, or one lean connection's, parking place.
 pub struct Park {
     state: Mutex<State>,
 }
 
+/// The socket a park writes to: an event stream's own, or the write half
+/// of a lean connection serving requests, whose loop keeps the read half.
+#[derive(Clone)]
+enum Wire {
+    Whole(Arc<TcpStream>),
+    Half(Arc<OwnedWriteHalf>),
+}
+
+impl Wire {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Wire::Whole(s) => s,
+            Wire::Half(h) => (**h).as_ref(),
+        }
+    }
+}
+
+/// What a waiting poll's own answer would depend on besides the rows.
+pub struct PollForm {
+    pub limit: usize,
+    /// The request's `Origin`, for the CORS headers.
+    pub origin: Option<HeaderValue>,
+}
+
 #[derive(Default)]
 struct State {
-    /// Set while the stream is parked: every row visible in it has been
-    /// written to the socket.
+    /// Set while the stream (or poll) is parked: every row visible in it
+    /// has been written to the socket.
     at: Option<Arc<Snapshot>>,
     /// None once the connection is ending.
-    sock: Option<Arc<TcpStream>>,
+    sock: Option<Wire>,
+    /// Set while a waiting poll is parked; None for a stream.
+    poll: Option<PollForm>,
+    /// The listener answered the request in flight; the connection has not
+    /// taken note yet.
+    answered: bool,
+    /// The client sent more while its request was in flight: an answer
+    /// written here could go unnoticed behind that input, so the poll
+    /// answers itself.
+    input: bool,
     /// A membership change of the room was heard and the stream has not
     /// checked it yet: nothing is written for it here meanwhile.
     stale: bool,
@@ -62,9 +105,18 @@ struct State {
 
 impl Park {
     pub fn new(sock: Arc<TcpStream>) -> Arc<Park> {
+        Park::with(Wire::Whole(sock))
+    }
+
+    /// A lean connection's park, for the polls it serves one at a time.
+    pub fn for_requests(sock: Arc<OwnedWriteHalf>) -> Arc<Park> {
+        Park::with(Wire::Half(sock))
+    }
+
+    fn with(wire: Wire) -> Arc<Park> {
         Arc::new(Park {
             state: Mutex::new(State {
-                sock: Some(sock),
+                sock: Some(wire),
                 ..State::default()
             }),
         })
@@ -98,6 +150,51 @@ impl Park {
         self.lock().at.take()
     }
 
+    /// Parks a waiting poll at `at`. False (not parked) when a membership
+    /// change is unchecked, the client sent more, the request was answered
+    /// already, or the connection ends.
+    pub fn park_poll(&self, at: &Arc<Snapshot>, form: PollForm) -> bool {
+        let mut st = self.lock();
+        if st.stale || st.input || st.answered || !st.rest.is_empty() || st.sock.is_none() {
+            return false;
+        }
+        st.at = Some(at.clone());
+        st.poll = Some(form);
+        true
+    }
+
+    /// Takes a poll back: from now on only the poll answers. True when
+    /// the listener answered it already.
+    pub fn unpark_poll(&self) -> bool {
+        let mut st = self.lock();
+        st.at = None;
+        st.poll = None;
+        st.answered
+    }
+
+    /// The client sent bytes while its request was in flight. True when
+    /// the listener answered that request; otherwise a parked poll is
+    /// taken back, and no poll parks until the next request.
+    pub fn input_arrived(&self) -> bool {
+        let mut st = self.lock();
+        if st.answered {
+            return true;
+        }
+        st.input = true;
+        st.at = None;
+        st.poll = None;
+        false
+    }
+
+    /// The request in flight is over; the connection moves to the next.
+    /// Some (what the socket did not take of it) when the listener
+    /// answered it.
+    pub fn finish_request(&self) -> Option<Bytes> {
+        let mut st = self.lock();
+        st.input = false;
+        std::mem::take(&mut st.answered).then(|| std::mem::take(&mut st.rest))
+    }
+
     /// A direct write was cut short: the connection must write this first.
     pub fn take_rest(&self) -> Bytes {
         std::mem::take(&mut self.lock().rest)
@@ -118,6 +215,7 @@ impl Park {
     pub fn close(&self) {
         let mut st = self.lock();
         st.at = None;
+        st.poll = None;
         st.sock = None;
     }
 }
@@ -132,41 +230,61 @@ enum Written {
     Nothing,
 }
 
-/// One page for streams parked at one position.
+/// One page for streams, or polls, parked at one position.
 struct Page {
     at: Arc<Snapshot>,
+    /// None for streams; for polls, the `Origin` their answers are for.
+    poll: Option<Option<HeaderValue>>,
+    /// Rows in it, for each parked one's limit.
+    rows: usize,
     /// Framed for the wire; None when such streams must see to it
     /// themselves.
     bytes: Option<Bytes>,
 }
 
-/// Writes each delivery's rows to its parked streams and wakes every
-/// stream that could not be served so. Runs on the listener's task after
-/// the catch-up that read the rows and returns when every write is done,
-/// before the next catch-up starts, so writes to one stream are in
+/// What every write of one catch-up shares.
+pub struct Ctx<'a> {
+    pub origin: Origin,
+    pub metrics: &'a Arc<Metrics>,
+    pub cors: &'a Cors,
+}
+
+/// Writes each delivery's rows to its parked streams and polls, and wakes
+/// every one that could not be served so. Runs on the listener's task
+/// after the catch-up that read the rows and returns when every write is
+/// done, before the next catch-up starts, so writes to one stream are in
 /// catch-up order. A large room is split over the runtime's threads: one
 /// thread alone spends as long on the kernel's side of the writes as the
 /// whole runtime does waking each stream's task.
-pub async fn deliver(deliveries: Vec<Delivery>, origin: Origin, metrics: &Arc<Metrics>) {
+pub async fn deliver(deliveries: Vec<Delivery>, ctx: &Ctx<'_>) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     for d in deliveries {
         let parts = threads.min(d.streams.len().div_ceil(SPLIT_ABOVE)).max(1);
         if parts == 1 {
-            deliver_part(&d, 0..d.streams.len(), origin, metrics).await;
+            deliver_part(&d, 0..d.streams.len(), ctx).await;
             continue;
         }
         let d = Arc::new(d);
         let per = d.streams.len().div_ceil(parts);
         let tasks: Vec<_> = (0..parts)
             .map(|i| {
-                let (d, metrics) = (d.clone(), metrics.clone());
+                let d = d.clone();
+                let (origin, metrics, cors) = (ctx.origin, ctx.metrics.clone(), ctx.cors.clone());
                 let range = i * per..((i + 1) * per).min(d.streams.len());
-                tokio::spawn(async move { deliver_part(&d, range, origin, &metrics).await })
+                tokio::spawn(async move {
+                    let ctx = Ctx {
+                        origin,
+                        metrics: &metrics,
+                        cors: &cors,
+                    };
+                    deliver_part(&d, range, &ctx).await
+                })
             })
             .collect();
         for t in tasks {
             // A panicked part has woken nobody it did not write to; its
-            // streams wake on their ping and read from memory.
+            // streams wake on their ping and read from memory, its polls
+            // on their timeout.
             if let Err(e) = t.await {
                 tracing::error!(error = %e, "direct delivery task failed");
             }
@@ -174,16 +292,12 @@ pub async fn deliver(deliveries: Vec<Delivery>, origin: Origin, metrics: &Arc<Me
     }
 }
 
-async fn deliver_part(d: &Delivery, range: Range<usize>, origin: Origin, metrics: &Metrics) {
+async fn deliver_part(d: &Delivery, range: Range<usize>, ctx: &Ctx<'_>) {
     let mut pages: Vec<Page> = Vec::new();
     for (k, s) in d.streams[range].iter().enumerate() {
-        let written = write_parked(&s.park, d, origin, s.lag.limit(), &mut pages);
+        let written = write_parked(s, d, ctx, &mut pages);
         if let Written::All | Written::Part = written {
-            // Everything up to the head is on the wire or in the tail, and
-            // no catch-up adds more before this returns.
-            s.lag.caught_up();
-            metrics.stream_direct_writes.fetch_add(1, Relaxed);
-            metrics.delivery_latency.observe(d.heard.elapsed());
+            ctx.metrics.delivery_latency.observe(d.heard.elapsed());
         }
         if let Written::Part | Written::Nothing = written {
             s.notify.notify_one();
@@ -194,63 +308,96 @@ async fn deliver_part(d: &Delivery, range: Range<usize>, origin: Origin, metrics
     }
 }
 
-fn write_parked(
-    park: &Park,
-    d: &Delivery,
-    origin: Origin,
-    limit: usize,
-    pages: &mut Vec<Page>,
-) -> Written {
-    let mut st = park.lock();
+fn write_parked(s: &ParkedStream, d: &Delivery, ctx: &Ctx<'_>, pages: &mut Vec<Page>) -> Written {
+    let mut st = s.park.lock();
     if st.stale {
         return Written::Nothing;
     }
     let (Some(at), Some(sock)) = (&st.at, &st.sock) else {
         return Written::Nothing;
     };
+    let (limit, poll) = match (&st.poll, &s.lag) {
+        (Some(form), _) => (form.limit, Some(&form.origin)),
+        (None, Some(lag)) => (lag.limit(), None),
+        (None, None) => return Written::Nothing,
+    };
     let i = match pages
         .iter()
-        .position(|p| Arc::ptr_eq(&p.at, at) || p.at == *at)
+        .position(|p| (Arc::ptr_eq(&p.at, at) || p.at == *at) && p.poll.as_ref() == poll)
     {
         Some(i) => i,
         None => {
-            pages.push(Page {
-                at: at.clone(),
-                bytes: build(d, at, origin, limit),
-            });
+            pages.push(build(d, at, poll, ctx));
             pages.len() - 1
         }
     };
-    let Some(bytes) = &pages[i].bytes else {
+    let page = &pages[i];
+    let Some(bytes) = page.bytes.as_ref().filter(|_| page.rows <= limit) else {
         return Written::Nothing;
     };
-    match sock.try_write(bytes) {
-        Ok(w) if w == bytes.len() => {
-            st.at = Some(d.head.clone());
-            Written::All
-        }
+    let written = match sock.socket().try_write(bytes) {
+        Ok(w) if w == bytes.len() => Written::All,
         Ok(w) if w > 0 => {
-            st.at = Some(d.head.clone());
             st.rest = bytes.slice(w..);
             Written::Part
         }
-        // Full, or gone: the stream finds out itself.
-        _ => Written::Nothing,
+        // Full, or gone: the stream or poll finds out itself.
+        _ => return Written::Nothing,
+    };
+    if st.poll.is_some() {
+        // Answered: the request is over, whatever the poll's task does.
+        st.at = None;
+        st.poll = None;
+        st.answered = true;
+        ctx.metrics.waiting_polls.fetch_sub(1, Relaxed);
+        ctx.metrics.poll_direct_answers.fetch_add(1, Relaxed);
+    } else {
+        st.at = Some(d.head.clone());
+        // Everything up to the head is on the wire or in the tail, and no
+        // catch-up adds more before this returns.
+        if let Some(lag) = &s.lag {
+            lag.caught_up();
+        }
+        ctx.metrics.stream_direct_writes.fetch_add(1, Relaxed);
     }
+    written
 }
 
-/// The framed events of the rows due to a stream parked at `at`: the
-/// catch-up's rows not visible in `at`. Valid only when `at` lies
-/// between the catch-up's lower snapshot and its head — then the rows
-/// due are exactly those, and the stream's next position is the head —
-/// and when there is something due, within the backlog bound.
-fn build(d: &Delivery, at: &Arc<Snapshot>, origin: Origin, limit: usize) -> Option<Bytes> {
+/// The page for streams (`poll` None) or polls parked at `at`: the
+/// catch-up's rows not visible in `at`, framed as events or as a poll's
+/// whole answer. Valid only when `at` lies between the catch-up's lower
+/// snapshot and its head — then the rows due are exactly those, and the
+/// next position is the head — and when something is due.
+fn build(
+    d: &Delivery,
+    at: &Arc<Snapshot>,
+    poll: Option<&Option<HeaderValue>>,
+    ctx: &Ctx<'_>,
+) -> Page {
+    let mut page = Page {
+        at: at.clone(),
+        poll: poll.cloned(),
+        rows: 0,
+        bytes: None,
+    };
     if !at.contains(&d.lower) || !d.head.contains(at) {
-        return None;
+        return page;
     }
-    let due: Vec<_> = d.rows.iter().filter(|m| !at.is_visible(m.txid)).collect();
-    if due.is_empty() || due.len() > limit {
-        return None;
+    let due: Vec<_> = d
+        .rows
+        .iter()
+        .filter(|m| !at.is_visible(m.txid))
+        .cloned()
+        .collect();
+    page.rows = due.len();
+    if due.is_empty() {
+        return page;
+    }
+    if let Some(origin) = poll {
+        let cursor = Cursor::at(ctx.origin, d.head.clone());
+        let answer = super::poll::answer(&due, &cursor, d.beyond);
+        page.bytes = Some(super::lean::answer_bytes(answer, ctx.cors, origin.as_ref()).into());
+        return page;
     }
     let mut events = BytesMut::new();
     for (i, row) in due.iter().enumerate() {
@@ -265,10 +412,15 @@ fn build(d: &Delivery, at: &Arc<Snapshot>, origin: Origin, limit: usize) -> Opti
         } else {
             Position::At(d.head.clone())
         };
-        let id = Cursor { origin, position }.encode();
+        let id = Cursor {
+            origin: ctx.origin,
+            position,
+        }
+        .encode();
         push_message(&mut events, &id, &row.json);
     }
-    Some(frame_chunk(&events))
+    page.bytes = Some(frame_chunk(&events));
+    page
 }
 
 /// `data` as one HTTP/1.1 chunk.
@@ -354,12 +506,13 @@ mod tests {
             head: head.clone(),
             rows,
             heard: Instant::now(),
+            beyond: false,
             streams: streams
                 .iter()
                 .map(|s| ParkedStream {
                     park: s.park.clone(),
                     notify: s.notify.clone(),
-                    lag: s.lag.clone(),
+                    lag: Some(s.lag.clone()),
                 })
                 .collect(),
         }
@@ -386,6 +539,16 @@ mod tests {
             push_message(&mut events, &id, &row.json);
         }
         frame_chunk(&events)
+    }
+
+    async fn run(d: Delivery, metrics: &Arc<Metrics>) {
+        let cors = Cors::new(None);
+        let ctx = Ctx {
+            origin: ORIGIN,
+            metrics,
+            cors: &cors,
+        };
+        deliver(vec![d], &ctx).await;
     }
 
     fn woken(n: &Notify) -> bool {
@@ -415,7 +578,7 @@ mod tests {
         assert!(s2.park.park(&seen10));
         let metrics = Arc::new(Metrics::default());
         let d = delivery(&lower, &head, rows.clone(), &[&s1, &s2]);
-        deliver(vec![d], ORIGIN, &metrics).await;
+        run(d, &metrics).await;
 
         for (s, at, due) in [
             (&mut s1, &lower, vec![&rows[0], &rows[1], &rows[2]]),
@@ -460,7 +623,7 @@ mod tests {
 
         let all = [&not_parked, &revoked, &older, &bounded, &current];
         let d = delivery(&lower, &head, rows, &all);
-        deliver(vec![d], ORIGIN, &Arc::new(Metrics::default())).await;
+        run(d, &Arc::new(Metrics::default())).await;
         for (name, s, at) in [
             ("not parked", &not_parked, None),
             ("revoked", &revoked, Some(&lower)),
@@ -487,7 +650,7 @@ mod tests {
         s.park.close();
         assert!(!s.park.park(&lower));
         let d = delivery(&lower, &head, vec![msg(1, 10, "a".into())], &[&s]);
-        deliver(vec![d], ORIGIN, &Arc::new(Metrics::default())).await;
+        run(d, &Arc::new(Metrics::default())).await;
         assert!(woken(&s.notify));
         assert!(nothing_to_read(&s.client));
     }
@@ -501,7 +664,7 @@ mod tests {
         let mut s = stream().await;
         assert!(s.park.park(&lower));
         let d = delivery(&lower, &head, vec![row.clone()], &[&s]);
-        deliver(vec![d], ORIGIN, &Arc::new(Metrics::default())).await;
+        run(d, &Arc::new(Metrics::default())).await;
 
         assert!(s.park.has_rest(), "the socket took it all");
         assert!(woken(&s.notify), "the stream must write the tail");
@@ -509,7 +672,8 @@ mod tests {
         assert!(!s.park.park(&head), "parked with a tail unwritten");
         // As the connection does: the tail, then whatever comes next.
         let rest = s.park.take_rest();
-        let sock = s.park.lock().sock.clone().unwrap();
+        let wire = s.park.lock().sock.clone().unwrap();
+        let sock = wire.socket();
         let want = expected(&lower, &head, &[&row]);
         let reader = tokio::spawn(async move {
             let mut got = vec![0u8; want.len()];
@@ -524,5 +688,172 @@ mod tests {
             }
         }
         reader.await.unwrap();
+    }
+
+    /// A waiting poll parked on a lean connection's write half.
+    struct Poll {
+        park: Arc<Park>,
+        notify: Arc<Notify>,
+        client: TcpStream,
+        // The connection's read half: the socket stays open with it.
+        _rd: tokio::net::tcp::OwnedReadHalf,
+    }
+
+    async fn poll_conn() -> Poll {
+        let (server, client) = pair().await;
+        let server = Arc::try_unwrap(server).unwrap();
+        let (rd, wr) = server.into_split();
+        Poll {
+            park: Park::for_requests(Arc::new(wr)),
+            notify: Arc::new(Notify::new()),
+            client,
+            _rd: rd,
+        }
+    }
+
+    fn form(limit: usize) -> PollForm {
+        PollForm {
+            limit,
+            origin: None,
+        }
+    }
+
+    fn poll_delivery(
+        lower: &Arc<Snapshot>,
+        head: &Arc<Snapshot>,
+        rows: Vec<Arc<StoredMessage>>,
+        polls: &[&Poll],
+    ) -> Delivery {
+        Delivery {
+            lower: lower.clone(),
+            head: head.clone(),
+            rows,
+            heard: Instant::now(),
+            beyond: true,
+            streams: polls
+                .iter()
+                .map(|p| ParkedStream {
+                    park: p.park.clone(),
+                    notify: p.notify.clone(),
+                    lag: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Reads one whole answer with a Content-Length body.
+    async fn read_answer(c: &mut TcpStream) -> (String, serde_json::Value) {
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = c.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed");
+            buf.extend_from_slice(&chunk[..n]);
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8(buf[..end].to_vec()).unwrap();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            if buf.len() == end + 4 + len {
+                return (head, serde_json::from_slice(&buf[end + 4..]).unwrap());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_parked_poll_gets_its_whole_answer_and_is_counted_out() {
+        let lower = snap(10, 10, &[]);
+        let head = snap(13, 13, &[]);
+        let rows = vec![
+            msg(1, 10, "a".into()),
+            msg(2, 11, "b".into()),
+            msg(3, 12, "c".into()),
+        ];
+        let mut p = poll_conn().await;
+        // Has seen txid 10: due the other two.
+        let seen10 = snap(11, 11, &[]);
+        assert!(p.park.park_poll(&seen10, form(100)));
+        let metrics = Arc::new(Metrics::default());
+        metrics.waiting_polls.store(1, Relaxed);
+        run(poll_delivery(&lower, &head, rows, &[&p]), &metrics).await;
+
+        let (h, body) = read_answer(&mut p.client).await;
+        assert!(h.starts_with("HTTP/1.1 200 OK\r\n"), "{h}");
+        assert!(h.contains("cache-control: no-store"), "{h}");
+        assert!(!h.contains("connection: close"), "{h}");
+        let ids: Vec<i64> = body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ids, vec![2, 3]);
+        assert_eq!(body["cursor"], Cursor::at(ORIGIN, head.clone()).encode());
+        assert_eq!(body["has_more"], true, "a NOTIFY came after the catch-up");
+        assert!(nothing_to_read(&p.client));
+        assert!(!woken(&p.notify), "an answered poll is not woken");
+        assert_eq!(metrics.waiting_polls.load(Relaxed), 0);
+        assert_eq!(metrics.poll_direct_answers.load(Relaxed), 1);
+        // Over: it cannot park again before the next request, and its own
+        // task learns it was answered.
+        assert!(!p.park.park_poll(&head, form(100)));
+        assert!(p.park.unpark_poll());
+        assert_eq!(p.park.finish_request(), Some(Bytes::new()));
+        assert!(p.park.park_poll(&head, form(100)), "the next request parks");
+    }
+
+    #[tokio::test]
+    async fn polls_it_cannot_answer_are_woken_and_keep_their_request() {
+        let lower = snap(10, 10, &[]);
+        let head = snap(12, 12, &[]);
+        let rows = vec![msg(1, 10, "a".into()), msg(2, 11, "b".into())];
+        // Due two rows, takes one: pages itself.
+        let small = poll_conn().await;
+        assert!(small.park.park_poll(&lower, form(1)));
+        // Its client sent more while it waited: taken back.
+        let input = poll_conn().await;
+        assert!(input.park.park_poll(&lower, form(100)));
+        assert!(!input.park.input_arrived());
+        assert!(
+            !input.park.park_poll(&lower, form(100)),
+            "parks again after input"
+        );
+        // Parked before the catch-up's lower snapshot.
+        let older = poll_conn().await;
+        assert!(older.park.park_poll(&snap(9, 9, &[]), form(100)));
+        let metrics = Arc::new(Metrics::default());
+        run(
+            poll_delivery(&lower, &head, rows, &[&small, &input, &older]),
+            &metrics,
+        )
+        .await;
+        for (name, p) in [("small", &small), ("input", &input), ("older", &older)] {
+            assert!(woken(&p.notify), "{name}");
+            assert!(nothing_to_read(&p.client), "{name}");
+            assert!(!p.park.unpark_poll(), "{name}: answered");
+            assert_eq!(p.park.finish_request(), None, "{name}");
+        }
+        assert_eq!(metrics.poll_direct_answers.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_poll_answer_the_socket_takes_in_part_leaves_its_tail() {
+        let lower = snap(10, 10, &[]);
+        let head = snap(11, 11, &[]);
+        let p = poll_conn().await;
+        assert!(p.park.park_poll(&lower, form(100)));
+        let row = msg(1, 10, "x".repeat(16 << 20));
+        let metrics = Arc::new(Metrics::default());
+        run(poll_delivery(&lower, &head, vec![row], &[&p]), &metrics).await;
+        assert!(woken(&p.notify), "the connection must write the tail");
+        assert!(p.park.unpark_poll(), "answered, in part");
+        let rest = p.park.finish_request().expect("answered");
+        assert!(!rest.is_empty() && rest.len() < 16 << 20);
+        assert_eq!(metrics.poll_direct_answers.load(Relaxed), 1);
     }
 }

@@ -6,18 +6,23 @@
 //! until the hub wakes it, the timeout passes, the client goes away (hyper
 //! drops this future, and the subscription guard unregisters) or shutdown
 //! begins (answer with the cursor at once).
+//!
+//! On a lean keep-alive connection a waiting poll parks ([`super::park`]):
+//! the listener may write its answer instead, and the poll, once it wakes,
+//! only takes note.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use hyper::header::{HeaderValue, CACHE_CONTROL};
+use hyper::header::{HeaderValue, CACHE_CONTROL, ORIGIN};
 use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
 
 use super::chat::require_participant;
 use super::error::ApiError;
+use super::park::{Park, PollForm};
 use super::{authenticate, json_response, query_get, query_pairs, Body};
 use crate::app::App;
 use crate::cursor::{Cursor, Lower, Origin, Position};
@@ -114,6 +119,8 @@ pub fn check_origin(cursor: &Cursor, origin: Origin) -> Result<(), ApiError> {
 pub async fn poll<B>(app: &App, req: Request<B>) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let user = Box::pin(authenticate(app, &req, &pairs)).await?;
+    let park = req.extensions().get::<Arc<Park>>().cloned();
+    let req_origin = park.as_ref().and(req.headers().get(ORIGIN).cloned());
     drop(req);
     let room = parse_room_id(query_get(&pairs, "room_id"))?;
     let since = parse_since(query_get(&pairs, "since"))?;
@@ -150,7 +157,7 @@ pub async fn poll<B>(app: &App, req: Request<B>) -> Result<Response<Body>, ApiEr
                 limit: limit as i64,
             };
             let f = Box::pin(reader::cold(app, &[room], read)).await?;
-            return Ok(respond(&f.rows, &Cursor::at(origin, f.head), false));
+            return Ok(answer(&f.rows, &Cursor::at(origin, f.head), false));
         }
         Since::CreatedAfter(since) => {
             let read = Read::CreatedAfter {
@@ -170,7 +177,7 @@ pub async fn poll<B>(app: &App, req: Request<B>) -> Result<Response<Body>, ApiEr
                 _ => Position::At(f.head),
             };
             if !rows.is_empty() {
-                return Ok(respond(
+                return Ok(answer(
                     &rows,
                     &Cursor {
                         origin,
@@ -183,15 +190,23 @@ pub async fn poll<B>(app: &App, req: Request<B>) -> Result<Response<Body>, ApiEr
         }
         Since::Cursor(c) => c.position,
     };
-    let _waiting = WaitingGauge::new(app);
+    if let Some(park) = &park {
+        sub.allow_parking(park);
+    }
+    let _waiting = WaitingGauge::new(app, park.as_deref());
     loop {
+        if let Some(park) = &park {
+            // Membership is checked once per poll, at its start: a change
+            // heard while it waits only keeps it from parking until here.
+            park.checking();
+        }
         let page = match reader::memory_page(app, &[room], &pos, limit, timeout == 0)? {
             Some(page) => page,
             None => Box::pin(reader::db_page(app, &[room], &pos, limit)).await?,
         };
         pos = page.next;
         if !page.rows.is_empty() {
-            let resp = respond(
+            let resp = answer(
                 &page.rows,
                 &Cursor {
                     origin,
@@ -208,7 +223,7 @@ pub async fn poll<B>(app: &App, req: Request<B>) -> Result<Response<Body>, ApiEr
             continue;
         }
         if Instant::now() >= deadline || shutdown.is_fired() {
-            return Ok(respond(
+            return Ok(answer(
                 &[],
                 &Cursor {
                     origin,
@@ -217,16 +232,35 @@ pub async fn poll<B>(app: &App, req: Request<B>) -> Result<Response<Body>, ApiEr
                 false,
             ));
         }
+        let parked = match (&park, &pos) {
+            (Some(park), Position::At(at)) => park.park_poll(
+                at,
+                PollForm {
+                    limit,
+                    origin: req_origin.clone(),
+                },
+            ),
+            _ => false,
+        };
         tokio::select! {
             _ = sub.notified() => {}
             _ = tokio::time::sleep_until(deadline) => {}
             _ = shutdown.wait() => {}
         }
+        if parked && park.as_ref().is_some_and(|p| p.unpark_poll()) {
+            // The connection sees that its park answered, and writes
+            // nothing of this.
+            return Ok(Response::new(Body::default()));
+        }
     }
 }
 
 /// The response: messages are already JSON, so this only concatenates.
-fn respond(rows: &[Arc<StoredMessage>], cursor: &Cursor, has_more: bool) -> Response<Body> {
+pub(crate) fn answer(
+    rows: &[Arc<StoredMessage>],
+    cursor: &Cursor,
+    has_more: bool,
+) -> Response<Body> {
     let cursor = cursor.encode();
     let now = format_ts(&Utc::now());
     let mut body = Vec::with_capacity(
@@ -254,19 +288,24 @@ fn respond(rows: &[Arc<StoredMessage>], cursor: &Cursor, has_more: bool) -> Resp
     resp
 }
 
-/// Counts this poll in `hark_waiting_polls` while it lives.
-struct WaitingGauge<'a>(&'a App);
+/// Counts this poll in `hark_waiting_polls` while it lives, unless its
+/// park answered it (which counted it out then).
+struct WaitingGauge<'a>(&'a App, Option<&'a Park>);
 
 impl<'a> WaitingGauge<'a> {
-    fn new(app: &'a App) -> Self {
+    fn new(app: &'a App, park: Option<&'a Park>) -> Self {
         app.metrics.waiting_polls.fetch_add(1, Relaxed);
-        WaitingGauge(app)
+        WaitingGauge(app, park)
     }
 }
 
 impl Drop for WaitingGauge<'_> {
     fn drop(&mut self) {
-        self.0.metrics.waiting_polls.fetch_sub(1, Relaxed);
+        // Taking the poll back first: a poll dropped while parked (its
+        // client went away) must not be answered and counted out again.
+        if !self.1.is_some_and(Park::unpark_poll) {
+            self.0.metrics.waiting_polls.fetch_sub(1, Relaxed);
+        }
     }
 }
 
