@@ -99,57 +99,65 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
         park: ConnPark(None),
     };
     loop {
-        let head = tokio::select! {
-            h = timeout(header_timeout, read_head(&mut conn.rd, &mut buf)) => h,
-            // Between requests nothing is lost by closing; a head half
-            // read is a request not yet made.
-            _ = shutdown.wait() => return Served::Closed,
-        };
-        let (req, head_len) = match head {
-            // Silence, as hyper does when a head does not arrive in time.
-            Err(_) | Ok(Err(HeadError::Closed)) => return Served::Closed,
-            Ok(Err(HeadError::Bad(e))) => {
-                let resp = prepare(e.into_response(), Version::HTTP_11, false);
-                if let Some(stream) = conn.into_stream() {
-                    respond(Arc::new(stream), None, resp, &Notify::new(), stall).await;
+        // Each step below is a block: a local that was ever borrowed keeps
+        // its room in the task until its scope ends, and the task is what
+        // a waiting poll costs.
+        let (version, mut keep_alive, seen, answer) = {
+            let head = tokio::select! {
+                h = timeout(header_timeout, read_head(&mut conn.rd, &mut buf)) => h,
+                // Between requests nothing is lost by closing; a head half
+                // read is a request not yet made.
+                _ = shutdown.wait() => return Served::Closed,
+            };
+            let (req, head_len) = match head {
+                // Silence, as hyper does when a head does not arrive in time.
+                Err(_) | Ok(Err(HeadError::Closed)) => return Served::Closed,
+                Ok(Err(HeadError::Bad(e))) => {
+                    let resp = prepare(e.into_response(), Version::HTTP_11, false);
+                    if let Some(stream) = conn.into_stream() {
+                        close_with(stream, resp, stall).await;
+                    }
+                    return Served::Closed;
                 }
-                return Served::Closed;
-            }
-            Ok(Ok(Head::Hyper)) => {
+                Ok(Ok(Head::Hyper)) => {
+                    return conn
+                        .into_stream()
+                        .map_or(Served::Closed, |s| Served::Hyper(s, buf))
+                }
+                Ok(Ok(Head::Lean(req, len))) => (req, len),
+            };
+            if is_events(req.uri()) {
+                // What followed the head is dropped: the stream ends the
+                // connection, so none of it can pass for a request.
                 return conn
                     .into_stream()
-                    .map_or(Served::Closed, |s| Served::Hyper(s, buf))
+                    .map_or(Served::Closed, |s| Served::Stream(s, Box::new(req)));
             }
-            Ok(Ok(Head::Lean(req, len))) => (req, len),
+            buf.drain(..head_len);
+            if buf.is_empty() {
+                // A connection between requests (or a waiting poll) holds no buffer.
+                buf = Vec::new();
+            }
+            let version = req.version();
+            let keep_alive = version == Version::HTTP_11 && !asks_close(req.headers());
+            let mut req = req.map(|()| Empty::<Bytes>::new());
+            if keep_alive
+                && buf.is_empty()
+                && req.uri().path().starts_with("/api/chat/messages/poll")
+            {
+                // Its answer may be written by the listener (a parked poll),
+                // which a keep-alive answer of known length allows. Not with
+                // a request already read behind it: the loop notices an
+                // answer written for it only when more input arrives.
+                let park = conn
+                    .park
+                    .0
+                    .get_or_insert_with(|| Park::for_requests(conn.wr.clone()));
+                req.extensions_mut().insert(park.clone());
+            }
+            let seen = Seen::new(&req);
+            (version, keep_alive, seen, Box::pin(router::route(app, req)))
         };
-        if is_events(req.uri()) {
-            // What followed the head is dropped: the stream ends the
-            // connection, so none of it can pass for a request.
-            return conn
-                .into_stream()
-                .map_or(Served::Closed, |s| Served::Stream(s, Box::new(req)));
-        }
-        buf.drain(..head_len);
-        if buf.is_empty() {
-            // A connection between requests (or a waiting poll) holds no buffer.
-            buf = Vec::new();
-        }
-        let version = req.version();
-        let mut keep_alive = version == Version::HTTP_11 && !asks_close(req.headers());
-        let mut req = req.map(|()| Empty::<Bytes>::new());
-        if keep_alive && buf.is_empty() && req.uri().path().starts_with("/api/chat/messages/poll") {
-            // Its answer may be written by the listener (a parked poll),
-            // which a keep-alive answer of known length allows. Not with
-            // a request already read behind it: the loop notices an answer
-            // written for it only when more input arrives.
-            let park = conn
-                .park
-                .0
-                .get_or_insert_with(|| Park::for_requests(conn.wr.clone()));
-            req.extensions_mut().insert(park.clone());
-        }
-        let seen = Seen::new(&req);
-        let answer = Box::pin(router::route(app, req));
         let result = tokio::select! {
             r = answer => r,
             ahead = read_ahead(&mut conn.rd, &mut buf, conn.park.0.as_deref()) => match ahead {
@@ -163,18 +171,21 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
         };
         if let Some(rest) = conn.park.0.as_ref().and_then(|p| p.finish_request()) {
             // The listener wrote the answer, all of it but `rest`.
+            drop(result);
             seen.done(hyper::StatusCode::OK);
             if !write_all_within(conn.sock(), &rest, stall).await || shutdown.is_fired() {
                 return Served::Closed;
             }
             continue;
         }
-        let resp = seen.finish(app, result);
-        keep_alive &= !shutdown.is_fired() && !asks_close(resp.headers());
-        let resp = prepare(resp, version, keep_alive);
+        let resp = {
+            let resp = seen.finish(app, result);
+            keep_alive &= !shutdown.is_fired() && !asks_close(resp.headers());
+            prepare(resp, version, keep_alive)
+        };
         if !resp.keep_alive {
             if let Some(stream) = conn.into_stream() {
-                respond(Arc::new(stream), None, resp, &Notify::new(), stall).await;
+                close_with(stream, resp, stall).await;
             }
             return Served::Closed;
         }
@@ -182,6 +193,17 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
             return Served::Closed;
         }
     }
+}
+
+/// A last answer, then the end of the connection. Boxed: the writing's
+/// state is large and rarely needed, and would otherwise be part of every
+/// request loop's task.
+fn close_with(
+    stream: TcpStream,
+    resp: Prepared,
+    stall: Duration,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = ()>>> {
+    Box::pin(async move { respond(Arc::new(stream), None, resp, &Notify::new(), stall).await })
 }
 
 /// A connection while the request loop serves it: split, so that the
