@@ -150,14 +150,17 @@ impl Park {
         self.lock().at.take()
     }
 
-    /// Parks a waiting poll at `at`. False (not parked) when a membership
-    /// change is unchecked, the client sent more, the request was answered
-    /// already, or the connection ends.
+    /// Parks a waiting poll at `at`. False (not parked) when the client
+    /// sent more, the request was answered already, or the connection
+    /// ends. A poll checks membership once, at its start, so a change heard
+    /// while it waited only woke it (and kept it from being written to
+    /// meanwhile): it parks again.
     pub fn park_poll(&self, at: &Arc<Snapshot>, form: PollForm) -> bool {
         let mut st = self.lock();
-        if st.stale || st.input || st.answered || !st.rest.is_empty() || st.sock.is_none() {
+        if st.input || st.answered || !st.rest.is_empty() || st.sock.is_none() {
             return false;
         }
+        st.stale = false;
         st.at = Some(at.clone());
         st.poll = Some(form);
         true
@@ -826,19 +829,28 @@ mod tests {
         // Parked before the catch-up's lower snapshot.
         let older = poll_conn().await;
         assert!(older.park.park_poll(&snap(9, 9, &[]), form(100)));
+        // Its room's membership changed while it waited.
+        let revoked = poll_conn().await;
+        assert!(revoked.park.park_poll(&lower, form(100)));
+        revoked.park.revoke();
         let metrics = Arc::new(Metrics::default());
-        run(
-            poll_delivery(&lower, &head, rows, &[&small, &input, &older]),
-            &metrics,
-        )
-        .await;
-        for (name, p) in [("small", &small), ("input", &input), ("older", &older)] {
+        let all = [&small, &input, &older, &revoked];
+        run(poll_delivery(&lower, &head, rows, &all), &metrics).await;
+        for (name, p) in [
+            ("small", &small),
+            ("input", &input),
+            ("older", &older),
+            ("revoked", &revoked),
+        ] {
             assert!(woken(&p.notify), "{name}");
             assert!(nothing_to_read(&p.client), "{name}");
             assert!(!p.park.unpark_poll(), "{name}: answered");
             assert_eq!(p.park.finish_request(), None, "{name}");
         }
         assert_eq!(metrics.poll_direct_answers.load(Relaxed), 0);
+        // Woken, a revoked poll parks again: it checks membership only at
+        // its start.
+        assert!(revoked.park.park_poll(&lower, form(100)));
     }
 
     #[tokio::test]

@@ -190,16 +190,9 @@ pub async fn poll<B>(app: &App, req: Request<B>) -> Result<Response<Body>, ApiEr
         }
         Since::Cursor(c) => c.position,
     };
-    if let Some(park) = &park {
-        sub.allow_parking(park);
-    }
     let _waiting = WaitingGauge::new(app, park.as_deref());
+    let mut parkable = false;
     loop {
-        if let Some(park) = &park {
-            // Membership is checked once per poll, at its start: a change
-            // heard while it waits only keeps it from parking until here.
-            park.checking();
-        }
         let page = match reader::memory_page(app, &[room], &pos, limit, timeout == 0)? {
             Some(page) => page,
             None => Box::pin(reader::db_page(app, &[room], &pos, limit)).await?,
@@ -233,13 +226,22 @@ pub async fn poll<B>(app: &App, req: Request<B>) -> Result<Response<Body>, ApiEr
             ));
         }
         let parked = match (&park, &pos) {
-            (Some(park), Position::At(at)) => park.park_poll(
-                at,
-                PollForm {
-                    limit,
-                    origin: req_origin.clone(),
-                },
-            ),
+            (Some(park), Position::At(at)) => {
+                if !parkable {
+                    // Only now: a poll answered at once (the hot path)
+                    // skips the hub's lock this takes. Until then the hub
+                    // wakes it as any poll.
+                    sub.allow_parking(park);
+                    parkable = true;
+                }
+                park.park_poll(
+                    at,
+                    PollForm {
+                        limit,
+                        origin: req_origin.clone(),
+                    },
+                )
+            }
             _ => false,
         };
         tokio::select! {
