@@ -252,11 +252,11 @@ pub struct Delivery {
     /// A NOTIFY for the room came after this catch-up began: more may be
     /// due than it read (a poll's `has_more`).
     pub beyond: bool,
-    pub streams: Vec<ParkedStream>,
+    pub parked: Vec<Parked>,
 }
 
 /// A stream or a poll that may be parked.
-pub struct ParkedStream {
+pub struct Parked {
     pub park: Arc<Park>,
     pub notify: Arc<Notify>,
     /// None for a poll.
@@ -562,7 +562,7 @@ impl Hub {
                             rows: Vec::new(),
                             heard,
                             beyond: false,
-                            streams: Vec::new(),
+                            parked: Vec::new(),
                         });
                         touched.push((msg.room, 0, delivery));
                         wake.extend(
@@ -597,11 +597,11 @@ impl Hub {
                     }
                     if let Some(mut d) = delivery {
                         d.beyond = r.heard.is_some();
-                        d.streams = r
+                        d.parked = r
                             .subs
                             .values()
                             .filter_map(|s| {
-                                Some(ParkedStream {
+                                Some(Parked {
                                     park: s.park.clone()?,
                                     notify: s.notify.clone(),
                                     lag: s.lag.clone(),
@@ -948,7 +948,7 @@ mod tests {
         assert_eq!(d.len(), 1);
         assert_eq!(*d[0].lower, *snap(10, 10, &[]));
         assert_eq!(d[0].rows.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(d[0].streams.len(), 1);
+        assert_eq!(d[0].parked.len(), 1);
         assert!(woken(&poll));
         assert!(!woken(&stream), "the delivery decides whether to wake it");
 

@@ -1,6 +1,6 @@
-//! Parked event streams: a catch-up's rows written by the listener's task
-//! straight to the sockets of idle streams, with no task wake-up per
-//! stream (DESIGN §8).
+//! Parked event streams and polls: a catch-up's rows written by the
+//! listener's task straight to the sockets of idle streams and waiting
+//! polls, with no task wake-up for each (DESIGN §8).
 //!
 //! An idle stream on a lean HTTP/1.1 connection ([`super::lean`])
 //! that watches one room *parks*: it leaves its position here and waits.
@@ -40,7 +40,7 @@ use tokio::net::TcpStream;
 use super::cors::Cors;
 use super::events::push_message;
 use crate::cursor::{Cursor, Lower, Origin, Position, Snapshot};
-use crate::hub::{Delivery, ParkedStream};
+use crate::hub::{Delivery, Parked};
 use crate::metrics::Metrics;
 
 /// Writes between two yields of the listener's task: a fan-out to many
@@ -262,18 +262,18 @@ pub struct Ctx<'a> {
 pub async fn deliver(deliveries: Vec<Delivery>, ctx: &Ctx<'_>) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     for d in deliveries {
-        let parts = threads.min(d.streams.len().div_ceil(SPLIT_ABOVE)).max(1);
+        let parts = threads.min(d.parked.len().div_ceil(SPLIT_ABOVE)).max(1);
         if parts == 1 {
-            deliver_part(&d, 0..d.streams.len(), ctx).await;
+            deliver_part(&d, 0..d.parked.len(), ctx).await;
             continue;
         }
         let d = Arc::new(d);
-        let per = d.streams.len().div_ceil(parts);
+        let per = d.parked.len().div_ceil(parts);
         let tasks: Vec<_> = (0..parts)
             .map(|i| {
                 let d = d.clone();
                 let (origin, metrics, cors) = (ctx.origin, ctx.metrics.clone(), ctx.cors.clone());
-                let range = i * per..((i + 1) * per).min(d.streams.len());
+                let range = i * per..((i + 1) * per).min(d.parked.len());
                 tokio::spawn(async move {
                     let ctx = Ctx {
                         origin,
@@ -297,7 +297,7 @@ pub async fn deliver(deliveries: Vec<Delivery>, ctx: &Ctx<'_>) {
 
 async fn deliver_part(d: &Delivery, range: Range<usize>, ctx: &Ctx<'_>) {
     let mut pages: Vec<Page> = Vec::new();
-    for (k, s) in d.streams[range].iter().enumerate() {
+    for (k, s) in d.parked[range].iter().enumerate() {
         let written = write_parked(s, d, ctx, &mut pages);
         if let Written::All | Written::Part = written {
             ctx.metrics.delivery_latency.observe(d.heard.elapsed());
@@ -311,7 +311,7 @@ async fn deliver_part(d: &Delivery, range: Range<usize>, ctx: &Ctx<'_>) {
     }
 }
 
-fn write_parked(s: &ParkedStream, d: &Delivery, ctx: &Ctx<'_>, pages: &mut Vec<Page>) -> Written {
+fn write_parked(s: &Parked, d: &Delivery, ctx: &Ctx<'_>, pages: &mut Vec<Page>) -> Written {
     let mut st = s.park.lock();
     if st.stale {
         return Written::Nothing;
@@ -438,7 +438,7 @@ pub fn frame_chunk(data: &[u8]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::{Lag, ParkedStream};
+    use crate::hub::{Lag, Parked};
     use crate::message::{Message, StoredMessage, User};
     use chrono::Utc;
     use futures::FutureExt;
@@ -510,9 +510,9 @@ mod tests {
             rows,
             heard: Instant::now(),
             beyond: false,
-            streams: streams
+            parked: streams
                 .iter()
-                .map(|s| ParkedStream {
+                .map(|s| Parked {
                     park: s.park.clone(),
                     notify: s.notify.clone(),
                     lag: Some(s.lag.clone()),
@@ -733,9 +733,9 @@ mod tests {
             rows,
             heard: Instant::now(),
             beyond: true,
-            streams: polls
+            parked: polls
                 .iter()
-                .map(|p| ParkedStream {
+                .map(|p| Parked {
                     park: p.park.clone(),
                     notify: p.notify.clone(),
                     lag: None,
