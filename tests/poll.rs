@@ -623,3 +623,34 @@ async fn input_behind_a_waiting_poll_keeps_it_from_parking() {
         assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 0.0);
     }
 }
+
+/// An answer larger than the socket takes at once: the listener writes
+/// what it can, the connection writes the rest, and the connection then
+/// carries the next poll as usual.
+#[tokio::test]
+async fn a_parked_poll_answer_the_socket_takes_in_part_arrives_whole() {
+    let (hark, fx, alice, bob, room) = room_with_two().await;
+    let t = token(alice);
+    let cursor = cursor_now(&hark, room, &t).await;
+    let mut raw = Raw::connect(hark.addr).await;
+    let req = |cursor: &str| {
+        poll_request(room, cursor, &t, 30).replace("&timeout", "&limit=1000&timeout")
+    };
+    raw.send(req(&cursor).as_bytes()).await;
+    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
+    // About 20 MB in one commit: far more than a loopback socket buffers.
+    let big = "x".repeat(20_000);
+    let ids_in = fx.insert_many(room, bob, 1000, &big).await;
+    let (head, body) = raw.answer_within(Duration::from_secs(60)).await;
+    assert!(head.starts_with("http/1.1 200 "), "{head}");
+    let body = json(&body);
+    assert_eq!(ids(&body), ids_in);
+    assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 1.0);
+
+    let cursor = body["cursor"].as_str().unwrap().to_string();
+    raw.send(req(&cursor).as_bytes()).await;
+    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
+    let id = fx.insert(room, bob, "after").await;
+    let (_, next) = raw.answer_within(Duration::from_secs(20)).await;
+    assert_eq!(ids(&json(&next)), vec![id]);
+}

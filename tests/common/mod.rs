@@ -567,10 +567,16 @@ impl Raw {
             let n = self.read_some(wait).await;
             assert!(
                 n > 0,
-                "the connection ended before a whole answer: {:?}",
-                String::from_utf8_lossy(&self.buf)
+                "the connection ended before a whole answer: {}",
+                self.shown()
             );
         }
+    }
+
+    /// What is buffered, cut short for a panic message.
+    fn shown(&self) -> String {
+        let text = String::from_utf8_lossy(&self.buf[..self.buf.len().min(600)]);
+        format!("{text:?} ({} bytes)", self.buf.len())
     }
 
     pub async fn answer(&mut self) -> (String, Vec<u8>) {
@@ -588,8 +594,8 @@ impl Raw {
         let mut chunk = [0u8; 8192];
         match tokio::time::timeout(wait, self.stream.read(&mut chunk)).await {
             Err(_) => panic!(
-                "nothing from the server within {wait:?}; have {:?}",
-                String::from_utf8_lossy(&self.buf)
+                "nothing from the server within {wait:?}; have {}",
+                self.shown()
             ),
             Ok(Err(_)) => 0,
             Ok(Ok(n)) => {
