@@ -149,23 +149,6 @@ fn assert_user(v: &Value, id: i64, username: &str) {
     assert!(v["last_name"].is_string(), "{v}");
 }
 
-/// Polls `check` until it holds, within a generous bound (state the server
-/// reaches on its own, e.g. after a NOTIFY, is looked at, not slept on).
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what}: not within 15 s");
-}
-
 /// A JWT signed by hand, so tests can forge what a library would refuse.
 fn jwt(alg: jsonwebtoken::Algorithm, header: Value, claims: Value, secret: &[u8]) -> String {
     let msg = format!(

@@ -654,3 +654,46 @@ async fn a_parked_poll_answer_the_socket_takes_in_part_arrives_whole() {
     let (_, next) = raw.answer_within(Duration::from_secs(20)).await;
     assert_eq!(ids(&json(&next)), vec![id]);
 }
+
+/// A parked poll's request line is logged when the connection notices the
+/// answer, with the time the answer took, not the time until it noticed.
+#[tokio::test]
+async fn a_parked_polls_log_line_has_the_time_of_its_answer() {
+    let (hark, fx, alice, bob, room) = room_with_two().await;
+    let t = token(alice);
+    let cursor = cursor_now(&hark, room, &t).await;
+    let mut raw = Raw::connect(hark.addr).await;
+    raw.send(poll_request(room, &cursor, &t, 30).as_bytes())
+        .await;
+    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
+    fx.insert(room, bob, "logged").await;
+    let (_, body) = raw.answer_within(Duration::from_secs(20)).await;
+    assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 1.0);
+    // The connection notices only with the next request, seconds later.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let next = json(&body)["cursor"].as_str().unwrap().to_string();
+    raw.send(poll_request(room, &next, &t, 0).as_bytes()).await;
+    raw.answer().await;
+    let logged_ms = |logs: &str| -> Vec<f64> {
+        logs.lines()
+            .filter(|l| l.contains("hark::request") && l.contains("timeout=30"))
+            .filter_map(|l| {
+                l.split("ms=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    eventually("the parked poll's line is logged", || async {
+        !logged_ms(&hark.logs()).is_empty()
+    })
+    .await;
+    let ms = logged_ms(&hark.logs());
+    assert_eq!(ms.len(), 1, "{ms:?}");
+    // Well under the 6 s until it was noticed (a generous bound: the
+    // answer itself takes milliseconds).
+    assert!(ms[0] < 5000.0, "logged {} ms", ms[0]);
+}

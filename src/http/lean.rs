@@ -169,10 +169,10 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
                 Ahead::Answered => Ok(Response::new(Body::default())),
             },
         };
-        if let Some(rest) = conn.park.0.as_ref().and_then(|p| p.finish_request()) {
-            // The listener wrote the answer, all of it but `rest`.
+        if let Some((at, rest)) = conn.park.0.as_ref().and_then(|p| p.finish_request()) {
+            // The listener wrote the answer at `at`, all of it but `rest`.
             drop(result);
-            seen.done(hyper::StatusCode::OK);
+            seen.done(hyper::StatusCode::OK, at);
             if !write_all_within(conn.sock(), &rest, stall).await || shutdown.is_fired() {
                 return Served::Closed;
             }

@@ -262,19 +262,19 @@ impl Seen {
     ) -> Response<Body> {
         let mut resp = result.unwrap_or_else(ApiError::into_response);
         app.cors.apply(self.origin.as_ref(), resp.headers_mut());
-        self.done(resp.status());
+        self.done(resp.status(), Instant::now());
         resp
     }
 
-    /// Logs the line of a request answered with `status`.
-    pub(crate) fn done(self, status: hyper::StatusCode) {
+    /// Logs the line of a request answered with `status` at `end`.
+    pub(crate) fn done(self, status: hyper::StatusCode, end: Instant) {
         if let Some(target) = self.target {
             tracing::info!(
                 target: "hark::request",
                 method = %self.method,
                 path = %target,
                 status = status.as_u16(),
-                ms = self.started.elapsed().as_secs_f64() * 1000.0,
+                ms = end.saturating_duration_since(self.started).as_secs_f64() * 1000.0,
             );
         }
     }

@@ -36,6 +36,7 @@ use bytes::{Bytes, BytesMut};
 use hyper::header::HeaderValue;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::cors::Cors;
 use super::events::push_message;
@@ -89,9 +90,9 @@ struct State {
     sock: Option<Wire>,
     /// Set while a waiting poll is parked; None for a stream.
     poll: Option<PollForm>,
-    /// The listener answered the request in flight; the connection has not
-    /// taken note yet.
-    answered: bool,
+    /// When the listener answered the request in flight; the connection
+    /// has not taken note yet.
+    answered: Option<Instant>,
     /// The client sent more while its request was in flight: an answer
     /// written here could go unnoticed behind that input, so the poll
     /// answers itself.
@@ -157,7 +158,7 @@ impl Park {
     /// meanwhile): it parks again.
     pub fn park_poll(&self, at: &Arc<Snapshot>, form: PollForm) -> bool {
         let mut st = self.lock();
-        if st.input || st.answered || !st.rest.is_empty() || st.sock.is_none() {
+        if st.input || st.answered.is_some() || !st.rest.is_empty() || st.sock.is_none() {
             return false;
         }
         st.stale = false;
@@ -172,7 +173,7 @@ impl Park {
         let mut st = self.lock();
         st.at = None;
         st.poll = None;
-        st.answered
+        st.answered.is_some()
     }
 
     /// The client sent bytes while its request was in flight. True when
@@ -180,7 +181,7 @@ impl Park {
     /// taken back, and no poll parks until the next request.
     pub fn input_arrived(&self) -> bool {
         let mut st = self.lock();
-        if st.answered {
+        if st.answered.is_some() {
             return true;
         }
         st.input = true;
@@ -190,12 +191,13 @@ impl Park {
     }
 
     /// The request in flight is over; the connection moves to the next.
-    /// Some (what the socket did not take of it) when the listener
-    /// answered it.
-    pub fn finish_request(&self) -> Option<Bytes> {
+    /// When the listener answered it: when, and what the socket did not
+    /// take of the answer.
+    pub fn finish_request(&self) -> Option<(Instant, Bytes)> {
         let mut st = self.lock();
         st.input = false;
-        std::mem::take(&mut st.answered).then(|| std::mem::take(&mut st.rest))
+        let at = st.answered.take()?;
+        Some((at, std::mem::take(&mut st.rest)))
     }
 
     /// A direct write was cut short: the connection must write this first.
@@ -351,7 +353,7 @@ fn write_parked(s: &Parked, d: &Delivery, ctx: &Ctx<'_>, pages: &mut Vec<Page>) 
         // Answered: the request is over, whatever the poll's task does.
         st.at = None;
         st.poll = None;
-        st.answered = true;
+        st.answered = Some(Instant::now());
         ctx.metrics.waiting_polls.fetch_sub(1, Relaxed);
         ctx.metrics.poll_direct_answers.fetch_add(1, Relaxed);
     } else {
@@ -806,7 +808,10 @@ mod tests {
         // task learns it was answered.
         assert!(!p.park.park_poll(&head, form(100)));
         assert!(p.park.unpark_poll());
-        assert_eq!(p.park.finish_request(), Some(Bytes::new()));
+        assert_eq!(
+            p.park.finish_request().map(|(_, rest)| rest),
+            Some(Bytes::new())
+        );
         assert!(p.park.park_poll(&head, form(100)), "the next request parks");
     }
 
@@ -864,7 +869,7 @@ mod tests {
         run(poll_delivery(&lower, &head, vec![row], &[&p]), &metrics).await;
         assert!(woken(&p.notify), "the connection must write the tail");
         assert!(p.park.unpark_poll(), "answered, in part");
-        let rest = p.park.finish_request().expect("answered");
+        let (_, rest) = p.park.finish_request().expect("answered");
         assert!(!rest.is_empty() && rest.len() < 16 << 20);
         assert_eq!(metrics.poll_direct_answers.load(Relaxed), 1);
     }

@@ -605,3 +605,20 @@ impl Raw {
         }
     }
 }
+
+/// Polls `check` until it holds, within a generous bound (state the server
+/// reaches on its own, e.g. after a NOTIFY, is looked at, not slept on).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within 15 s");
+}
