@@ -697,3 +697,41 @@ async fn a_parked_polls_log_line_has_the_time_of_its_answer() {
     // answer itself takes milliseconds).
     assert!(ms[0] < 5000.0, "logged {} ms", ms[0]);
 }
+
+/// After a poll answered while parked, the connection still hands a
+/// request with a body to hyper (its socket, split for the park, is whole
+/// again), and hyper keeps serving it.
+#[tokio::test]
+async fn a_post_after_a_parked_polls_answer_goes_to_hyper() {
+    let (hark, fx, alice, bob, room) = room_with_two().await;
+    let t = token(alice);
+    let cursor = cursor_now(&hark, room, &t).await;
+    let mut raw = Raw::connect(hark.addr).await;
+    raw.send(poll_request(room, &cursor, &t, 30).as_bytes())
+        .await;
+    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
+    let id = fx.insert(room, bob, "before the post").await;
+    let (_, body) = raw.answer_within(Duration::from_secs(20)).await;
+    assert_eq!(ids(&json(&body)), vec![id]);
+    assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 1.0);
+
+    let msg = format!("{{\"room_id\": {room}, \"content\": \"posted\"}}");
+    let post = format!(
+        "POST /api/chat/messages/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{msg}",
+        msg.len()
+    );
+    raw.send(post.as_bytes()).await;
+    let (head, created) = raw.answer().await;
+    assert!(head.starts_with("http/1.1 201 "), "{head}");
+    assert_eq!(json(&created)["content"], "posted");
+    // And a poll after it, now through hyper, gets it.
+    let cursor = json(&body)["cursor"].as_str().unwrap().to_string();
+    raw.send(poll_request(room, &cursor, &t, 0).as_bytes())
+        .await;
+    let (_, after) = raw.answer().await;
+    assert_eq!(
+        ids(&json(&after)),
+        vec![json(&created)["id"].as_i64().unwrap()]
+    );
+}
