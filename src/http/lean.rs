@@ -15,6 +15,9 @@
 //! - `GET /events` is answered chunk by chunk and ends the connection (the
 //!   response says `Connection: close`); its idle stream may park
 //!   ([`super::park`]);
+//! - a waiting long poll may park too: the listener then writes its answer,
+//!   and the loop notices when the client sends its next request (the
+//!   socket is split so that the park can hold the write half);
 //! - the first request this module does not serve — another method, a body
 //!   on anything but /events — hands the connection to hyper with the bytes
 //!   already read, that request's head first ([`Served::Hyper`]). hyper
@@ -446,24 +449,22 @@ fn head_bytes(resp: &Response<Body>, framing: Framing, keep_alive: bool) -> Vec<
     out
 }
 
-/// A keep-alive answer on the wire, head and body, for a response whose
-/// body is whole already, with the CORS headers for `origin`: what this
-/// module would write for it (a parked poll's answer, written by the
-/// listener).
+/// A keep-alive answer on the wire, head and body, with the CORS headers
+/// for `origin`: what this module would write for `resp` (a parked poll's
+/// answer, written by the listener). None unless the body is whole
+/// already.
 pub(crate) fn answer_bytes(
     mut resp: Response<Body>,
     cors: &super::cors::Cors,
     origin: Option<&HeaderValue>,
-) -> Vec<u8> {
+) -> Option<Vec<u8>> {
     use futures::FutureExt as _;
     cors.apply(origin, resp.headers_mut());
-    let body = match resp.body_mut().collect().now_or_never() {
-        Some(Ok(b)) => b.to_bytes(),
-        None => Bytes::new(),
-    };
+    let Ok(body) = resp.body_mut().collect().now_or_never()?;
+    let body = body.to_bytes();
     let mut out = head_bytes(&resp, Framing::Length(body.len() as u64), true);
     out.extend_from_slice(&body);
-    out
+    Some(out)
 }
 
 /// The `Date` value for now (IMF-fixdate), formatted once a second per

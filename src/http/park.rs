@@ -401,7 +401,7 @@ fn build(
     if let Some(origin) = poll {
         let cursor = Cursor::at(ctx.origin, d.head.clone());
         let answer = super::poll::answer(&due, &cursor, d.beyond);
-        page.bytes = Some(super::lean::answer_bytes(answer, ctx.cors, origin.as_ref()).into());
+        page.bytes = super::lean::answer_bytes(answer, ctx.cors, origin.as_ref()).map(Bytes::from);
         return page;
     }
     let mut events = BytesMut::new();
