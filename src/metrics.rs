@@ -136,7 +136,7 @@ impl Metrics {
             ),
             (
                 "hark_polls_answered_from_memory_total",
-                "Polls answered from the hub without a database query.",
+                "Polls answered from the hub without a database query (parked ones included).",
                 &self.polls_answered_from_memory,
             ),
             (

@@ -356,6 +356,7 @@ fn write_parked(s: &Parked, d: &Delivery, ctx: &Ctx<'_>, pages: &mut Vec<Page>) 
         st.answered = Some(Instant::now());
         ctx.metrics.waiting_polls.fetch_sub(1, Relaxed);
         ctx.metrics.poll_direct_answers.fetch_add(1, Relaxed);
+        ctx.metrics.polls_answered_from_memory.fetch_add(1, Relaxed);
     } else {
         st.at = Some(d.head.clone());
         // Everything up to the head is on the wire or in the tail, and no
@@ -804,6 +805,7 @@ mod tests {
         assert!(!woken(&p.notify), "an answered poll is not woken");
         assert_eq!(metrics.waiting_polls.load(Relaxed), 0);
         assert_eq!(metrics.poll_direct_answers.load(Relaxed), 1);
+        assert_eq!(metrics.polls_answered_from_memory.load(Relaxed), 1);
         // Over: it cannot park again before the next request, and its own
         // task learns it was answered.
         assert!(!p.park.park_poll(&head, form(100)));
