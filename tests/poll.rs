@@ -85,6 +85,26 @@ fn ids(body: &serde_json::Value) -> Vec<i64> {
         .collect()
 }
 
+/// Sends `request` on `raw` (a poll with nothing due), commits one message
+/// from `sender` once the poll waits, and returns the answer's head and
+/// body, checked to be a 200 carrying exactly that message.
+async fn answer_to_a_commit(
+    hark: &Hark,
+    fx: &Fixture,
+    raw: &mut Raw,
+    request: &str,
+    (room, sender): (i64, i64),
+) -> (String, serde_json::Value) {
+    raw.send(request.as_bytes()).await;
+    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
+    let id = fx.insert(room, sender, "committed while waiting").await;
+    let (head, body) = raw.answer_within(Duration::from_secs(20)).await;
+    assert!(head.starts_with("http/1.1 200 "), "{head}");
+    let body = json(&body);
+    assert_eq!(ids(&body), vec![id], "{body}");
+    (head, body)
+}
+
 #[tokio::test]
 async fn timeout_zero_and_timeout_expiry_answer_empty_with_a_cursor() {
     let (hark, _fx, alice, _bob, room) = room_with_two().await;
@@ -368,15 +388,9 @@ async fn polls_on_one_connection_wait_and_follow_each_other() {
     let t = token(alice);
     let mut cursor = cursor_now(&hark, room, &t).await;
     let mut raw = Raw::connect(hark.addr).await;
-    for round in 0..3 {
-        raw.send(poll_request(room, &cursor, &t, 30).as_bytes())
-            .await;
-        hark.wait_for_metric("hark_waiting_polls", 1.0).await;
-        let id = fx.insert(room, bob, &format!("m{round}")).await;
-        let (head, body) = raw.answer_within(Duration::from_secs(20)).await;
-        assert!(head.starts_with("http/1.1 200 "), "{head}");
-        let body = json(&body);
-        assert_eq!(ids(&body), vec![id], "{body}");
+    for _ in 0..3 {
+        let request = poll_request(room, &cursor, &t, 30);
+        let (_, body) = answer_to_a_commit(&hark, &fx, &mut raw, &request, (room, bob)).await;
         cursor = body["cursor"].as_str().unwrap().to_string();
     }
 }
@@ -553,14 +567,10 @@ async fn a_parked_poll_is_answered_as_it_would_answer_itself() {
     };
     let start = cursor_now(&hark, room, &t).await;
     let mut raw = Raw::connect(hark.addr).await;
-    raw.send(request(&start).as_bytes()).await;
-    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
-    let id = fx.insert(room, bob, "parked").await;
-    let (direct_head, direct) = raw.answer_within(Duration::from_secs(20)).await;
+    let (direct_head, direct) =
+        answer_to_a_commit(&hark, &fx, &mut raw, &request(&start), (room, bob)).await;
     assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 1.0);
     assert_eq!(hark.metric("hark_waiting_polls").await, 0.0);
-    let direct = json(&direct);
-    assert_eq!(ids(&direct), vec![id], "{direct}");
 
     // The same request again: the message is due at once, so the poll's
     // own task answers it, on the same connection.
@@ -580,11 +590,7 @@ async fn a_parked_poll_is_answered_as_it_would_answer_itself() {
     // And the next poll, from the new cursor, waits and is answered by the
     // listener again.
     let cursor = direct["cursor"].as_str().unwrap().to_string();
-    raw.send(request(&cursor).as_bytes()).await;
-    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
-    let id2 = fx.insert(room, bob, "parked again").await;
-    let (_, next) = raw.answer_within(Duration::from_secs(20)).await;
-    assert_eq!(ids(&json(&next)), vec![id2]);
+    answer_to_a_commit(&hark, &fx, &mut raw, &request(&cursor), (room, bob)).await;
     assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 2.0);
 }
 
@@ -648,11 +654,7 @@ async fn a_parked_poll_answer_the_socket_takes_in_part_arrives_whole() {
     assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 1.0);
 
     let cursor = body["cursor"].as_str().unwrap().to_string();
-    raw.send(req(&cursor).as_bytes()).await;
-    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
-    let id = fx.insert(room, bob, "after").await;
-    let (_, next) = raw.answer_within(Duration::from_secs(20)).await;
-    assert_eq!(ids(&json(&next)), vec![id]);
+    answer_to_a_commit(&hark, &fx, &mut raw, &req(&cursor), (room, bob)).await;
 }
 
 /// A parked poll's request line is logged when the connection notices the
@@ -663,15 +665,12 @@ async fn a_parked_polls_log_line_has_the_time_of_its_answer() {
     let t = token(alice);
     let cursor = cursor_now(&hark, room, &t).await;
     let mut raw = Raw::connect(hark.addr).await;
-    raw.send(poll_request(room, &cursor, &t, 30).as_bytes())
-        .await;
-    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
-    fx.insert(room, bob, "logged").await;
-    let (_, body) = raw.answer_within(Duration::from_secs(20)).await;
+    let request = poll_request(room, &cursor, &t, 30);
+    let (_, body) = answer_to_a_commit(&hark, &fx, &mut raw, &request, (room, bob)).await;
     assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 1.0);
     // The connection notices only with the next request, seconds later.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let next = json(&body)["cursor"].as_str().unwrap().to_string();
+    let next = body["cursor"].as_str().unwrap().to_string();
     raw.send(poll_request(room, &next, &t, 0).as_bytes()).await;
     raw.answer().await;
     let logged_ms = |logs: &str| -> Vec<f64> {
@@ -707,12 +706,8 @@ async fn a_post_after_a_parked_polls_answer_goes_to_hyper() {
     let t = token(alice);
     let cursor = cursor_now(&hark, room, &t).await;
     let mut raw = Raw::connect(hark.addr).await;
-    raw.send(poll_request(room, &cursor, &t, 30).as_bytes())
-        .await;
-    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
-    let id = fx.insert(room, bob, "before the post").await;
-    let (_, body) = raw.answer_within(Duration::from_secs(20)).await;
-    assert_eq!(ids(&json(&body)), vec![id]);
+    let request = poll_request(room, &cursor, &t, 30);
+    let (_, body) = answer_to_a_commit(&hark, &fx, &mut raw, &request, (room, bob)).await;
     assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 1.0);
 
     let msg = format!("{{\"room_id\": {room}, \"content\": \"posted\"}}");
@@ -726,7 +721,7 @@ async fn a_post_after_a_parked_polls_answer_goes_to_hyper() {
     assert!(head.starts_with("http/1.1 201 "), "{head}");
     assert_eq!(json(&created)["content"], "posted");
     // And a poll after it, now through hyper, gets it.
-    let cursor = json(&body)["cursor"].as_str().unwrap().to_string();
+    let cursor = body["cursor"].as_str().unwrap().to_string();
     raw.send(poll_request(room, &cursor, &t, 0).as_bytes())
         .await;
     let (_, after) = raw.answer().await;

@@ -501,11 +501,26 @@ mod tests {
         }
     }
 
-    fn delivery(
+    /// A stream or a poll, as the hub lists it in a delivery.
+    trait Parkable {
+        fn parked(&self) -> Parked;
+    }
+
+    impl Parkable for Stream {
+        fn parked(&self) -> Parked {
+            Parked {
+                park: self.park.clone(),
+                notify: self.notify.clone(),
+                lag: Some(self.lag.clone()),
+            }
+        }
+    }
+
+    fn delivery<T: Parkable>(
         lower: &Arc<Snapshot>,
         head: &Arc<Snapshot>,
         rows: Vec<Arc<StoredMessage>>,
-        streams: &[&Stream],
+        parked: &[&T],
     ) -> Delivery {
         Delivery {
             lower: lower.clone(),
@@ -513,14 +528,7 @@ mod tests {
             rows,
             heard: Instant::now(),
             beyond: false,
-            parked: streams
-                .iter()
-                .map(|s| Parked {
-                    park: s.park.clone(),
-                    notify: s.notify.clone(),
-                    lag: Some(s.lag.clone()),
-                })
-                .collect(),
+            parked: parked.iter().map(|p| p.parked()).collect(),
         }
     }
 
@@ -724,26 +732,13 @@ mod tests {
         }
     }
 
-    fn poll_delivery(
-        lower: &Arc<Snapshot>,
-        head: &Arc<Snapshot>,
-        rows: Vec<Arc<StoredMessage>>,
-        polls: &[&Poll],
-    ) -> Delivery {
-        Delivery {
-            lower: lower.clone(),
-            head: head.clone(),
-            rows,
-            heard: Instant::now(),
-            beyond: true,
-            parked: polls
-                .iter()
-                .map(|p| Parked {
-                    park: p.park.clone(),
-                    notify: p.notify.clone(),
-                    lag: None,
-                })
-                .collect(),
+    impl Parkable for Poll {
+        fn parked(&self) -> Parked {
+            Parked {
+                park: self.park.clone(),
+                notify: self.notify.clone(),
+                lag: None,
+            }
         }
     }
 
@@ -786,7 +781,10 @@ mod tests {
         assert!(p.park.park_poll(&seen10, form(100)));
         let metrics = Arc::new(Metrics::default());
         metrics.waiting_polls.store(1, Relaxed);
-        run(poll_delivery(&lower, &head, rows, &[&p]), &metrics).await;
+        let mut d = delivery(&lower, &head, rows, &[&p]);
+        // A NOTIFY came after the catch-up began.
+        d.beyond = true;
+        run(d, &metrics).await;
 
         let (h, body) = read_answer(&mut p.client).await;
         assert!(h.starts_with("HTTP/1.1 200 OK\r\n"), "{h}");
@@ -842,7 +840,7 @@ mod tests {
         revoked.park.revoke();
         let metrics = Arc::new(Metrics::default());
         let all = [&small, &input, &older, &revoked];
-        run(poll_delivery(&lower, &head, rows, &all), &metrics).await;
+        run(delivery(&lower, &head, rows, &all), &metrics).await;
         for (name, p) in [
             ("small", &small),
             ("input", &input),
@@ -868,7 +866,7 @@ mod tests {
         assert!(p.park.park_poll(&lower, form(100)));
         let row = msg(1, 10, "x".repeat(16 << 20));
         let metrics = Arc::new(Metrics::default());
-        run(poll_delivery(&lower, &head, vec![row], &[&p]), &metrics).await;
+        run(delivery(&lower, &head, vec![row], &[&p]), &metrics).await;
         assert!(woken(&p.notify), "the connection must write the tail");
         assert!(p.park.unpark_poll(), "answered, in part");
         let (_, rest) = p.park.finish_request().expect("answered");
