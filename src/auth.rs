@@ -89,30 +89,38 @@ impl Auth {
 
     /// The user id a valid access token names.
     pub fn verify(&self, token: &str) -> Result<i64, AuthError> {
+        self.verify_until(token).map(|(id, _)| id)
+    }
+
+    /// The user id a valid access token names, and the last second (Unix
+    /// time) in which it is accepted: its `exp`, floored.
+    pub fn verify_until(&self, token: &str) -> Result<(i64, i64), AuthError> {
         self.verify_at(token, chrono::Utc::now().timestamp())
     }
 
-    /// [`Auth::verify`] with the cache's notion of now (seconds).
-    fn verify_at(&self, token: &str, now: i64) -> Result<i64, AuthError> {
+    /// [`Auth::verify_until`] with the cache's notion of now (seconds).
+    fn verify_at(&self, token: &str, now: i64) -> Result<(i64, i64), AuthError> {
         let cached = self.verified.lock().unwrap().get(token).copied();
         if let Some((id, exp)) = cached {
             // jsonwebtoken (leeway 0) refuses a token once `exp < now`.
             return if exp >= now {
-                Ok(id)
+                Ok((id, exp))
             } else {
                 self.verified.lock().unwrap().remove(token);
                 Err(AuthError::Expired)
             };
         }
         let (id, exp) = self.verify_fully(token)?;
-        if let Some(exp) = exp.filter(|e| e.is_finite()) {
-            let mut map = self.verified.lock().unwrap();
-            if map.len() >= MAX_VERIFIED {
-                map.clear();
-            }
-            map.insert(token.into(), (id, exp.floor() as i64));
+        // `exp` is required, so jsonwebtoken has checked it is a number.
+        let exp = exp
+            .filter(|e| e.is_finite())
+            .map_or(i64::MAX, |e| e.floor() as i64);
+        let mut map = self.verified.lock().unwrap();
+        if map.len() >= MAX_VERIFIED {
+            map.clear();
         }
-        Ok(id)
+        map.insert(token.into(), (id, exp));
+        Ok((id, exp))
     }
 
     fn verify_fully(&self, token: &str) -> Result<(i64, Option<f64>), AuthError> {
@@ -242,12 +250,12 @@ mod tests {
             SECRET,
         );
         let now = exp - 60;
-        assert_eq!(auth.verify_at(&t, now), Ok(5));
+        assert_eq!(auth.verify_at(&t, now), Ok((5, exp)));
         assert_eq!(
             auth.verified.lock().unwrap().get(t.as_str()),
             Some(&(5, exp))
         );
-        assert_eq!(auth.verify_at(&t, exp), Ok(5));
+        assert_eq!(auth.verify_at(&t, exp), Ok((5, exp)));
         assert_eq!(auth.verify_at(&t, exp + 1), Err(AuthError::Expired));
         assert!(auth.verified.lock().unwrap().is_empty());
         // A forged signature is refused every time and never kept.

@@ -2,8 +2,9 @@
 //! PostgreSQL: the stream's opening, message and typing events, resuming
 //! with Last-Event-ID (also mid-batch and from poll cursors), resets, room
 //! selection and membership changes, a lost LISTEN connection, errors and
-//! auth, CORS, pings, HEAD, the slow-reader cut with a lossless resume (and
-//! no cut for a reader that keeps up), shutdown, and the open-streams gauge.
+//! auth, a stream ending when its token expires, CORS, pings, HEAD, the
+//! slow-reader cut with a lossless resume (and no cut for a reader that
+//! keeps up), shutdown, and the open-streams gauge.
 //!
 //! The client is `common/sse.rs`: a raw TCP SSE client that reads only when
 //! asked, so a test can stop reading.
@@ -1095,6 +1096,78 @@ async fn an_idle_stream_gets_ping_comments() {
     assert_eq!(expect_message(&mut s).await.1["id"], id);
     let ev = s.expect_event(T).await;
     assert!(ev.is_ping(), "pings go on after a message: {ev:?}");
+}
+
+// ---- token expiry ------------------------------------------------------------
+
+#[tokio::test]
+async fn a_stream_ends_when_its_token_expires() {
+    stream_ends_when_its_token_expires(None).await;
+}
+
+/// The same on hyper's path: the stream is the connection's second request.
+#[tokio::test]
+async fn a_stream_on_a_reused_connection_ends_when_its_token_expires() {
+    stream_ends_when_its_token_expires(Some("POST /api/chat/messages/")).await;
+}
+
+/// A stream opened with a token that expires in 3 s is live until then
+/// and ends cleanly after it, long before its first ping (15 s); the same
+/// token is then refused, and a fresh one resumes from the last id with
+/// nothing lost. On the lean path the idle stream is parked meanwhile.
+async fn stream_ends_when_its_token_expires(first: Option<&'static str>) {
+    let Room3 {
+        hark,
+        fx,
+        alice,
+        bob,
+        room,
+        ..
+    } = room_of_three(&[]).await;
+    // Its `exp` is this second + 3 (or + 4, past a second's turn).
+    let exp = chrono::Utc::now().timestamp() + 3;
+    let short = token_for(alice, chrono::Duration::seconds(3));
+    let mut s = Sse::connect_with(
+        hark.addr,
+        &format!("/events?room_id={room}"),
+        &[("Authorization", &bearer(&short))],
+        Opts {
+            first,
+            ..Opts::default()
+        },
+    )
+    .await;
+    open(&mut s).await;
+    let id = fx.insert(room, bob, "before expiry").await;
+    let (last, m) = expect_message(&mut s).await;
+    assert_eq!(m["id"], id);
+
+    let (events, end) = s.drain(Duration::from_secs(20)).await;
+    let ended_at = chrono::Utc::now().timestamp_millis();
+    assert!(
+        matches!(end, Next::End),
+        "a clean end, got {end:?} after {events:?}"
+    );
+    assert!(events.is_empty(), "nothing after the message: {events:?}");
+    assert!(
+        ended_at >= exp * 1000,
+        "ended at {ended_at} ms, before the token's exp {exp} s"
+    );
+    hark.wait_for_metric("hark_open_streams", 0.0).await;
+
+    let missed = fx.insert(room, bob, "after expiry").await;
+    let mut again = connect(&hark, &format!("?room_id={room}"), &short).await;
+    let body = again.body_text(T).await;
+    assert_eq!(again.status, 401, "{body}");
+    assert_eq!(json(body.as_bytes())["code"], "token_expired", "{body}");
+
+    let query = format!("?room_id={room}");
+    let (mut s, opening) = resume(&hark, &query, &token(alice), &last, Via::Header).await;
+    assert_eq!(opening.reset, None);
+    assert_eq!(opening.ready.id.as_deref(), Some(last.as_str()));
+    let (_, m) = expect_message(&mut s).await;
+    assert_eq!(m["id"], missed);
+    s.expect_quiet(Duration::from_millis(500)).await;
 }
 
 // ---- slow reader -------------------------------------------------------------

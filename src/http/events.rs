@@ -31,7 +31,7 @@ use super::chat::require_participant;
 use super::error::ApiError;
 use super::park::Park;
 use super::poll::parse_room_id;
-use super::{authenticate, query_get, query_pairs, Body, ConnectionKill};
+use super::{authenticate_until, query_get, query_pairs, Body, ConnectionKill};
 use crate::app::App;
 use crate::cursor::{Cursor, Position};
 use crate::db::messages;
@@ -51,7 +51,7 @@ const MAX_ROOMS: usize = 100;
 /// it `Incoming`, the lean connection ([`super::lean`]) `()`.
 pub async fn events<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
-    let user = authenticate(app, &req, &pairs).await?;
+    let (user, token_exp) = authenticate_until(app, &req, &pairs).await?;
     let kill = req.extensions().get::<ConnectionKill>().cloned();
     let park = req.extensions().get::<Arc<Park>>().cloned();
     let last_event_id = req
@@ -145,6 +145,7 @@ pub async fn events<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<Body>
 
     app.metrics.open_streams.fetch_add(1, Relaxed);
     let ping_every = app.config.ping_interval();
+    let expires = expiry(token_exp, chrono::Utc::now());
     let stream = EventStream {
         app: app.clone(),
         user,
@@ -158,8 +159,12 @@ pub async fn events<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<Body>
         typing_seq,
         typing_told,
         out: head,
-        ping: Box::pin(tokio::time::sleep(ping_every)),
+        ping: Box::pin(tokio::time::sleep_until(earliest(
+            Instant::now() + ping_every,
+            expires,
+        ))),
         ping_every,
+        expires,
         last_write: Instant::now(),
         shutdown: app.shutdown.clone(),
         done: false,
@@ -175,6 +180,21 @@ pub async fn events<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<Body>
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(resp)
+}
+
+/// When a token whose last accepted second is `exp` (Unix time) stops
+/// being accepted, as an instant; None when that is over a year away.
+fn expiry(exp: i64, now: chrono::DateTime<chrono::Utc>) -> Option<Instant> {
+    let left_ms = exp
+        .saturating_add(1)
+        .saturating_mul(1000)
+        .saturating_sub(now.timestamp_millis());
+    let left = Duration::from_millis(u64::try_from(left_ms).unwrap_or(0));
+    (left < Duration::from_secs(366 * 24 * 3600)).then(|| Instant::now() + left)
+}
+
+fn earliest(at: Instant, expires: Option<Instant>) -> Instant {
+    expires.map_or(at, |e| e.min(at))
 }
 
 /// One `event: message` with its cursor as the id.
@@ -217,6 +237,11 @@ struct EventStream {
     /// When the last chunk was handed out: a ping is due `ping_every`
     /// after it.
     last_write: Instant,
+    /// When the token the stream was opened with is no longer accepted:
+    /// the stream ends then, as Mercure's does, rather than outlive its
+    /// credential. The browser's reconnect then gets a 401. None: too far
+    /// off to matter.
+    expires: Option<Instant>,
     shutdown: Shutdown,
     done: bool,
     /// The last `produce()` delivered everything due, and nothing has woken
@@ -235,6 +260,10 @@ impl EventStream {
                 return Some(self.out.split().freeze());
             }
             if self.done || self.lag.is_cut() || self.shutdown.is_fired() {
+                return None;
+            }
+            if self.expired(Instant::now()) {
+                tracing::debug!(user = self.user.id, "event stream ended: token expired");
                 return None;
             }
             if !self.settled {
@@ -263,14 +292,19 @@ impl EventStream {
                 _ = self.sub.notified() => self.settled = false,
                 // The timer is re-armed here rather than on every write: a
                 // reset per event is a timer-wheel update per delivery.
+                // The same timer wakes the stream when its token expires;
+                // the check above then ends it.
                 _ = &mut self.ping => {
                     let now = Instant::now();
                     let due = self.last_write + self.ping_every;
-                    if now >= due {
-                        self.out.extend_from_slice(b": ping\n\n");
-                        self.ping.as_mut().reset(now + self.ping_every);
-                    } else {
-                        self.ping.as_mut().reset(due);
+                    if !self.expired(now) {
+                        let next = if now >= due {
+                            self.out.extend_from_slice(b": ping\n\n");
+                            now + self.ping_every
+                        } else {
+                            due
+                        };
+                        self.ping.as_mut().reset(earliest(next, self.expires));
                     }
                 }
             }
@@ -285,6 +319,10 @@ impl EventStream {
                 }
             }
         }
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|at| now >= at)
     }
 
     /// Appends what is due to `out`. Ok(true) when it should be called
@@ -387,5 +425,27 @@ impl Drop for EventStream {
             park.close();
         }
         self.app.metrics.open_streams.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_token_expires_after_its_last_second() {
+        let now = chrono::DateTime::from_timestamp_millis(1_000_250).unwrap();
+        let before = Instant::now();
+        // exp 1000: accepted through second 1000, so 750 ms are left.
+        let at = expiry(1000, now).expect("soon");
+        let left = at - before;
+        assert!(left >= Duration::from_millis(750), "{left:?}");
+        assert!(left < Duration::from_millis(850), "{left:?}");
+        // Already past: at once, not never.
+        assert!(expiry(998, now).expect("past") <= Instant::now());
+        assert!(expiry(i64::MIN, now).is_some());
+        // Over a year away, or `exp` far out: never.
+        assert_eq!(expiry(1000 + 400 * 24 * 3600, now), None);
+        assert_eq!(expiry(i64::MAX, now), None);
     }
 }

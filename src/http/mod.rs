@@ -113,6 +113,18 @@ pub async fn authenticate<B>(
     req: &Request<B>,
     pairs: &[(String, String)],
 ) -> Result<Arc<User>, ApiError> {
+    authenticate_until(app, req, pairs)
+        .await
+        .map(|(user, _)| user)
+}
+
+/// [`authenticate`], with the last second (Unix time) in which the token
+/// is accepted: an event stream ends when it passes.
+pub async fn authenticate_until<B>(
+    app: &App,
+    req: &Request<B>,
+    pairs: &[(String, String)],
+) -> Result<(Arc<User>, i64), ApiError> {
     let token = match req.headers().get(AUTHORIZATION) {
         Some(h) => {
             let h = h.to_str().map_err(|_| AuthError::Invalid)?;
@@ -126,8 +138,9 @@ pub async fn authenticate<B>(
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Missing)?,
     };
-    let id = app.auth.verify(token)?;
-    app.directory.user(id).await?.ok_or(ApiError::UnknownUser)
+    let (id, exp) = app.auth.verify_until(token)?;
+    let user = app.directory.user(id).await?.ok_or(ApiError::UnknownUser)?;
+    Ok((user, exp))
 }
 
 /// Reads a JSON object body within the size limit. A missing Content-Type

@@ -300,7 +300,12 @@ impl Hark {
 
 /// A simplejwt-shaped access token for `user` signed with [`SECRET`].
 pub fn token(user: i64) -> String {
-    hark::auth::issue(SECRET.as_bytes(), user, chrono::Duration::hours(1))
+    token_for(user, chrono::Duration::hours(1))
+}
+
+/// The same, good for `ttl` (its `exp`: now + ttl, in whole seconds).
+pub fn token_for(user: i64, ttl: chrono::Duration) -> String {
+    hark::auth::issue(SECRET.as_bytes(), user, ttl)
 }
 
 pub type Headers = hyper::HeaderMap;
