@@ -28,7 +28,8 @@
 //! SSE_IDLE_CONNECTIONS_ONLY (1; 0 skips the comparison), and SSE_REUSED
 //! (0; 1 sends each connection a `GET /healthz` before its stream, as for
 //! a browser that reuses a keep-alive connection for its EventSource; 2
-//! sends a bodiless `POST` instead, so that hyper serves the stream).
+//! sends a bodiless `PUT` instead, so that hyper serves the stream; 3 a
+//! bodiless `POST`, which the lean connection serves too).
 
 mod common;
 
@@ -71,7 +72,8 @@ async fn run() -> Result<()> {
     match env_num("SSE_REUSED", 0u8) {
         0 => {}
         1 => println!("SSE_REUSED=1: each stream's connection served a GET /healthz first"),
-        _ => println!("SSE_REUSED=2: each stream's connection served a POST first (hyper's path)"),
+        2 => println!("SSE_REUSED=2: each stream's connection served a PUT first (hyper's path)"),
+        _ => println!("SSE_REUSED=3: each stream's connection served a POST first"),
     }
     let pg = Pg::start(&[]).await?;
     let result = async {

@@ -1821,6 +1821,80 @@ async fn gets_on_one_connection_are_answered_in_order_and_kept_alive() {
     assert_eq!(c.hark.metric("hark_open_connections").await, 2.0);
 }
 
+/// hark's own HTTP reads a POST's body by its Content-Length: a body that
+/// arrives in pieces is read whole and not taken for the next request; one
+/// that stops arriving is a 400 `body_timeout` after 10 s, then the
+/// connection closes; a client that leaves mid-body sends nothing. None of
+/// the unfinished ones inserts a row.
+#[tokio::test]
+async fn a_post_body_is_read_by_its_length_and_an_unfinished_one_sends_nothing() {
+    let c = chat(&[]).await;
+    let a = token(c.alice);
+    let post = |content: &str| {
+        let body = json!({"room_id": c.room, "content": content}).to_string();
+        let head = format!(
+            "POST /api/chat/messages/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {a}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        (head, body)
+    };
+    let count = || async {
+        let row =
+            c.fx.db
+                .query_one("SELECT count(*) FROM chat_chatmessage", &[]);
+        row.await.unwrap().get::<_, i64>(0)
+    };
+
+    // In pieces, with a GET right behind the body.
+    let (head, body) = post("in pieces");
+    let mut raw = Raw::connect(c.hark.addr).await;
+    raw.send(head.as_bytes()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (first, rest) = body.split_at(10);
+    raw.send(first.as_bytes()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw.send(format!("{rest}GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await;
+    let (h, created) = raw.answer().await;
+    assert_eq!(status_of(&h), 201, "{h}");
+    assert!(!h.contains("connection: close"), "{h}");
+    assert_eq!(json(&created)["content"], "in pieces");
+    let (h, ok) = raw.answer().await;
+    assert_eq!(status_of(&h), 200, "{h}");
+    assert_eq!(json(&ok)["status"], "ok");
+    assert_eq!(count().await, 1);
+
+    // A body that stops arriving.
+    let (head, body) = post("never finished");
+    let mut slow = Raw::connect(c.hark.addr).await;
+    slow.send(format!("{head}{}", &body[..10]).as_bytes()).await;
+    let started = Instant::now();
+    // And one whose client leaves mid-body.
+    let mut gone = tokio::net::TcpStream::connect(c.hark.addr).await.unwrap();
+    gone.write_all(format!("{head}{}", &body[..10]).as_bytes())
+        .await
+        .unwrap();
+    drop(gone);
+
+    let (h, err) = slow.answer_within(Duration::from_secs(30)).await;
+    assert_eq!(status_of(&h), 400, "{h}");
+    assert!(h.contains("connection: close"), "{h}");
+    assert_eq!(json(&err)["code"], "body_timeout");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(slow.closed_within(Duration::from_secs(10)).await);
+    assert_eq!(count().await, 1);
+    // Only this test's own connection to ask with is left.
+    eventually("the unfinished connections are closed", || async {
+        c.hark.metric("hark_open_connections").await <= 1.0
+    })
+    .await;
+}
+
 /// A request with a body (or another method) after bodiless GETs: the
 /// connection goes on, served as a whole, the body read as such.
 #[tokio::test]

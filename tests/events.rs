@@ -24,6 +24,11 @@ use sse::{open, Next, Opts, Sse};
 /// A generous bound for anything the server should do "at once".
 const T: Duration = Duration::from_secs(10);
 
+/// A first request that hark's own HTTP leaves to hyper (a method it does
+/// not serve; a 405 that keeps the connection): a stream after it on the
+/// same connection is served by hyper.
+const HYPER_FIRST: Option<&str> = Some("PUT /api/chat/messages/");
+
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
@@ -1105,10 +1110,10 @@ async fn a_stream_ends_when_its_token_expires() {
     stream_ends_when_its_token_expires(None).await;
 }
 
-/// The same on hyper's path: the stream is the connection's second request.
+/// The same on hyper's path: the stream follows [`HYPER_FIRST`] on its connection.
 #[tokio::test]
 async fn a_stream_on_a_reused_connection_ends_when_its_token_expires() {
-    stream_ends_when_its_token_expires(Some("POST /api/chat/messages/")).await;
+    stream_ends_when_its_token_expires(HYPER_FIRST).await;
 }
 
 /// A stream opened with a token that expires in 3 s is live until then
@@ -1201,10 +1206,10 @@ async fn small_buffer_stream(
     (s, ready.id.expect("ready has an id"))
 }
 
-/// The same on hyper's path: the stream is the connection's second request.
+/// The same on hyper's path: the stream follows [`HYPER_FIRST`] on its connection.
 #[tokio::test]
 async fn a_slow_reader_on_a_reused_connection_is_cut_and_resumes_losslessly() {
-    slow_reader_is_cut_and_resumes(Some("POST /api/chat/messages/")).await;
+    slow_reader_is_cut_and_resumes(HYPER_FIRST).await;
 }
 
 async fn slow_reader_is_cut_and_resumes(first: Option<&'static str>) {
@@ -1313,10 +1318,10 @@ async fn a_stalled_reader_is_closed_after_the_send_timeout() {
     stalled_reader_is_closed(None).await;
 }
 
-/// The same on hyper's path: the stream is the connection's second request.
+/// The same on hyper's path: the stream follows [`HYPER_FIRST`] on its connection.
 #[tokio::test]
 async fn a_stalled_reader_on_a_reused_connection_is_closed_after_the_send_timeout() {
-    stalled_reader_is_closed(Some("POST /api/chat/messages/")).await;
+    stalled_reader_is_closed(HYPER_FIRST).await;
 }
 
 async fn stalled_reader_is_closed(first: Option<&'static str>) {
@@ -1358,10 +1363,10 @@ async fn stalled_reader_is_closed(first: Option<&'static str>) {
 
 // ---- the two connection paths --------------------------------------------------
 
-/// A connection whose requests so far were bodiless GETs is served on
-/// hark's lean path (it closes when the stream ends); /events after any
-/// other request of a keep-alive connection is served by hyper. Both
-/// stream the same.
+/// A connection whose requests so far were hark's own HTTP's (GETs, POSTs
+/// with a length) is served on the lean path (it closes when the stream
+/// ends); /events after any other request of a keep-alive connection is
+/// served by hyper. Both stream the same.
 #[tokio::test]
 async fn a_stream_works_as_first_or_later_request_of_a_connection() {
     let Room3 {
@@ -1391,6 +1396,15 @@ async fn a_stream_works_as_first_or_later_request_of_a_connection() {
             "after a POST on the same connection",
             Opts {
                 first: Some("POST /api/chat/messages/"),
+                ..Opts::default()
+            },
+            Some("close"),
+            CHUNKED,
+        ),
+        (
+            "after a PUT on the same connection",
+            Opts {
+                first: HYPER_FIRST,
                 ..Opts::default()
             },
             None,

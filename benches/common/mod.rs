@@ -1420,15 +1420,20 @@ impl SseStream {
     /// With `SSE_REUSED=1` the connection first serves a `GET /healthz`
     /// and then carries the stream, as when a browser reuses a keep-alive
     /// connection for its EventSource (hark's lean connection serves both).
-    /// With `SSE_REUSED=2` the first request is a bodiless `POST` (a 401),
-    /// after which hark serves the connection, stream included, through
-    /// hyper.
+    /// With `SSE_REUSED=2` the first request is a bodiless `PUT` (a 405), a
+    /// method hark's own HTTP leaves to hyper, which then serves the
+    /// connection, stream included. With `SSE_REUSED=3` it is a bodiless
+    /// `POST` (a 401), as when a browser's connection carried a send; the
+    /// lean connection serves both.
     pub async fn open(addr: SocketAddr, target: &str) -> Result<(SseStream, String)> {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let first: &[u8] = match env_num("SSE_REUSED", 0u8) {
             0 => b"",
             1 => b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
+            2 => {
+                b"PUT /api/chat/messages/ HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n"
+            }
             _ => {
                 b"POST /api/chat/messages/ HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n"
             }
@@ -1527,8 +1532,8 @@ async fn read_whole_response(stream: &mut TcpStream) -> Result<()> {
     loop {
         if let Some(i) = find(&buf, b"\r\n\r\n") {
             let (status, length, _) = parse_head(&buf[..i + 4])?;
-            // 401 is the bodiless POST's answer, which keeps the connection.
-            if status != 200 && status != 401 {
+            // The bodiless PUT's and POST's answers, which keep the connection.
+            if ![200, 401, 405].contains(&status) {
                 return Err(err(format!("first request answered {status}")));
             }
             if buf.len() >= i + 4 + length {

@@ -49,6 +49,11 @@ impl ApiError {
         }
     }
 
+    /// A request body that did not arrive within its time limit.
+    pub fn body_timeout() -> ApiError {
+        ApiError::bad("body_timeout", "The request body did not arrive in time")
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,

@@ -1,35 +1,41 @@
 //! The lean HTTP/1.1 connection: hark's own server for connections whose
-//! first request is a `GET`.
+//! first request is a `GET`, `POST` or `OPTIONS`.
 //!
 //! hyper keeps two 8 KiB buffers per HTTP/1 connection for the
 //! connection's whole life (one to read requests into, one for response
 //! heads). The connections that stay open in numbers — event streams, and
 //! long polls that wait and then come back on the same connection — carry
-//! bodiless `GET`s, which need little of HTTP/1.1. So a connection whose
-//! first bytes are `GET /` is served here:
+//! bodiless `GET`s, which need little of HTTP/1.1. A browser's connections
+//! also carry its `POST`s (sending, typing) and CORS preflights, and any
+//! of them may carry its next poll or stream. So a connection whose first
+//! bytes are `GET /`, `POST /` or `OPTIONS /` is served here:
 //!
-//! - each request head is read into a buffer that grows only as the head
-//!   needs and is freed once parsed, then answered by the router, as on
-//!   hyper's path (through [`Seen`]), and the connection is kept alive for
-//!   the next one (pipelined requests are answered in order);
+//! - each request head (and body, when it has one Content-Length within
+//!   `HARK_MAX_BODY_BYTES`) is read into a buffer that grows only as the
+//!   request needs and is freed once parsed, then answered by the router,
+//!   as on hyper's path (through [`Seen`]), and the connection is kept
+//!   alive for the next one (pipelined requests are answered in order);
 //! - `GET /events` is answered chunk by chunk and ends the connection (the
 //!   response says `Connection: close`); its idle stream may park
 //!   ([`super::park`]);
 //! - a waiting long poll may park too: the listener then writes its answer,
 //!   and the loop notices when the client sends its next request (the
 //!   socket is split so that the park can hold the write half);
-//! - the first request this module does not serve — another method, a body
-//!   on anything but /events — hands the connection to hyper with the bytes
-//!   already read, that request's head first ([`Served::Hyper`]). hyper
-//!   keeps it to the end.
+//! - the first request this module does not serve — another method, a
+//!   chunked or oversized body, several or malformed Content-Lengths,
+//!   `Expect`, a body on a `GET` or `OPTIONS` (but /events) — hands the
+//!   connection to hyper with the bytes already read, that request's head
+//!   first ([`Served::Hyper`]). hyper, which has the rules for those, keeps
+//!   it to the end.
 //!
 //! Every other connection is hyper's from the start. Deciding costs one
 //! `peek` per new connection and consumes nothing.
 //!
 //! Limits are hyper's on the other path: the head size and header count,
 //! the header-read timeout (which also closes a connection idle between
-//! requests), the send timeout, and an end of input while a request is in
-//! flight closing the connection (hyper's default, no half-close).
+//! requests), the body-read timeout, the send timeout, and an end of input
+//! while a request is in flight closing the connection (hyper's default, no
+//! half-close).
 
 use std::io::{ErrorKind, Write as _};
 use std::sync::Arc;
@@ -37,7 +43,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::Utc;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use hyper::{HeaderMap, Method, Request, Response, Uri, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,7 +54,7 @@ use tokio::time::timeout;
 
 use super::error::ApiError;
 use super::park::{frame_chunk, Park};
-use super::{events, router, Body, ConnectionKill, Seen};
+use super::{events, router, Body, ConnectionKill, Seen, BODY_READ_TIMEOUT};
 use crate::app::App;
 
 /// Longest request head, and most header fields: hyper's limits on the
@@ -66,14 +72,16 @@ const MAX_TRAILING: usize = 64 * 1024;
 const READ_CHUNK: usize = 2048;
 
 /// Whether a connection that starts with these bytes is this module's:
-/// a `GET` of an origin-form target. Too few bytes to tell is a no: hyper
-/// serves everything.
+/// a `GET`, `POST` or `OPTIONS` of an origin-form target. Too few bytes to
+/// tell is a no: hyper serves everything.
 pub fn wants_lean(first: &[u8]) -> bool {
-    first.starts_with(b"GET /")
+    [&b"GET /"[..], b"POST /", b"OPTIONS /"]
+        .iter()
+        .any(|m| first.starts_with(m))
 }
 
 /// Bytes [`wants_lean`] needs to see.
-pub const PEEK_LEN: usize = 5;
+pub const PEEK_LEN: usize = "OPTIONS /".len();
 
 /// How [`serve`] left a connection.
 pub enum Served {
@@ -93,6 +101,7 @@ pub enum Served {
 /// ends, asks for an event stream, or has a request for hyper.
 pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) -> Served {
     let stall = Duration::from_secs(app.config.send_timeout_s);
+    let max_body = app.config.max_body_bytes;
     let mut shutdown = app.shutdown.clone();
     let mut buf = Vec::new();
     let (rd, wr) = stream.into_split();
@@ -107,12 +116,12 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
         // a waiting poll costs.
         let (version, mut keep_alive, seen, answer) = {
             let head = tokio::select! {
-                h = timeout(header_timeout, read_head(&mut conn.rd, &mut buf)) => h,
+                h = timeout(header_timeout, read_head(&mut conn.rd, &mut buf, max_body)) => h,
                 // Between requests nothing is lost by closing; a head half
                 // read is a request not yet made.
                 _ = shutdown.wait() => return Served::Closed,
             };
-            let (req, head_len) = match head {
+            let (req, head_len, body_len) = match head {
                 // Silence, as hyper does when a head does not arrive in time.
                 Err(_) | Ok(Err(HeadError::Closed)) => return Served::Closed,
                 Ok(Err(HeadError::Bad(e))) => {
@@ -127,25 +136,50 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
                         .into_stream()
                         .map_or(Served::Closed, |s| Served::Hyper(s, buf))
                 }
-                Ok(Ok(Head::Lean(req, len))) => (req, len),
+                Ok(Ok(Head::Lean(req, head_len, body_len))) => (req, head_len, body_len),
             };
-            if is_events(req.uri()) {
+            if req.method() == Method::GET && is_events(req.uri()) {
                 // What followed the head is dropped: the stream ends the
                 // connection, so none of it can pass for a request.
                 return conn
                     .into_stream()
                     .map_or(Served::Closed, |s| Served::Stream(s, Box::new(req)));
             }
-            buf.drain(..head_len);
+            let body = if body_len == 0 {
+                Bytes::new()
+            } else {
+                let len = head_len + body_len;
+                let read = tokio::select! {
+                    r = timeout(BODY_READ_TIMEOUT, read_to(&mut conn.rd, &mut buf, len)) => r,
+                    _ = shutdown.wait() => return Served::Closed,
+                };
+                match read {
+                    Ok(true) => Bytes::copy_from_slice(&buf[head_len..len]),
+                    Ok(false) => return Served::Closed,
+                    Err(_) => {
+                        let resp = prepare(
+                            ApiError::body_timeout().into_response(),
+                            req.version(),
+                            false,
+                        );
+                        if let Some(stream) = conn.into_stream() {
+                            close_with(stream, resp, stall).await;
+                        }
+                        return Served::Closed;
+                    }
+                }
+            };
+            buf.drain(..head_len + body_len);
             if buf.is_empty() {
                 // A connection between requests (or a waiting poll) holds no buffer.
                 buf = Vec::new();
             }
             let version = req.version();
             let keep_alive = version == Version::HTTP_11 && !asks_close(req.headers());
-            let mut req = req.map(|()| Empty::<Bytes>::new());
+            let mut req = req.map(|()| Full::new(body));
             if keep_alive
                 && buf.is_empty()
+                && req.method() == Method::GET
                 && req.uri().path().starts_with("/api/chat/messages/poll")
             {
                 // Its answer may be written by the listener (a parked poll),
@@ -298,6 +332,18 @@ async fn read_ahead(sock: &mut OwnedReadHalf, buf: &mut Vec<u8>, park: Option<&P
     }
 }
 
+/// Reads until `buf` holds `len` bytes (a request's head and body); false
+/// when the client went away first.
+async fn read_to(sock: &mut OwnedReadHalf, buf: &mut Vec<u8>, len: usize) -> bool {
+    while buf.len() < len {
+        match read_some(sock, buf, len).await {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {}
+        }
+    }
+    true
+}
+
 /// One read into `buf`, which grows by at least one byte and by about
 /// `max - buf.len()` at most. Memory is taken only once the socket is
 /// readable: a connection between requests, or a waiting poll, holds
@@ -329,17 +375,22 @@ enum HeadError {
 // allocation for nothing.
 #[allow(clippy::large_enum_variant)]
 enum Head {
-    /// A request served here, and the length of its head in the buffer.
-    Lean(Request<()>, usize),
+    /// A request served here, and the lengths of its head and body in the
+    /// buffer (the body may not be there yet).
+    Lean(Request<()>, usize, usize),
     /// A request for hyper; the buffer holds it from its first byte.
     Hyper,
 }
 
 /// Reads until `buf` starts with a whole request head.
-async fn read_head(sock: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> Result<Head, HeadError> {
+async fn read_head(
+    sock: &mut OwnedReadHalf,
+    buf: &mut Vec<u8>,
+    max_body: u64,
+) -> Result<Head, HeadError> {
     loop {
         if !buf.is_empty() {
-            if let Some(head) = parse_head(buf)? {
+            if let Some(head) = parse_head(buf, max_body)? {
                 return Ok(head);
             }
             if buf.len() >= MAX_HEAD {
@@ -354,8 +405,9 @@ async fn read_head(sock: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> Result<Head, 
 }
 
 /// The request at the start of `buf`, or None when its head is not
-/// complete yet.
-fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
+/// complete yet. A body is served here only when one Content-Length of at
+/// most `max_body` frames it, on a `POST`.
+fn parse_head(buf: &[u8], max_body: u64) -> Result<Option<Head>, HeadError> {
     let bad = |what: &str| {
         HeadError::Bad(ApiError::bad(
             "invalid_request",
@@ -370,9 +422,12 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::Bad(ApiError::HeadTooLarge)),
         Err(e) => return Err(bad(&e.to_string())),
     };
-    if parsed.method != Some("GET") {
-        return Ok(Some(Head::Hyper));
-    }
+    let method = match parsed.method {
+        Some("GET") => Method::GET,
+        Some("POST") => Method::POST,
+        Some("OPTIONS") => Method::OPTIONS,
+        _ => return Ok(Some(Head::Hyper)),
+    };
     let version = match parsed.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
@@ -382,18 +437,19 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
         .unwrap_or("")
         .parse()
         .map_err(|_| bad("request target"))?;
-    // A body on a GET is rare and ignored, but must be read past to find
-    // the next request: hyper's work. On /events it is dropped with
-    // whatever follows, since the stream ends the connection.
-    let has_body = parsed.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("transfer-encoding")
-            || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
-    });
-    if has_body && !is_events(&uri) {
-        return Ok(Some(Head::Hyper));
-    }
+    let body_len = match body_length(parsed.headers) {
+        // A GET's body is dropped on /events, with whatever follows, since
+        // the stream ends the connection.
+        _ if method == Method::GET && is_events(&uri) => 0,
+        Some(0) => 0,
+        Some(n) if method == Method::POST && n <= max_body => n as usize,
+        // Anything else has rules hyper knows: a chunked body, a length
+        // that is bad, repeated or too large (413), `Expect`, a body on a
+        // GET (rare and ignored, but it must be read past).
+        _ => return Ok(Some(Head::Hyper)),
+    };
     let mut req = Request::new(());
-    *req.method_mut() = Method::GET;
+    *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = version;
     let map = req.headers_mut();
@@ -403,7 +459,30 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
         let value = HeaderValue::from_bytes(h.value).map_err(|_| bad("header value"))?;
         map.append(name, value);
     }
-    Ok(Some(Head::Lean(req, len)))
+    Ok(Some(Head::Lean(req, len, body_len)))
+}
+
+/// The body's length when one plain Content-Length gives it (none: 0);
+/// None for any other framing, or `Expect`, which waits for an interim
+/// answer.
+fn body_length(headers: &[httparse::Header<'_>]) -> Option<u64> {
+    let mut length = None;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let digits = !h.value.is_empty()
+                && h.value.len() <= 18
+                && h.value.iter().all(u8::is_ascii_digit);
+            if length.is_some() || !digits {
+                return None;
+            }
+            length = std::str::from_utf8(h.value).ok()?.parse().ok();
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding")
+            || h.name.eq_ignore_ascii_case("expect")
+        {
+            return None;
+        }
+    }
+    Some(length.unwrap_or(0))
 }
 
 /// The status line and headers, ending with the framing this module uses.
@@ -681,20 +760,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn takes_connections_that_start_with_a_get() {
+    fn takes_connections_that_start_with_a_get_post_or_options() {
         for yes in [
             &b"GET /events?access_token=x HTTP/1.1\r\n"[..],
             b"GET /api/chat/messages/poll/?room_id=1 HTTP/1.1\r\n",
             b"GET / HTTP/1.1\r\n",
             b"GET /",
+            b"POST /api/chat/messages/ HTTP/1.1\r\n",
+            b"OPTIONS /api/chat/messages/poll/ HTTP/1.1\r\n",
         ] {
             assert!(wants_lean(yes), "{}", String::from_utf8_lossy(yes));
         }
         for no in [
             &b"GET "[..],
             b"HEAD /events HTTP/1.1",
-            b"POST /events HTTP/1.1",
-            b"OPTIONS / HTTP/1.1",
+            b"PUT /api/chat/messages/ HTTP/1.1",
+            b"POST *",
+            b"OPTIONS * HTTP/1.1",
             b"GET http://h/events HTTP/1.1",
             b"",
         ] {
@@ -702,15 +784,24 @@ mod tests {
         }
     }
 
+    const MAX_BODY: u64 = 100;
+
     fn parsed(raw: &str) -> Result<Option<Head>, HeadError> {
-        parse_head(raw.as_bytes())
+        parse_head(raw.as_bytes(), MAX_BODY)
+    }
+
+    /// The request, its head's length and its body's.
+    fn lean_body(raw: &str) -> (Request<()>, usize, usize) {
+        match parsed(raw) {
+            Ok(Some(Head::Lean(req, len, body))) => (req, len, body),
+            _ => panic!("not served here: {raw:?}"),
+        }
     }
 
     fn lean(raw: &str) -> (Request<()>, usize) {
-        match parsed(raw) {
-            Ok(Some(Head::Lean(req, len))) => (req, len),
-            _ => panic!("not served here: {raw:?}"),
-        }
+        let (req, len, body) = lean_body(raw);
+        assert_eq!(body, 0, "{raw:?}");
+        (req, len)
     }
 
     #[test]
@@ -747,11 +838,38 @@ mod tests {
     }
 
     #[test]
-    fn bodies_and_other_methods_are_for_hyper() {
+    fn a_post_with_one_length_within_the_limit_is_served_here() {
+        let head = "POST /api/chat/messages/ HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n";
+        let (req, len, body) = lean_body(&format!("{head}{{}}"));
+        assert_eq!((req.method(), len, body), (&Method::POST, head.len(), 2));
+        // The head is enough: the body may still be on its way.
+        assert_eq!(lean_body(head).2, 2);
+        let at_limit = format!("POST / HTTP/1.1\r\nContent-Length: {MAX_BODY}\r\n\r\n");
+        assert_eq!(lean_body(&at_limit).2, MAX_BODY as usize);
+        lean("POST /api/chat/rooms/1/read/ HTTP/1.1\r\n\r\n");
+        lean("POST /api/chat/rooms/1/read/ HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+        let (req, _) = lean("OPTIONS /api/chat/messages/ HTTP/1.1\r\nOrigin: o\r\n\r\n");
+        assert_eq!(req.method(), Method::OPTIONS);
+    }
+
+    #[test]
+    fn other_bodies_and_methods_are_for_hyper() {
+        let over = format!(
+            "POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
         for raw in [
-            "POST /api/chat/messages/ HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            over.as_str(),
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+            "POST / HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\n{}",
+            "POST / HTTP/1.1\r\nContent-Length: +2\r\n\r\n{}",
+            "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
             "HEAD /healthz HTTP/1.1\r\n\r\n",
-            "OPTIONS /events HTTP/1.1\r\n\r\n",
+            "PUT /api/chat/messages/ HTTP/1.1\r\n\r\n",
+            "OPTIONS / HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
             "GET /healthz HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
             "GET /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         ] {
@@ -760,6 +878,7 @@ mod tests {
         // No body, or one on a stream (dropped: the stream ends the connection).
         lean("GET /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
         lean("GET /events HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello");
+        lean("GET /events HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
     }
 
     #[test]

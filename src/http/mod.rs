@@ -62,7 +62,7 @@ impl<T> ReqBody for T where
 /// Time a client has to send its request head (slowloris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send a request body once its head arrived.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for connections that are not polls or streams.
 const DRAIN_TIMEOUT: Duration = Duration::from_millis(2500);
 
@@ -169,12 +169,7 @@ pub async fn read_json<B: ReqBody>(
     }
     let limited = Limited::new(req.into_body(), max as usize);
     let bytes = match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
-        Err(_) => {
-            return Err(ApiError::bad(
-                "body_timeout",
-                "The request body did not arrive in time",
-            ))
-        }
+        Err(_) => return Err(ApiError::body_timeout()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(ApiError::PayloadTooLarge(max))
         }

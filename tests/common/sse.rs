@@ -104,8 +104,9 @@ pub struct Opts {
     pub head: bool,
     /// A request first (`"<METHOD> <path>"`, with an empty body), on the
     /// same connection, its answer read and dropped: the stream then is a
-    /// keep-alive connection's second request. After a `GET` hark serves it
-    /// on its lean path; after anything else through hyper.
+    /// keep-alive connection's second request. After a `GET` or `POST` hark
+    /// serves it on its lean path; after a method its own HTTP does not
+    /// serve (say `PUT`) through hyper.
     pub first: Option<&'static str>,
     /// Send the request head in two writes, this many bytes first, with a
     /// pause between.
