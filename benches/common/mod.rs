@@ -748,6 +748,26 @@ fn parse_head(head: &[u8]) -> io::Result<(u16, usize, bool)> {
 ///
 /// `others`: connections to hark the caller keeps open besides these (the
 /// metrics connection included).
+/// The request each of [`connect_many`]'s connections sends first, from
+/// `BENCH_FIRST`: none (unset or empty); `post`, a bodiless `POST` (a 401,
+/// as when a browser's pooled connection carried a send before its poll);
+/// `put`, a bodiless `PUT` (a 405; a method hark's own HTTP leaves to
+/// hyper, which then serves the connection).
+pub fn first_request() -> Result<Option<&'static [u8]>> {
+    match std::env::var("BENCH_FIRST").unwrap_or_default().as_str() {
+        "" => Ok(None),
+        "post" => Ok(Some(
+            b"POST /api/chat/messages/ HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n",
+        )),
+        "put" => Ok(Some(
+            b"PUT /api/chat/messages/ HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n",
+        )),
+        other => Err(err(format!("BENCH_FIRST={other:?}: expected post or put"))),
+    }
+}
+
+/// Opens `n` keep-alive connections, `batch` at a time, each waiting until
+/// hark counts it; each sends [`first_request`] first and reads its answer.
 pub async fn connect_many(
     mc: &mut MetricsClient,
     n: usize,
@@ -756,12 +776,34 @@ pub async fn connect_many(
 ) -> Result<Vec<Conn>> {
     use futures::stream::{self, StreamExt, TryStreamExt};
     let addr = mc.addr;
+    let first = first_request()?;
+    if let Some(first) = first {
+        let line = String::from_utf8_lossy(first);
+        println!(
+            "each connection first sends {:?}",
+            line.lines().next().unwrap_or("")
+        );
+    }
+    let open = move |_| async move {
+        let mut c = Conn::connect(addr).await?;
+        if let Some(req) = first {
+            c.send_raw(req).await?;
+            let r = c.read_response().await?;
+            if r.status != 401 && r.status != 405 {
+                return Err(io::Error::other(format!(
+                    "first request answered {}",
+                    r.status
+                )));
+            }
+        }
+        Ok::<_, io::Error>(c)
+    };
     let base = others as f64;
     let mut conns: Vec<Conn> = Vec::with_capacity(n);
     while conns.len() < n {
         let k = batch.min(n - conns.len());
         let more: Vec<Conn> = stream::iter(0..k)
-            .map(|_| Conn::connect(addr))
+            .map(open)
             .buffer_unordered(k)
             .try_collect()
             .await?;

@@ -60,9 +60,9 @@ pub async fn typing<B: ReqBody>(
 }
 
 /// GET /api/chat/rooms/ and /api/chat/rooms/{id}/
-pub async fn rooms<B: ReqBody>(
+pub async fn rooms(
     app: &App,
-    req: Request<B>,
+    req: Request<()>,
     only: Option<i64>,
 ) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
@@ -83,11 +83,7 @@ pub async fn rooms<B: ReqBody>(
 }
 
 /// POST /api/chat/rooms/{id}/read/
-pub async fn mark_read<B: ReqBody>(
-    app: &App,
-    req: Request<B>,
-    room: i64,
-) -> Result<Response<Body>, ApiError> {
+pub async fn mark_read(app: &App, req: Request<()>, room: i64) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let user = authenticate(app, &req, &pairs).await?;
     require_participant(app, room, user.id).await?;

@@ -47,9 +47,7 @@ const RETRY_MS: u64 = 2000;
 /// Most rooms one stream may name.
 const MAX_ROOMS: usize = 100;
 
-/// Generic over the request body, which a stream never reads: hyper hands
-/// it `Incoming`, the lean connection ([`super::lean`]) `()`.
-pub async fn events<B>(app: &Arc<App>, req: Request<B>) -> Result<Response<Body>, ApiError> {
+pub async fn events(app: &Arc<App>, req: Request<()>) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let (user, token_exp) = authenticate_until(app, &req, &pairs).await?;
     let kill = req.extensions().get::<ConnectionKill>().cloned();

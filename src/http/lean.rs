@@ -54,7 +54,7 @@ use tokio::time::timeout;
 
 use super::error::ApiError;
 use super::park::{frame_chunk, Park};
-use super::{events, router, Body, ConnectionKill, Seen, BODY_READ_TIMEOUT};
+use super::{events, router, Body, ConnectionKill, Seen};
 use crate::app::App;
 
 /// Longest request head, and most header fields: hyper's limits on the
@@ -101,7 +101,6 @@ pub enum Served {
 /// ends, asks for an event stream, or has a request for hyper.
 pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) -> Served {
     let stall = Duration::from_secs(app.config.send_timeout_s);
-    let max_body = app.config.max_body_bytes;
     let mut shutdown = app.shutdown.clone();
     let mut buf = Vec::new();
     let (rd, wr) = stream.into_split();
@@ -115,28 +114,29 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
         // its room in the task until its scope ends, and the task is what
         // a waiting poll costs.
         let (version, mut keep_alive, seen, answer) = {
-            let head = tokio::select! {
-                h = timeout(header_timeout, read_head(&mut conn.rd, &mut buf, max_body)) => h,
-                // Between requests nothing is lost by closing; a head half
+            let max_body = app.config.max_body_bytes;
+            let (req, head_len, body_len) = match tokio::select! {
+                r = timeout(header_timeout, read_head(&mut conn.rd, &mut buf, max_body)) => {
+                    r.unwrap_or_else(|_| late(&buf, max_body))
+                }
+                // Between requests nothing is lost by closing; a request half
                 // read is a request not yet made.
                 _ = shutdown.wait() => return Served::Closed,
-            };
-            let (req, head_len, body_len) = match head {
-                // Silence, as hyper does when a head does not arrive in time.
-                Err(_) | Ok(Err(HeadError::Closed)) => return Served::Closed,
-                Ok(Err(HeadError::Bad(e))) => {
+            } {
+                Err(HeadError::Closed) => return Served::Closed,
+                Err(HeadError::Bad(e)) => {
                     let resp = prepare(e.into_response(), Version::HTTP_11, false);
                     if let Some(stream) = conn.into_stream() {
                         close_with(stream, resp, stall).await;
                     }
                     return Served::Closed;
                 }
-                Ok(Ok(Head::Hyper)) => {
+                Ok(Head::Hyper) => {
                     return conn
                         .into_stream()
                         .map_or(Served::Closed, |s| Served::Hyper(s, buf))
                 }
-                Ok(Ok(Head::Lean(req, head_len, body_len))) => (req, head_len, body_len),
+                Ok(Head::Lean(req, head_len, body_len)) => (req, head_len, body_len),
             };
             if req.method() == Method::GET && is_events(req.uri()) {
                 // What followed the head is dropped: the stream ends the
@@ -145,31 +145,9 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
                     .into_stream()
                     .map_or(Served::Closed, |s| Served::Stream(s, Box::new(req)));
             }
-            let body = if body_len == 0 {
-                Bytes::new()
-            } else {
-                let len = head_len + body_len;
-                let read = tokio::select! {
-                    r = timeout(BODY_READ_TIMEOUT, read_to(&mut conn.rd, &mut buf, len)) => r,
-                    _ = shutdown.wait() => return Served::Closed,
-                };
-                match read {
-                    Ok(true) => Bytes::copy_from_slice(&buf[head_len..len]),
-                    Ok(false) => return Served::Closed,
-                    Err(_) => {
-                        let resp = prepare(
-                            ApiError::body_timeout().into_response(),
-                            req.version(),
-                            false,
-                        );
-                        if let Some(stream) = conn.into_stream() {
-                            close_with(stream, resp, stall).await;
-                        }
-                        return Served::Closed;
-                    }
-                }
-            };
-            buf.drain(..head_len + body_len);
+            let len = head_len + body_len;
+            let body = Bytes::copy_from_slice(&buf[head_len..len]);
+            buf.drain(..len);
             if buf.is_empty() {
                 // A connection between requests (or a waiting poll) holds no buffer.
                 buf = Vec::new();
@@ -193,7 +171,7 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
                 req.extensions_mut().insert(park.clone());
             }
             let seen = Seen::new(&req);
-            (version, keep_alive, seen, Box::pin(router::route(app, req)))
+            (version, keep_alive, seen, router::route(app, req))
         };
         let result = tokio::select! {
             r = answer => r,
@@ -332,18 +310,6 @@ async fn read_ahead(sock: &mut OwnedReadHalf, buf: &mut Vec<u8>, park: Option<&P
     }
 }
 
-/// Reads until `buf` holds `len` bytes (a request's head and body); false
-/// when the client went away first.
-async fn read_to(sock: &mut OwnedReadHalf, buf: &mut Vec<u8>, len: usize) -> bool {
-    while buf.len() < len {
-        match read_some(sock, buf, len).await {
-            Ok(0) | Err(_) => return false,
-            Ok(_) => {}
-        }
-    }
-    true
-}
-
 /// One read into `buf`, which grows by at least one byte and by about
 /// `max - buf.len()` at most. Memory is taken only once the socket is
 /// readable: a connection between requests, or a waiting poll, holds
@@ -364,7 +330,7 @@ async fn read_some(
 }
 
 enum HeadError {
-    /// The client went away (or the read failed) before a whole head.
+    /// The client went away (or the read failed) before a whole request.
     Closed,
     /// Answered with this error, then closed.
     Bad(ApiError),
@@ -382,25 +348,40 @@ enum Head {
     Hyper,
 }
 
-/// Reads until `buf` starts with a whole request head.
+/// Reads until `buf` starts with a whole request: its head, and the body
+/// of one served here. (One time limit covers both, so that no request
+/// is held across a wait: it would add to every connection's task.)
 async fn read_head(
     sock: &mut OwnedReadHalf,
     buf: &mut Vec<u8>,
     max_body: u64,
 ) -> Result<Head, HeadError> {
+    // The length of the head and body once the head is known.
+    let mut whole = 0;
     loop {
-        if !buf.is_empty() {
-            if let Some(head) = parse_head(buf, max_body)? {
-                return Ok(head);
-            }
-            if buf.len() >= MAX_HEAD {
-                return Err(HeadError::Bad(ApiError::HeadTooLarge));
+        if !buf.is_empty() && buf.len() >= whole {
+            match parse_head(buf, max_body)? {
+                Some(Head::Lean(_, head, body)) if buf.len() < head + body => whole = head + body,
+                Some(head) => return Ok(head),
+                None if buf.len() >= MAX_HEAD => {
+                    return Err(HeadError::Bad(ApiError::HeadTooLarge))
+                }
+                None => {}
             }
         }
-        match read_some(sock, buf, MAX_HEAD).await {
+        match read_some(sock, buf, whole.max(MAX_HEAD)).await {
             Ok(0) | Err(_) => return Err(HeadError::Closed),
             Ok(_) => {}
         }
+    }
+}
+
+/// A request that did not arrive in time: silence when its head did not
+/// (as hyper does), a 400 when its body did not.
+fn late(buf: &[u8], max_body: u64) -> Result<Head, HeadError> {
+    match parse_head(buf, max_body) {
+        Ok(Some(Head::Lean(..))) => Err(HeadError::Bad(ApiError::body_timeout())),
+        _ => Err(HeadError::Closed),
     }
 }
 

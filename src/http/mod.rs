@@ -43,11 +43,12 @@ use replay::Replay;
 /// Every response body: small JSON in one frame, or an event stream.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 
-/// A request body as handlers take it: hyper's `Incoming`, or an `Empty`
-/// one from the lean connection, which serves only requests without a body.
+/// A request body as the handlers that read one take it: hyper's
+/// `Incoming`, or the lean connection's `Full` (the body read whole).
 pub trait ReqBody:
     hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
     + Send
+    + Sync
     + 'static
 {
 }
@@ -55,6 +56,7 @@ pub trait ReqBody:
 impl<T> ReqBody for T where
     T: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
         + Send
+        + Sync
         + 'static
 {
 }
@@ -62,7 +64,7 @@ impl<T> ReqBody for T where
 /// Time a client has to send its request head (slowloris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send a request body once its head arrived.
-pub(crate) const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for connections that are not polls or streams.
 const DRAIN_TIMEOUT: Duration = Duration::from_millis(2500);
 

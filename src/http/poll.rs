@@ -116,7 +116,7 @@ pub fn check_origin(cursor: &Cursor, origin: Origin) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub async fn poll<B>(app: &App, req: Request<B>) -> Result<Response<Body>, ApiError> {
+pub async fn poll(app: &App, req: Request<()>) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let user = Box::pin(authenticate(app, &req, &pairs)).await?;
     let park = req.extensions().get::<Arc<Park>>().cloned();

@@ -2,6 +2,8 @@
 //! trailing slash; unknown paths are JSON 404s and wrong methods JSON 405s
 //! with `Allow`; `OPTIONS` answers preflights.
 
+use std::future::{ready, Future};
+use std::pin::Pin;
 use std::sync::Arc;
 
 use hyper::{Method, Request, Response};
@@ -67,38 +69,40 @@ fn parse(path: &str) -> Option<Route> {
     })
 }
 
-pub async fn route<B: ReqBody>(
-    app: &Arc<App>,
-    req: Request<B>,
-) -> Result<Response<Body>, ApiError> {
+/// A request's answer, to be awaited.
+pub type Answer<'a> = Pin<Box<dyn Future<Output = Result<Response<Body>, ApiError>> + Send + 'a>>;
+
+/// The handler's future for `req`, boxed on its own: a waiting poll or an
+/// open stream then holds only its handler's state, neither the largest
+/// handler's nor a routing layer's. Handlers that read no body get the
+/// request without it, so one copy of each serves both connection paths.
+pub fn route<B: ReqBody>(app: &Arc<App>, req: Request<B>) -> Answer<'_> {
     let Some(route) = parse(req.uri().path()) else {
-        return Err(ApiError::NotFound("Not found"));
+        return Box::pin(ready(Err(ApiError::NotFound("Not found"))));
     };
     if req.method() == Method::OPTIONS {
-        return Ok(app
-            .cors
-            .preflight(route.allow(), req.headers().get(hyper::header::ORIGIN)));
+        let origin = req.headers().get(hyper::header::ORIGIN);
+        return Box::pin(ready(Ok(app.cors.preflight(route.allow(), origin))));
     }
     // HEAD is a GET whose body hyper leaves out: HTTP requires it wherever
     // GET works, and Django answers it so.
     let get_as_head = *req.method() == Method::HEAD && route.method() == Method::GET;
     if *req.method() != route.method() && !get_as_head {
-        return Err(ApiError::MethodNotAllowed(route.allow()));
+        return Box::pin(ready(Err(ApiError::MethodNotAllowed(route.allow()))));
     }
-    // Each handler's future is boxed: a waiting poll or an open stream then
-    // holds only its own state, not the size of the largest handler.
+    let bodiless = |req: Request<B>| req.map(drop);
     match route {
-        Route::Index => Ok(ops::index()),
-        Route::Healthz => Ok(ops::healthz()),
-        Route::Readyz => Box::pin(ops::readyz(app)).await,
-        Route::Metrics => Ok(ops::metrics(app)),
-        Route::Events => Box::pin(events::events(app, req)).await,
-        Route::Rooms => Box::pin(chat::rooms(app, req, None)).await,
-        Route::Room(id) => Box::pin(chat::rooms(app, req, Some(id))).await,
-        Route::Typing(id) => Box::pin(chat::typing(app, req, id)).await,
-        Route::Read(id) => Box::pin(chat::mark_read(app, req, id)).await,
-        Route::Messages => Box::pin(chat::send_message(app, req)).await,
-        Route::Poll => Box::pin(poll::poll(app, req)).await,
+        Route::Index => Box::pin(ready(Ok(ops::index()))),
+        Route::Healthz => Box::pin(ready(Ok(ops::healthz()))),
+        Route::Readyz => Box::pin(ops::readyz(app)),
+        Route::Metrics => Box::pin(ready(Ok(ops::metrics(app)))),
+        Route::Events => Box::pin(events::events(app, bodiless(req))),
+        Route::Rooms => Box::pin(chat::rooms(app, bodiless(req), None)),
+        Route::Room(id) => Box::pin(chat::rooms(app, bodiless(req), Some(id))),
+        Route::Typing(id) => Box::pin(chat::typing(app, req, id)),
+        Route::Read(id) => Box::pin(chat::mark_read(app, bodiless(req), id)),
+        Route::Messages => Box::pin(chat::send_message(app, req)),
+        Route::Poll => Box::pin(poll::poll(app, bodiless(req))),
     }
 }
 
