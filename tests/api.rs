@@ -1821,6 +1821,166 @@ async fn gets_on_one_connection_are_answered_in_order_and_kept_alive() {
     assert_eq!(c.hark.metric("hark_open_connections").await, 2.0);
 }
 
+/// The same requests answered by hark's own HTTP (each the first request
+/// of a fresh connection) and by hyper (each after a `PUT`, which hands
+/// the connection to hyper) get the same status, error code, headers (but
+/// `date` and the length of bodies that differ by id and time) and the
+/// same fate of the connection.
+#[tokio::test]
+async fn hark_s_own_http_answers_as_hyper_does() {
+    let c = chat(&[
+        ("HARK_CORS_ORIGINS", ORIGIN),
+        ("HARK_MAX_BODY_BYTES", "200"),
+    ])
+    .await;
+    let a = token(c.alice);
+    let room = c.room;
+    let post = |path: &str, extra: &str, body: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let auth = format!("Authorization: Bearer {a}\r\n");
+    let json_auth = format!("{auth}Content-Type: application/json\r\n");
+    let cors = format!("Origin: {ORIGIN}\r\n");
+    let send = format!(r#"{{"room_id": {room}, "content": "same"}}"#);
+    let cases: Vec<(&str, String)> = vec![
+        ("send", post("/api/chat/messages/", &json_auth, &send)),
+        (
+            "send with CORS",
+            post("/api/chat/messages/", &format!("{json_auth}{cors}"), &send),
+        ),
+        (
+            "send, then close",
+            post(
+                "/api/chat/messages/",
+                &format!("{json_auth}Connection: close\r\n"),
+                &send,
+            ),
+        ),
+        (
+            "typing",
+            post(
+                &format!("/api/chat/rooms/{room}/typing/"),
+                &json_auth,
+                r#"{"is_typing": true}"#,
+            ),
+        ),
+        (
+            "typing not a boolean",
+            post(
+                &format!("/api/chat/rooms/{room}/typing/"),
+                &json_auth,
+                r#"{"is_typing": "yes"}"#,
+            ),
+        ),
+        (
+            "read, no body",
+            post(&format!("/api/chat/rooms/{room}/read/"), &auth, ""),
+        ),
+        (
+            "malformed JSON",
+            post("/api/chat/messages/", &json_auth, "{nope"),
+        ),
+        (
+            "not JSON",
+            post(
+                "/api/chat/messages/",
+                &format!("{auth}Content-Type: text/plain\r\n"),
+                "hi",
+            ),
+        ),
+        ("empty body", post("/api/chat/messages/", &json_auth, "")),
+        ("no token", post("/api/chat/messages/", &cors, &send)),
+        (
+            "unknown path",
+            post("/api/chat/nothing/", &json_auth, &send),
+        ),
+        (
+            "wrong method",
+            post("/api/chat/messages/poll/", &json_auth, ""),
+        ),
+        (
+            "over the body limit",
+            post(
+                "/api/chat/messages/",
+                &json_auth,
+                &format!(r#"{{"room_id": {room}, "content": "{}"}}"#, "x".repeat(300)),
+            ),
+        ),
+        (
+            "HTTP/1.0",
+            post("/api/chat/messages/", &json_auth, &send).replacen("HTTP/1.1", "HTTP/1.0", 1),
+        ),
+        (
+            "preflight",
+            format!(
+                "OPTIONS /api/chat/messages/ HTTP/1.1\r\nHost: x\r\n{cors}\
+                 Access-Control-Request-Method: POST\r\n\r\n"
+            ),
+        ),
+        (
+            "preflight, unknown path",
+            "OPTIONS /nothing HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+        ),
+        (
+            "rooms",
+            format!("GET /api/chat/rooms/ HTTP/1.1\r\nHost: x\r\n{auth}{cors}\r\n"),
+        ),
+    ];
+    // The head's lines that must agree; and whether the connection stayed open.
+    let shape = |head: &str, body: &[u8], same_length: bool| {
+        let mut lines: Vec<String> = head
+            .lines()
+            .skip(1)
+            .filter(|l| !l.starts_with("date:"))
+            .filter(|l| same_length || !l.starts_with("content-length:"))
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        let status = head.split(' ').nth(1).unwrap_or("").to_string();
+        let code = serde_json::from_slice::<Value>(body)
+            .ok()
+            .map(|v| v["code"].clone());
+        (status, lines, code)
+    };
+    for (what, request) in cases {
+        let mut answers = Vec::new();
+        for hyper in [false, true] {
+            let mut raw = Raw::connect(c.hark.addr).await;
+            if hyper {
+                raw.send(
+                    b"PUT /api/chat/messages/ HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                )
+                .await;
+                let (head, _) = raw.answer().await;
+                assert_eq!(status_of(&head), 405, "{head}");
+            }
+            raw.send(request.as_bytes()).await;
+            let (head, body) = raw.answer_within(Duration::from_secs(15)).await;
+            let same_length = !head.contains(" 201 ");
+            let open = if head.contains("connection: close") || request.contains("HTTP/1.0") {
+                raw.closed_within(Duration::from_secs(10)).await;
+                false
+            } else {
+                raw.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                status_of(&raw.answer().await.0) == 200
+            };
+            let mut shape = shape(&head, &body, same_length);
+            if request.contains("HTTP/1.0") {
+                // Closing is HTTP/1.0's default: hark says so, hyper does not.
+                shape.1.retain(|l| l != "connection: close");
+            }
+            answers.push((shape, open));
+        }
+        assert_eq!(
+            answers[0], answers[1],
+            "{what}: hark's own HTTP, then hyper's"
+        );
+    }
+}
+
 /// hark's own HTTP reads a POST's body by its Content-Length: a body that
 /// arrives in pieces is read whole and not taken for the next request; one
 /// that stops arriving is a 400 `body_timeout` after 10 s, then the

@@ -45,7 +45,7 @@ use bytes::Bytes;
 use chrono::Utc;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
-use hyper::{HeaderMap, Method, Request, Response, Uri, Version};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -496,6 +496,8 @@ fn head_bytes(resp: &Response<Body>, framing: Framing, keep_alive: bool) -> Vec<
         out.extend_from_slice(b"\r\n");
     }
     match framing {
+        // RFC 9110 §8.6: never on a 1xx or a 204 (a preflight's answer).
+        Framing::Length(_) if status.is_informational() || status == StatusCode::NO_CONTENT => {}
         Framing::Length(n) => {
             let _ = write!(out, "content-length: {n}\r\n");
         }

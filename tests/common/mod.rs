@@ -521,7 +521,7 @@ pub fn temp_path(name: &str) -> PathBuf {
 
 /// A raw HTTP/1.1 connection, for what a client library hides: several
 /// requests on one connection, pipelining, exact bytes. Reads answers that
-/// have a `Content-Length` body.
+/// have a `Content-Length` body (or are a 204 or 304).
 pub struct Raw {
     stream: tokio::net::TcpStream,
     buf: Vec<u8>,
@@ -556,10 +556,13 @@ impl Raw {
         loop {
             if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&self.buf[..end]).to_lowercase();
+                // 204 and 304 have no body, and no length to say so.
+                let bodiless = [" 204 ", " 304 "].iter().any(|c| head.contains(c));
                 let len: usize = head
                     .lines()
                     .find_map(|l| l.strip_prefix("content-length:"))
                     .map(|v| v.trim().parse().expect("a length"))
+                    .or(bodiless.then_some(0))
                     .unwrap_or_else(|| panic!("no content-length: {head}"));
                 let start = end + 4;
                 let len = if with_body { len } else { 0 };
