@@ -62,6 +62,7 @@ pub struct Metrics {
     pub listener_reconnects: AtomicU64,
     pub polls_answered_from_memory: AtomicU64,
     pub streams_cut_slow: AtomicU64,
+    pub streams_expired: AtomicU64,
     /// Pages a catch-up wrote straight to a parked stream's socket.
     pub stream_direct_writes: AtomicU64,
     pub poll_direct_answers: AtomicU64,
@@ -113,7 +114,7 @@ impl Metrics {
                 v.load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 10] = [
+        let counters: [(&str, &str, &AtomicU64); 11] = [
             (
                 "hark_notifications_total",
                 "NOTIFY messages received on the LISTEN connection.",
@@ -143,6 +144,11 @@ impl Metrics {
                 "hark_streams_cut_slow_total",
                 "Event streams disconnected for falling behind.",
                 &self.streams_cut_slow,
+            ),
+            (
+                "hark_streams_expired_total",
+                "Event streams ended because the token they were opened with expired.",
+                &self.streams_expired,
             ),
             (
                 "hark_stream_direct_writes_total",

@@ -1159,6 +1159,7 @@ async fn stream_ends_when_its_token_expires(first: Option<&'static str>) {
         "ended at {ended_at} ms, before the token's exp {exp} s"
     );
     hark.wait_for_metric("hark_open_streams", 0.0).await;
+    assert_eq!(hark.metric("hark_streams_expired_total").await, 1.0);
 
     let missed = fx.insert(room, bob, "after expiry").await;
     let mut again = connect(&hark, &format!("?room_id={room}"), &short).await;

@@ -262,6 +262,7 @@ impl EventStream {
             }
             if self.expired(Instant::now()) {
                 tracing::debug!(user = self.user.id, "event stream ended: token expired");
+                self.app.metrics.streams_expired.fetch_add(1, Relaxed);
                 return None;
             }
             if !self.settled {
