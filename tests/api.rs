@@ -1961,8 +1961,7 @@ async fn hark_s_own_http_answers_as_hyper_does() {
             let (head, body) = raw.answer_within(Duration::from_secs(15)).await;
             let same_length = !head.contains(" 201 ");
             let open = if head.contains("connection: close") || request.contains("HTTP/1.0") {
-                raw.closed_within(Duration::from_secs(10)).await;
-                false
+                !raw.closed_within(Duration::from_secs(10)).await
             } else {
                 raw.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
                 status_of(&raw.answer().await.0) == 200
