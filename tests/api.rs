@@ -1928,6 +1928,26 @@ async fn hark_s_own_http_answers_as_hyper_does() {
             "rooms",
             format!("GET /api/chat/rooms/ HTTP/1.1\r\nHost: x\r\n{auth}{cors}\r\n"),
         ),
+        (
+            "HEAD rooms",
+            format!("HEAD /api/chat/rooms/ HTTP/1.1\r\nHost: x\r\n{auth}{cors}\r\n"),
+        ),
+        (
+            "HEAD stream",
+            format!("HEAD /events?room_id={room} HTTP/1.1\r\nHost: x\r\n{auth}\r\n"),
+        ),
+        (
+            "HEAD health",
+            "HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+        ),
+        (
+            "HEAD unknown path",
+            "HEAD /nothing HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+        ),
+        (
+            "HEAD, POST only",
+            "HEAD /api/chat/messages/ HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+        ),
     ];
     // The head's lines that must agree; and whether the connection stayed open.
     let shape = |head: &str, body: &[u8], same_length: bool| {
@@ -1958,7 +1978,11 @@ async fn hark_s_own_http_answers_as_hyper_does() {
                 assert_eq!(status_of(&head), 405, "{head}");
             }
             raw.send(request.as_bytes()).await;
-            let (head, body) = raw.answer_within(Duration::from_secs(15)).await;
+            let (head, body) = if request.starts_with("HEAD") {
+                (raw.answer_to_head().await, Vec::new())
+            } else {
+                raw.answer_within(Duration::from_secs(15)).await
+            };
             let same_length = !head.contains(" 201 ");
             let open = if head.contains("connection: close") || request.contains("HTTP/1.0") {
                 !raw.closed_within(Duration::from_secs(10)).await

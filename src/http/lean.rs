@@ -1,5 +1,5 @@
 //! The lean HTTP/1.1 connection: hark's own server for connections whose
-//! first request is a `GET`, `POST` or `OPTIONS`.
+//! first request is a `GET`, `HEAD`, `POST` or `OPTIONS`.
 //!
 //! hyper keeps two 8 KiB buffers per HTTP/1 connection for the
 //! connection's whole life (one to read requests into, one for response
@@ -8,7 +8,7 @@
 //! bodiless `GET`s, which need little of HTTP/1.1. A browser's connections
 //! also carry its `POST`s (sending, typing) and CORS preflights, and any
 //! of them may carry its next poll or stream. So a connection whose first
-//! bytes are `GET /`, `POST /` or `OPTIONS /` is served here:
+//! bytes are `GET /`, `HEAD /`, `POST /` or `OPTIONS /` is served here:
 //!
 //! - each request head (and body, when it has one Content-Length within
 //!   `HARK_MAX_BODY_BYTES`) is read into a buffer that grows only as the
@@ -23,7 +23,7 @@
 //!   socket is split so that the park can hold the write half);
 //! - the first request this module does not serve — another method, a
 //!   chunked or oversized body, several or malformed Content-Lengths,
-//!   `Expect`, a body on a `GET` or `OPTIONS` (but /events) — hands the
+//!   `Expect`, a body on anything but a `POST` (or /events) — hands the
 //!   connection to hyper with the bytes already read, that request's head
 //!   first ([`Served::Hyper`]). hyper, which has the rules for those, keeps
 //!   it to the end.
@@ -72,10 +72,10 @@ const MAX_TRAILING: usize = 64 * 1024;
 const READ_CHUNK: usize = 2048;
 
 /// Whether a connection that starts with these bytes is this module's:
-/// a `GET`, `POST` or `OPTIONS` of an origin-form target. Too few bytes to
+/// a `GET`, `HEAD`, `POST` or `OPTIONS` of an origin-form target. Too few bytes to
 /// tell is a no: hyper serves everything.
 pub fn wants_lean(first: &[u8]) -> bool {
-    [&b"GET /"[..], b"POST /", b"OPTIONS /"]
+    [&b"GET /"[..], b"HEAD /", b"POST /", b"OPTIONS /"]
         .iter()
         .any(|m| first.starts_with(m))
 }
@@ -113,7 +113,7 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
         // Each step below is a block: a local that was ever borrowed keeps
         // its room in the task until its scope ends, and the task is what
         // a waiting poll costs.
-        let (version, mut keep_alive, seen, answer) = {
+        let (version, mut keep_alive, head_only, seen, answer) = {
             let max_body = app.config.max_body_bytes;
             let (req, head_len, body_len) = match tokio::select! {
                 r = timeout(header_timeout, read_head(&mut conn.rd, &mut buf, max_body)) => {
@@ -125,7 +125,7 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
             } {
                 Err(HeadError::Closed) => return Served::Closed,
                 Err(HeadError::Bad(e)) => {
-                    let resp = prepare(e.into_response(), Version::HTTP_11, false);
+                    let resp = prepare(e.into_response(), Version::HTTP_11, false, false);
                     if let Some(stream) = conn.into_stream() {
                         close_with(stream, resp, stall).await;
                     }
@@ -170,8 +170,15 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
                     .get_or_insert_with(|| Park::for_requests(conn.wr.clone()));
                 req.extensions_mut().insert(park.clone());
             }
+            let head_only = req.method() == Method::HEAD;
             let seen = Seen::new(&req);
-            (version, keep_alive, seen, router::route(app, req))
+            (
+                version,
+                keep_alive,
+                head_only,
+                seen,
+                router::route(app, req),
+            )
         };
         let result = tokio::select! {
             r = answer => r,
@@ -196,7 +203,7 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
         let resp = {
             let resp = seen.finish(app, result);
             keep_alive &= !shutdown.is_fired() && !asks_close(resp.headers());
-            prepare(resp, version, keep_alive)
+            prepare(resp, version, keep_alive, head_only)
         };
         if !resp.keep_alive {
             if let Some(stream) = conn.into_stream() {
@@ -285,7 +292,14 @@ pub async fn serve_stream(app: &Arc<App>, stream: TcpStream, req: Box<Request<()
     let seen = Seen::new(&req);
     let result = Box::pin(events::events(app, req)).await;
     let resp = seen.finish(app, result);
-    respond(stream, park, prepare(resp, version, false), &kill, stall).await;
+    respond(
+        stream,
+        park,
+        prepare(resp, version, false, false),
+        &kill,
+        stall,
+    )
+    .await;
 }
 
 enum Ahead {
@@ -405,6 +419,7 @@ fn parse_head(buf: &[u8], max_body: u64) -> Result<Option<Head>, HeadError> {
     };
     let method = match parsed.method {
         Some("GET") => Method::GET,
+        Some("HEAD") => Method::HEAD,
         Some("POST") => Method::POST,
         Some("OPTIONS") => Method::OPTIONS,
         _ => return Ok(Some(Head::Hyper)),
@@ -563,16 +578,29 @@ enum Framing {
 /// The head bytes, body and framing of `resp`, taken apart before any
 /// await: an async fn keeps its arguments for its whole life, and the
 /// writing's state is part of every idle stream's memory.
-/// `keep_alive` holds only for a body of known length.
-fn prepare(resp: Response<Body>, version: Version, keep_alive: bool) -> Prepared {
+/// `keep_alive` holds only for a body of known length, or none at all:
+/// the answer to a `HEAD` (`head_only`) is the head a `GET` would get,
+/// but for the framing of a body of unknown length, as hyper answers it.
+fn prepare(resp: Response<Body>, version: Version, keep_alive: bool, head_only: bool) -> Prepared {
     let framing = match hyper::body::Body::size_hint(resp.body()).exact() {
         Some(n) => Framing::Length(n),
-        None if version == Version::HTTP_10 => Framing::UntilClose,
+        // No framing header.
+        None if version == Version::HTTP_10 || head_only => Framing::UntilClose,
         None => Framing::Chunked,
     };
-    let keep_alive = keep_alive && matches!(framing, Framing::Length(_));
+    let keep_alive = keep_alive && (head_only || matches!(framing, Framing::Length(_)));
+    let head = head_bytes(&resp, framing, keep_alive);
+    if head_only {
+        // An event stream's body is dropped here, and never opens.
+        return Prepared {
+            head,
+            body: Body::default(),
+            framing: Framing::Length(0),
+            keep_alive,
+        };
+    }
     Prepared {
-        head: head_bytes(&resp, framing, keep_alive),
+        head,
         body: resp.into_body(),
         framing,
         keep_alive,
@@ -743,7 +771,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn takes_connections_that_start_with_a_get_post_or_options() {
+    fn takes_connections_that_start_with_the_methods_it_serves() {
         for yes in [
             &b"GET /events?access_token=x HTTP/1.1\r\n"[..],
             b"GET /api/chat/messages/poll/?room_id=1 HTTP/1.1\r\n",
@@ -751,12 +779,12 @@ mod tests {
             b"GET /",
             b"POST /api/chat/messages/ HTTP/1.1\r\n",
             b"OPTIONS /api/chat/messages/poll/ HTTP/1.1\r\n",
+            b"HEAD /events HTTP/1.1",
         ] {
             assert!(wants_lean(yes), "{}", String::from_utf8_lossy(yes));
         }
         for no in [
             &b"GET "[..],
-            b"HEAD /events HTTP/1.1",
             b"PUT /api/chat/messages/ HTTP/1.1",
             b"POST *",
             b"OPTIONS * HTTP/1.1",
@@ -833,6 +861,10 @@ mod tests {
         lean("POST /api/chat/rooms/1/read/ HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
         let (req, _) = lean("OPTIONS /api/chat/messages/ HTTP/1.1\r\nOrigin: o\r\n\r\n");
         assert_eq!(req.method(), Method::OPTIONS);
+        assert_eq!(
+            lean("HEAD /healthz HTTP/1.1\r\n\r\n").0.method(),
+            Method::HEAD
+        );
     }
 
     #[test]
@@ -850,7 +882,7 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
-            "HEAD /healthz HTTP/1.1\r\n\r\n",
+            "HEAD /healthz HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
             "PUT /api/chat/messages/ HTTP/1.1\r\n\r\n",
             "OPTIONS / HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
             "GET /healthz HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",

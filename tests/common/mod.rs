@@ -556,8 +556,9 @@ impl Raw {
         loop {
             if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&self.buf[..end]).to_lowercase();
-                // 204 and 304 have no body, and no length to say so.
-                let bodiless = [" 204 ", " 304 "].iter().any(|c| head.contains(c));
+                // 204 and 304 have no body, and no length to say so; nor
+                // need an answer to a HEAD have one.
+                let bodiless = !with_body || [" 204 ", " 304 "].iter().any(|c| head.contains(c));
                 let len: usize = head
                     .lines()
                     .find_map(|l| l.strip_prefix("content-length:"))
