@@ -378,7 +378,8 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
 }
 
 /// One accepted connection, to the end: on the lean path while its
-/// requests are bodiless GETs ([`lean`]), hyper's otherwise.
+/// requests are ones [`lean`] serves (GET, HEAD, OPTIONS, and POSTs with
+/// one Content-Length), hyper's otherwise.
 async fn serve_connection(
     app: &Arc<App>,
     stream: tokio::net::TcpStream,
