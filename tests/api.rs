@@ -2004,6 +2004,40 @@ async fn hark_s_own_http_answers_as_hyper_does() {
     }
 }
 
+/// While a poll waits, a client may send its next request ahead, body and
+/// all, up to the largest request hark takes (a head of 64 KiB and
+/// `HARK_MAX_BODY_BYTES`): both are answered, in order.
+#[tokio::test]
+async fn a_whole_request_may_be_sent_ahead_of_a_waiting_poll() {
+    let c = chat(&[("HARK_MAX_BODY_BYTES", "100000")]).await;
+    let a = token(c.alice);
+    let (s, body) = get_json(&poll_url(&c.hark, c.room, None, ""), Some(&a)).await;
+    assert_eq!(s, StatusCode::OK);
+    let cursor: String =
+        form_urlencoded::byte_serialize(body["cursor"].as_str().unwrap().as_bytes()).collect();
+    let typing = json!({"is_typing": true, "padding": "x".repeat(90_000)}).to_string();
+    let mut raw = Raw::connect(c.hark.addr).await;
+    raw.send(
+        format!(
+            "GET /api/chat/messages/poll/?room_id={room}&since={cursor}&timeout=1 HTTP/1.1\r\n\
+             Host: x\r\nAuthorization: Bearer {a}\r\n\r\n\
+             POST /api/chat/rooms/{room}/typing/ HTTP/1.1\r\nHost: x\r\n\
+             Authorization: Bearer {a}\r\nContent-Type: application/json\r\n\
+             Content-Length: {len}\r\n\r\n{typing}",
+            room = c.room,
+            len = typing.len(),
+        )
+        .as_bytes(),
+    )
+    .await;
+    let (head, poll) = raw.answer().await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    assert_eq!(json(&poll)["messages"], json!([]));
+    let (head, answer) = raw.answer().await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    assert_eq!(json(&answer)["success"], true);
+}
+
 /// hark's own HTTP reads a POST's body by its Content-Length: a body that
 /// arrives in pieces is read whole and not taken for the next request; one
 /// that stops arriving is a 400 `body_timeout` after 10 s, then the

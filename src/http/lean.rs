@@ -64,8 +64,9 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// What a client may send after its request head on a stream (a body,
 /// pipelined requests: read and dropped, the connection closes after the
-/// stream) or while a request is in flight (pipelined requests, kept)
-/// before it is cut.
+/// stream) before it is cut. While a request is in flight, what it may
+/// send ahead (pipelined requests, kept) is one whole request instead: the
+/// longest head and body.
 const MAX_TRAILING: usize = 64 * 1024;
 /// Most bytes one read takes: a request head with a token is well under
 /// it, and the buffer is freed between requests.
@@ -182,7 +183,12 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
         };
         let result = tokio::select! {
             r = answer => r,
-            ahead = read_ahead(&mut conn.rd, &mut buf, conn.park.0.as_deref()) => match ahead {
+            ahead = read_ahead(
+                &mut conn.rd,
+                &mut buf,
+                conn.park.0.as_deref(),
+                MAX_HEAD.saturating_add(usize::try_from(app.config.max_body_bytes).unwrap_or(usize::MAX)),
+            ) => match ahead {
                 // The client went away (or sent too much) while its
                 // request was in flight: a waiting poll is dropped with it.
                 Ahead::Gone => return Served::Closed,
@@ -303,7 +309,8 @@ pub async fn serve_stream(app: &Arc<App>, stream: TcpStream, req: Box<Request<()
 }
 
 enum Ahead {
-    /// End of input, an error, or more than MAX_TRAILING not yet answered.
+    /// End of input, an error, or more than a whole request not yet
+    /// answered.
     Gone,
     /// The listener answered the request in flight (a parked poll).
     Answered,
@@ -313,11 +320,16 @@ enum Ahead {
 /// request is in flight, until the client is gone, or sends something
 /// after the listener answered the request. Input while a poll is parked
 /// takes the poll back: the loop would not notice an answer behind it.
-async fn read_ahead(sock: &mut OwnedReadHalf, buf: &mut Vec<u8>, park: Option<&Park>) -> Ahead {
+async fn read_ahead(
+    sock: &mut OwnedReadHalf,
+    buf: &mut Vec<u8>,
+    park: Option<&Park>,
+    max: usize,
+) -> Ahead {
     loop {
-        match read_some(sock, buf, MAX_TRAILING).await {
+        match read_some(sock, buf, max).await {
             Ok(0) | Err(_) => return Ahead::Gone,
-            Ok(_) if buf.len() > MAX_TRAILING => return Ahead::Gone,
+            Ok(_) if buf.len() > max => return Ahead::Gone,
             Ok(_) if park.is_some_and(Park::input_arrived) => return Ahead::Answered,
             Ok(_) => {}
         }
