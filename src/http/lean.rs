@@ -187,7 +187,7 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
                 &mut conn.rd,
                 &mut buf,
                 conn.park.0.as_deref(),
-                MAX_HEAD.saturating_add(usize::try_from(app.config.max_body_bytes).unwrap_or(usize::MAX)),
+                max_request(app.config.max_body_bytes),
             ) => match ahead {
                 // The client went away (or sent too much) while its
                 // request was in flight: a waiting poll is dropped with it.
@@ -200,7 +200,7 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
         if let Some((at, rest)) = conn.park.0.as_ref().and_then(|p| p.finish_request()) {
             // The listener wrote the answer at `at`, all of it but `rest`.
             drop(result);
-            seen.done(hyper::StatusCode::OK, at);
+            seen.done(StatusCode::OK, at);
             if !write_all_within(conn.sock(), &rest, stall).await || shutdown.is_fired() {
                 return Served::Closed;
             }
@@ -314,6 +314,12 @@ enum Ahead {
     Gone,
     /// The listener answered the request in flight (a parked poll).
     Answered,
+}
+
+/// The largest request served here: a head of [`MAX_HEAD`] and a body of
+/// `max_body`.
+fn max_request(max_body: u64) -> usize {
+    MAX_HEAD.saturating_add(usize::try_from(max_body).unwrap_or(usize::MAX))
 }
 
 /// Reads (and keeps, for the next request) what the client sends while a
