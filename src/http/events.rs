@@ -260,7 +260,7 @@ impl EventStream {
             if self.done || self.lag.is_cut() || self.shutdown.is_fired() {
                 return None;
             }
-            if self.expired(Instant::now()) {
+            if self.expired() {
                 tracing::debug!(user = self.user.id, "event stream ended: token expired");
                 self.app.metrics.streams_expired.fetch_add(1, Relaxed);
                 return None;
@@ -296,7 +296,7 @@ impl EventStream {
                 _ = &mut self.ping => {
                     let now = Instant::now();
                     let due = self.last_write + self.ping_every;
-                    if !self.expired(now) {
+                    if !self.expired() {
                         let next = if now >= due {
                             self.out.extend_from_slice(b": ping\n\n");
                             now + self.ping_every
@@ -320,8 +320,8 @@ impl EventStream {
         }
     }
 
-    fn expired(&self, now: Instant) -> bool {
-        self.expires.is_some_and(|at| now >= at)
+    fn expired(&self) -> bool {
+        self.expires.is_some_and(|at| Instant::now() >= at)
     }
 
     /// Appends what is due to `out`. Ok(true) when it should be called
