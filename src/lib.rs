@@ -27,6 +27,7 @@ pub mod hub;
 pub mod listener;
 pub mod message;
 pub mod metrics;
+pub mod ratelimit;
 pub mod reader;
 pub mod shutdown;
 pub mod trim;
