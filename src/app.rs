@@ -20,6 +20,7 @@ use crate::http::cors::Cors;
 use crate::hub::Hub;
 use crate::listener::Listener;
 use crate::metrics::Metrics;
+use crate::ratelimit::WriteLimit;
 use crate::shutdown::{self, Shutdown};
 use crate::typing::Typing;
 
@@ -33,6 +34,8 @@ pub struct App {
     pub auth: Auth,
     pub metrics: Arc<Metrics>,
     pub cors: Cors,
+    /// Each user's budget of writes (send, typing, read marker).
+    pub write_limit: WriteLimit,
     pub shutdown: Shutdown,
     /// The database identity read at start, until the listener has its own.
     startup_origin: Origin,
@@ -142,6 +145,8 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
             hub.wake_streams();
         }
     });
+    let write_limit = WriteLimit::new(config.write_rate, config.write_burst);
+    let limit_sweeper_task = tokio::spawn(write_limit.clone().run_sweeper(shutdown.clone()));
     let trim_task = tokio::spawn(crate::trim::run(
         metrics.clone(),
         config.trim_after_connections,
@@ -165,6 +170,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
         directory,
         typing,
         metrics,
+        write_limit,
         shutdown: shutdown.clone(),
         startup_origin: origin,
     });
@@ -180,6 +186,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     let _ = listener_task.await;
     let _ = sweeper_task.await;
+    let _ = limit_sweeper_task.await;
     let _ = trim_task.await;
     pool.close();
     Ok(())

@@ -111,6 +111,17 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub trim_after_connections: u32,
 
+    /// Writes (messages, typing changes, read markers) one user may make
+    /// per second, sustained, in this process; 0 turns the limit off.
+    #[arg(long, env = "HARK_WRITE_RATE", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub write_rate: u32,
+
+    /// Writes one user may make at once before the rate applies.
+    #[arg(long, env = "HARK_WRITE_BURST", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub write_burst: u32,
+
     /// Log filter (tracing's EnvFilter syntax).
     #[arg(long, env = "HARK_LOG", default_value = "info")]
     pub log: String,
@@ -148,6 +159,8 @@ impl std::fmt::Debug for Config {
             .field("db_pool_size", &self.db_pool_size)
             .field("hub_ring", &self.hub_ring)
             .field("trim_after_connections", &self.trim_after_connections)
+            .field("write_rate", &self.write_rate)
+            .field("write_burst", &self.write_burst)
             .finish()
     }
 }

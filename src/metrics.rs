@@ -67,6 +67,8 @@ pub struct Metrics {
     pub stream_direct_writes: AtomicU64,
     pub poll_direct_answers: AtomicU64,
     pub rejected_connections: AtomicU64,
+    /// Writes refused with 429 over a user's write limit.
+    pub rate_limited: AtomicU64,
     /// Times freed heap memory was handed back after connections dropped.
     pub memory_trims: AtomicU64,
     /// From the NOTIFY's arrival (the commit, as seen by hark) to the
@@ -114,7 +116,7 @@ impl Metrics {
                 v.load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &AtomicU64); 12] = [
             (
                 "hark_notifications_total",
                 "NOTIFY messages received on the LISTEN connection.",
@@ -164,6 +166,11 @@ impl Metrics {
                 "hark_rejected_connections_total",
                 "Connections refused over HARK_MAX_CONNECTIONS.",
                 &self.rejected_connections,
+            ),
+            (
+                "hark_rate_limited_total",
+                "Writes refused with 429 over a user's HARK_WRITE_RATE / HARK_WRITE_BURST.",
+                &self.rate_limited,
             ),
             (
                 "hark_memory_trims_total",

@@ -2456,6 +2456,8 @@ fn help_lists_every_setting_with_its_default() {
         ("HARK_POLL_LIMIT_MAX", Some("1000")),
         ("HARK_MAX_CONTENT_CHARS", Some("10000")),
         ("HARK_MAX_BODY_BYTES", Some("65536")),
+        ("HARK_WRITE_RATE", Some("10")),
+        ("HARK_WRITE_BURST", Some("30")),
         ("HARK_STREAM_BACKLOG", None),
         ("HARK_MAX_CONNECTIONS", None),
         ("HARK_DATA_DIR", None),

@@ -1,11 +1,16 @@
 //! The chat endpoints: typing, rooms list and detail, the read marker and
-//! sending a message.
+//! sending a message. The three writes spend the user's write limit
+//! ([`crate::ratelimit`]) right after authentication: before the body is
+//! parsed or the database is asked anything, so a refused write costs
+//! little.
+
+use std::sync::atomic::Ordering::Relaxed;
 
 use hyper::{Request, Response, StatusCode};
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::{authenticate, json_response, query_pairs, read_json, Body, ReqBody};
+use super::{authenticate, discard_body, json_response, query_pairs, read_json, Body, ReqBody};
 use crate::app::App;
 use crate::db::{messages, rooms};
 use crate::directory::Access;
@@ -18,6 +23,31 @@ pub async fn require_participant(app: &App, room: i64, user: i64) -> Result<(), 
         Access::NotParticipant => Err(ApiError::NotParticipant),
         Access::NoSuchRoom => Err(ApiError::NotFound("Room not found")),
     }
+}
+
+/// Spends one of `user`'s writes, or refuses with 429 and `Retry-After`.
+fn spend_write(app: &App, user: i64) -> Result<(), ApiError> {
+    app.write_limit.check(user).map_err(|wait| {
+        app.metrics.rate_limited.fetch_add(1, Relaxed);
+        ApiError::RateLimited {
+            retry_after_s: wait.whole_seconds(),
+        }
+    })
+}
+
+/// [`spend_write`], then the JSON body. A refused write's body is read
+/// and dropped all the same (free on the lean connection, which has read
+/// it already), so that the connection carries the client's next request.
+async fn spend_write_then_read<B: ReqBody>(
+    app: &App,
+    user: i64,
+    req: Request<B>,
+) -> Result<serde_json::Map<String, Value>, ApiError> {
+    if let Err(e) = spend_write(app, user) {
+        discard_body(app, req).await;
+        return Err(e);
+    }
+    read_json(app, req).await
 }
 
 fn ok_json(status: StatusCode, v: &impl serde::Serialize) -> Result<Response<Body>, ApiError> {
@@ -38,7 +68,7 @@ pub async fn typing<B: ReqBody>(
 ) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let user = authenticate(app, &req, &pairs).await?;
-    let body = read_json(app, req).await?;
+    let body = spend_write_then_read(app, user.id, req).await?;
     // Missing is false; anything but a boolean, null included, is refused
     // (as DRF's BooleanField without allow_null does).
     let on = match body.get("is_typing") {
@@ -86,6 +116,7 @@ pub async fn rooms(
 pub async fn mark_read(app: &App, req: Request<()>, room: i64) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let user = authenticate(app, &req, &pairs).await?;
+    spend_write(app, user.id)?;
     require_participant(app, room, user.id).await?;
     let client = app.pool.get().await.map_err(crate::db::DbError::from)?;
     rooms::mark_read(&client, room, user.id).await?;
@@ -99,7 +130,7 @@ pub async fn send_message<B: ReqBody>(
 ) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let user = authenticate(app, &req, &pairs).await?;
-    let body = read_json(app, req).await?;
+    let body = spend_write_then_read(app, user.id, req).await?;
     let invalid_room = || ApiError::bad("invalid_room_id", "room_id must be a positive integer");
     let room = match body.get("room_id").or_else(|| body.get("room")) {
         Some(Value::Number(n)) => n.as_i64().filter(|&r| r > 0).ok_or_else(invalid_room)?,

@@ -32,6 +32,10 @@ pub enum ApiError {
     UnsupportedMediaType,
     /// The cursor cannot be continued on this database.
     CursorReset,
+    /// The user is over their write limit (`crate::ratelimit`).
+    RateLimited {
+        retry_after_s: u32,
+    },
     /// Over a limit or the database is away: try again later.
     Unavailable {
         message: &'static str,
@@ -65,6 +69,7 @@ impl ApiError {
             ApiError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::CursorReset => StatusCode::CONFLICT,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Database(DbError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Database(DbError::Query(_)) | ApiError::Internal(_) => {
@@ -94,6 +99,14 @@ impl ApiError {
                 "cursor_reset",
                 "This cursor cannot be continued on this database; start again without `since`"
                     .into(),
+            ),
+            ApiError::RateLimited { retry_after_s } => (
+                "rate_limited",
+                format!(
+                    "Sending too fast; try again in {retry_after_s} second{}",
+                    if *retry_after_s == 1 { "" } else { "s" }
+                )
+                .into(),
             ),
             ApiError::Unavailable { message, .. } => ("unavailable", (*message).into()),
             ApiError::Database(DbError::Unavailable(_)) => (
@@ -128,7 +141,8 @@ impl ApiError {
             ApiError::MethodNotAllowed(allow) => {
                 h.insert(ALLOW, HeaderValue::from_static(allow));
             }
-            ApiError::Unavailable { retry_after_s, .. } => {
+            ApiError::Unavailable { retry_after_s, .. }
+            | ApiError::RateLimited { retry_after_s } => {
                 h.insert(RETRY_AFTER, HeaderValue::from(*retry_after_s));
             }
             ApiError::Database(DbError::Unavailable(_)) => {

@@ -207,6 +207,35 @@ pub async fn read_json<B: ReqBody>(
     }
 }
 
+/// Reads a request body and drops it, within `read_json`'s limits, for a
+/// request refused before its body was needed: hyper closes a connection
+/// whose request body was left unread unless all of it had already
+/// arrived, and without saying so, so a client's next request on it would
+/// fail. A body over the limit or too slow is left: then the connection
+/// closes, as it does after a 413.
+pub async fn discard_body<B: ReqBody>(app: &App, req: Request<B>) {
+    let mut left = app.config.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > left) {
+        return;
+    }
+    let mut body = std::pin::pin!(req.into_body());
+    let drain = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+            match left.checked_sub(len) {
+                Some(l) => left = l,
+                None => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(BODY_READ_TIMEOUT, drain).await;
+}
+
 /// The path and query for the log, with every token-bearing parameter
 /// replaced: tokens never reach logs.
 pub fn redact_query(uri: &hyper::Uri) -> String {
