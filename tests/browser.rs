@@ -4,7 +4,8 @@
 //! Alice opens the page; messages inserted with plain SQL appear; Bob's
 //! typing shows and hides; what Alice types and sends reaches the server;
 //! and when hark restarts the page's own EventSource resumes with
-//! Last-Event-ID and shows what was sent meanwhile exactly once.
+//! Last-Event-ID and shows what was sent meanwhile exactly once. A send
+//! refused over the write limit says when to try again.
 //!
 //! Needs `chromium` and `chromedriver` (`.ci/run` installs them): without
 //! them this test fails, it does not skip.
@@ -474,5 +475,92 @@ async fn the_page_reloads_on_reset_and_asks_again_for_a_refused_token() {
     )
     .await;
     page.assert_no_errors("after a refused token").await;
+    browser.quit().await;
+}
+
+/// Answers the page's sends and typing POSTs as hark does over the write
+/// limit (tests/ratelimit.rs checks hark's side), and lets the rest
+/// through. The real limit cannot refuse a browser's click reliably: at
+/// its slowest it refills a write a second.
+const STUB_429: &str = r#"
+window.__realFetch = window.__realFetch || window.fetch;
+window.__refused = [];
+window.fetch = function (url, init) {
+  var path = new URL(String(url), location.href).pathname;
+  if (init && init.method === 'POST' && /^\/api\/chat\/(messages|rooms\/\d+\/typing)\/$/.test(path)) {
+    window.__refused.push(path);
+    var body = JSON.stringify({error: 'Sending too fast; try again in 7 seconds', code: 'rate_limited'});
+    return Promise.resolve(new Response(body, {status: 429, headers: {
+      'Content-Type': 'application/json', 'Cache-Control': 'no-store', 'Retry-After': '7'}}));
+  }
+  return window.__realFetch.apply(this, arguments);
+};
+return true;
+"#;
+
+/// A 429 on sending shows when to try again and keeps the text; a 429 on
+/// typing shows nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_says_when_it_sends_too_fast() {
+    webdriver::require_browser();
+    let (hark, fx) = setup(&[]).await;
+    let alice = fx.user("alice").await;
+    let bob = fx.user("bob").await;
+    let room = fx.room("General", &[alice, bob]).await;
+
+    let browser = Browser::launch(900, 700).await;
+    let page = Page { browser: &browser };
+    browser.on_new_document(INSTRUMENT).await;
+    browser
+        .goto(&hark.url(&format!("/?token={}&room={room}", token(alice))))
+        .await;
+    page.wait(
+        "the stream to be live",
+        "return document.querySelector('#status').dataset.state === 'live';",
+        &hark,
+    )
+    .await;
+    page.eval(STUB_429).await;
+
+    // Typing is refused: nothing shows.
+    let composer = browser.find("#composer").await;
+    browser.send_keys(&composer, "Too fast").await;
+    page.wait(
+        "the refused typing POST",
+        "return window.__refused.some(function (p) { return /typing/.test(p); });",
+        &hark,
+    )
+    .await;
+    let shown = page
+        .eval("return document.querySelector('#send-error').textContent;")
+        .await;
+    assert_eq!(shown, "", "a refused typing POST showed something");
+
+    // Sending is refused: the page says when to try again, keeps the text.
+    let send = browser.find("#send").await;
+    browser.click(&send).await;
+    page.wait(
+        "the too-fast message",
+        "return /sending too fast, try again in 7 s/.test(document.querySelector('#send-error').textContent) && document.querySelector('#composer').value === 'Too fast' && !document.querySelector('#send').disabled;",
+        &hark,
+    )
+    .await;
+    page.assert_no_errors("after the refusals").await;
+    let picture = target_dir().join("browser-screenshot-too-fast.png");
+    browser.screenshot(&picture).await;
+    println!("screenshot: {}", picture.display());
+
+    // Once the server takes writes again, the same text goes out.
+    page.eval("window.fetch = window.__realFetch; return true;")
+        .await;
+    browser.click(&send).await;
+    page.wait(
+        "the message sent after the refusal",
+        "return Array.from(document.querySelectorAll('#messages li.mine[data-id]')).some(function (e) { return /Too fast/.test(e.textContent); }) && document.querySelector('#send-error').textContent === '' && document.querySelector('#composer').value === '';",
+        &hark,
+    )
+    .await;
+    assert_eq!(fx.message_ids(room).await.len(), 1, "one message stored");
+    page.assert_no_errors("at the end").await;
     browser.quit().await;
 }
