@@ -716,6 +716,37 @@ async fn a_chunked_post_after_a_parked_polls_answer_goes_to_hyper() {
     post_after_a_parked_answer(true).await;
 }
 
+/// An HTTP/1.0 client that asks for keep-alive (as `ab -k` does) keeps its
+/// connection, also when a commit answers its waiting poll: that answer,
+/// like hyper's, says `connection: keep-alive` and has a length, and the
+/// next request on the connection is served.
+#[tokio::test]
+async fn an_http_1_0_keep_alive_poll_answered_by_a_commit_keeps_its_connection() {
+    let (hark, fx, alice, bob, room) = room_with_two().await;
+    let t = token(alice);
+    let cursor = cursor_now(&hark, room, &t).await;
+    let ten = |request: String| {
+        request.replacen(
+            " HTTP/1.1\r\n",
+            " HTTP/1.0\r\nConnection: keep-alive\r\n",
+            1,
+        )
+    };
+    let mut raw = Raw::connect(hark.addr).await;
+    let request = ten(poll_request(room, &cursor, &t, 30));
+    let (head, body) = answer_to_a_commit(&hark, &fx, &mut raw, &request, (room, bob)).await;
+    let kept = |head: &str| head.lines().any(|l| l == "connection: keep-alive");
+    assert!(kept(&head), "{head}");
+    assert!(head.contains("\r\ncontent-length: "), "{head}");
+
+    raw.send(ten(poll_request(room, body["cursor"].as_str().unwrap(), &t, 0)).as_bytes())
+        .await;
+    let (head, body) = raw.answer().await;
+    assert!(head.starts_with("http/1.1 200 "), "{head}");
+    assert!(kept(&head), "{head}");
+    assert_eq!(ids(&json(&body)), Vec::<i64>::new());
+}
+
 /// A poll answered while parked; then, in one write, a POST (`chunked`, or
 /// with a Content-Length) and a poll that gets what it sent; then a poll
 /// that waits for a commit, parked only if the connection stayed lean.

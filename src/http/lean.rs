@@ -154,9 +154,11 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
                 buf = Vec::new();
             }
             let version = req.version();
-            let keep_alive = version == Version::HTTP_11 && !asks_close(req.headers());
+            let keep_alive = wants_keep_alive(version, req.headers());
             let mut req = req.map(|()| Full::new(body));
+            // A parked answer is written as HTTP/1.1 keep-alive answers are.
             if keep_alive
+                && version == Version::HTTP_11
                 && buf.is_empty()
                 && req.method() == Method::GET
                 && req.uri().path().starts_with("/api/chat/messages/poll")
@@ -208,7 +210,7 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
         }
         let resp = {
             let resp = seen.finish(app, result);
-            keep_alive &= !shutdown.is_fired() && !asks_close(resp.headers());
+            keep_alive &= !shutdown.is_fired() && !has_option(resp.headers(), "close");
             prepare(resp, version, keep_alive, head_only)
         };
         if !resp.keep_alive {
@@ -274,12 +276,21 @@ pub(crate) fn is_events(uri: &Uri) -> bool {
     matches!(uri.path(), "/events" | "/events/")
 }
 
-/// Whether the `Connection` header has the `close` option.
-fn asks_close(headers: &HeaderMap) -> bool {
+/// Whether the `Connection` header has `option` (`close`, `keep-alive`).
+fn has_option(headers: &HeaderMap, option: &str) -> bool {
     headers.get_all(CONNECTION).iter().any(|v| {
         v.to_str()
-            .is_ok_and(|v| v.split(',').any(|o| o.trim().eq_ignore_ascii_case("close")))
+            .is_ok_and(|v| v.split(',').any(|o| o.trim().eq_ignore_ascii_case(option)))
     })
+}
+
+/// HTTP/1.1 keeps a connection unless told to close; HTTP/1.0 closes it
+/// unless asked to keep it (`ab -k`, for one, asks), as hyper does.
+fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    match version {
+        Version::HTTP_11 => !has_option(headers, "close"),
+        _ => has_option(headers, "keep-alive"),
+    }
 }
 
 /// An event stream: the same handler as on hyper's path, then the body
@@ -500,7 +511,12 @@ fn body_length(headers: &[httparse::Header<'_>]) -> Option<u64> {
 }
 
 /// The status line and headers, ending with the framing this module uses.
-fn head_bytes(resp: &Response<Body>, framing: Framing, keep_alive: bool) -> Vec<u8> {
+fn head_bytes(
+    resp: &Response<Body>,
+    framing: Framing,
+    version: Version,
+    keep_alive: bool,
+) -> Vec<u8> {
     let status = resp.status();
     // Room for a small body too: an answer of known length is sent in one
     // write, its body appended here.
@@ -539,6 +555,8 @@ fn head_bytes(resp: &Response<Body>, framing: Framing, keep_alive: bool) -> Vec<
     }
     if !keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -557,7 +575,12 @@ pub(crate) fn answer_bytes(
     cors.apply(origin, resp.headers_mut());
     let Ok(body) = resp.body_mut().collect().now_or_never()?;
     let body = body.to_bytes();
-    let mut out = head_bytes(&resp, Framing::Length(body.len() as u64), true);
+    let mut out = head_bytes(
+        &resp,
+        Framing::Length(body.len() as u64),
+        Version::HTTP_11,
+        true,
+    );
     out.extend_from_slice(&body);
     Some(out)
 }
@@ -607,7 +630,7 @@ fn prepare(resp: Response<Body>, version: Version, keep_alive: bool, head_only: 
         None => Framing::Chunked,
     };
     let keep_alive = keep_alive && (head_only || matches!(framing, Framing::Length(_)));
-    let head = head_bytes(&resp, framing, keep_alive);
+    let head = head_bytes(&resp, framing, version, keep_alive);
     if head_only {
         // An event stream's body is dropped here, and never opens.
         return Prepared {
@@ -919,12 +942,35 @@ mod tests {
         let of = |v: &'static str| {
             let mut h = HeaderMap::new();
             h.insert(CONNECTION, HeaderValue::from_static(v));
-            asks_close(&h)
+            has_option(&h, "close")
         };
         assert!(of("close"));
         assert!(of("keep-alive, Close"));
         assert!(!of("keep-alive"));
         assert!(!of("closed"));
-        assert!(!asks_close(&HeaderMap::new()));
+        assert!(!has_option(&HeaderMap::new(), "close"));
+    }
+
+    #[test]
+    fn http_1_0_keeps_a_connection_only_when_asked() {
+        let with = |v: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = v {
+                h.insert(CONNECTION, HeaderValue::from_static(v));
+            }
+            h
+        };
+        assert!(wants_keep_alive(Version::HTTP_11, &with(None)));
+        assert!(wants_keep_alive(
+            Version::HTTP_11,
+            &with(Some("keep-alive"))
+        ));
+        assert!(!wants_keep_alive(Version::HTTP_11, &with(Some("close"))));
+        assert!(!wants_keep_alive(Version::HTTP_10, &with(None)));
+        assert!(wants_keep_alive(
+            Version::HTTP_10,
+            &with(Some("Keep-Alive"))
+        ));
+        assert!(!wants_keep_alive(Version::HTTP_10, &with(Some("close"))));
     }
 }
