@@ -1914,6 +1914,28 @@ async fn hark_s_own_http_answers_as_hyper_does() {
             post("/api/chat/messages/", &json_auth, &send).replacen("HTTP/1.1", "HTTP/1.0", 1),
         ),
         (
+            "HTTP/1.0 keep-alive",
+            post(
+                "/api/chat/messages/",
+                &format!("{json_auth}Connection: keep-alive\r\n"),
+                &send,
+            )
+            .replacen("HTTP/1.1", "HTTP/1.0", 1),
+        ),
+        (
+            "HTTP/1.0 keep-alive, rooms",
+            format!(
+                "GET /api/chat/rooms/ HTTP/1.0\r\nHost: x\r\n{auth}Connection: keep-alive\r\n\r\n"
+            ),
+        ),
+        (
+            "HTTP/1.0 keep-alive, HEAD stream",
+            format!(
+                "HEAD /events?room_id={room} HTTP/1.0\r\nHost: x\r\n{auth}\
+                 Connection: keep-alive\r\n\r\n"
+            ),
+        ),
+        (
             "preflight",
             format!(
                 "OPTIONS /api/chat/messages/ HTTP/1.1\r\nHost: x\r\n{cors}\
@@ -1984,14 +2006,17 @@ async fn hark_s_own_http_answers_as_hyper_does() {
                 raw.answer_within(Duration::from_secs(15)).await
             };
             let same_length = !head.contains(" 201 ");
-            let open = if head.contains("connection: close") || request.contains("HTTP/1.0") {
+            // HTTP/1.0 closes unless asked not to.
+            let ten_closes =
+                request.contains(" HTTP/1.0\r\n") && !request.contains("Connection: keep-alive");
+            let open = if head.contains("connection: close") || ten_closes {
                 !raw.closed_within(Duration::from_secs(10)).await
             } else {
                 raw.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
                 status_of(&raw.answer().await.0) == 200
             };
             let mut shape = shape(&head, &body, same_length);
-            if request.contains("HTTP/1.0") {
+            if ten_closes {
                 // Closing is HTTP/1.0's default: hark says so, hyper does not.
                 shape.1.retain(|l| l != "connection: close");
             }
