@@ -2181,22 +2181,44 @@ async fn a_request_with_a_body_after_gets_is_answered_on_the_same_connection() {
     assert_eq!(json(&answer)["status"], "ok", "the HEAD answer had no body");
 }
 
-/// `Connection: close` and HTTP/1.0: one answer, saying so, then the end.
+/// `Connection: close`, and HTTP/1.0 unless it asks for keep-alive: one
+/// answer, saying so, then the end. HTTP/1.0 with `Connection: keep-alive`
+/// (`ab -k`): the answer says keep-alive and the next request is served.
 #[tokio::test]
 async fn connection_close_and_http_1_0_end_the_connection_after_the_answer() {
     let c = chat(&[]).await;
-    for req in [
-        &b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
-        b"GET /healthz HTTP/1.0\r\n\r\n",
-        b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    for (req, kept) in [
+        (
+            &b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
+            false,
+        ),
+        (b"GET /healthz HTTP/1.0\r\n\r\n", false),
+        (
+            b"GET /healthz HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n",
+            false,
+        ),
+        (
+            b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            true,
+        ),
     ] {
+        let what = String::from_utf8_lossy(req);
         let mut raw = Raw::connect(c.hark.addr).await;
-        raw.send(req).await;
-        let (head, body) = raw.answer().await;
-        assert_eq!(status_of(&head), 200, "{head}");
-        assert!(head.contains("\r\nconnection: close"), "{head}");
-        assert_eq!(json(&body)["status"], "ok");
-        assert!(raw.closed_within(Duration::from_secs(5)).await);
+        for _ in 0..2 {
+            raw.send(req).await;
+            let (head, body) = raw.answer().await;
+            assert_eq!(status_of(&head), 200, "{what}: {head}");
+            let says = if kept { "keep-alive" } else { "close" };
+            assert!(
+                head.lines().any(|l| l == format!("connection: {says}")),
+                "{what}: {head}"
+            );
+            assert_eq!(json(&body)["status"], "ok");
+            if !kept {
+                assert!(raw.closed_within(Duration::from_secs(5)).await, "{what}");
+                break;
+            }
+        }
     }
 }
 

@@ -285,12 +285,11 @@ fn has_option(headers: &HeaderMap, option: &str) -> bool {
 }
 
 /// HTTP/1.1 keeps a connection unless told to close; HTTP/1.0 closes it
-/// unless asked to keep it (`ab -k`, for one, asks), as hyper does.
+/// unless asked to keep it (`ab -k`, for one, asks), as hyper does. A
+/// `close` wins over a `keep-alive` beside it.
 fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    match version {
-        Version::HTTP_11 => !has_option(headers, "close"),
-        _ => has_option(headers, "keep-alive"),
-    }
+    !has_option(headers, "close")
+        && (version == Version::HTTP_11 || has_option(headers, "keep-alive"))
 }
 
 /// An event stream: the same handler as on hyper's path, then the body
@@ -972,5 +971,9 @@ mod tests {
             &with(Some("Keep-Alive"))
         ));
         assert!(!wants_keep_alive(Version::HTTP_10, &with(Some("close"))));
+        assert!(!wants_keep_alive(
+            Version::HTTP_10,
+            &with(Some("keep-alive, close"))
+        ));
     }
 }
