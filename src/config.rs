@@ -122,9 +122,30 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub write_burst: u32,
 
-    /// Log filter (tracing's EnvFilter syntax).
-    #[arg(long, env = "HARK_LOG", default_value = "info")]
+    /// Log filter (tracing's EnvFilter syntax, e.g. `info` or
+    /// `warn,hark::request=info`). A filter that does not parse stops hark
+    /// at start.
+    #[arg(long, env = "HARK_LOG", default_value = "info", value_parser = log_filter)]
     pub log: String,
+
+    /// Log line format: `text` (key=value) or `json` (one object per line,
+    /// the event's fields at the top level, for log collectors).
+    #[arg(long, env = "HARK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A filter tracing accepts, or clap's "invalid value" with the reason:
+/// a typo in HARK_LOG should not silently log at another level.
+fn log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 impl Config {
@@ -161,6 +182,8 @@ impl std::fmt::Debug for Config {
             .field("trim_after_connections", &self.trim_after_connections)
             .field("write_rate", &self.write_rate)
             .field("write_burst", &self.write_burst)
+            .field("log", &self.log)
+            .field("log_format", &self.log_format)
             .finish()
     }
 }

@@ -1,17 +1,22 @@
 //! The `hark` binary: parse settings, set up logging, run.
 
 use clap::Parser;
+use hark::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = hark::Config::parse();
-    let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    // Config has checked that the filter parses.
+    let filter = EnvFilter::new(&config.log);
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+        .with_ansi(false);
+    match config.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     match hark::run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -2465,6 +2465,78 @@ async fn tokens_never_appear_in_the_logs() {
     );
 }
 
+/// `HARK_LOG_FORMAT=json`: every line hark logs is one JSON object, a
+/// request's line carries its fields at the top level, and tokens stay out.
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_without_tokens() {
+    let c = chat(&[("HARK_LOG_FORMAT", "json")]).await;
+    let t = token(c.alice);
+    let poll = format!(
+        "/api/chat/messages/poll/?room_id={}&timeout=0&access_token={t}",
+        c.room
+    );
+    let (s, _) = get_json(&c.hark.url(&poll), None).await;
+    assert_eq!(s, StatusCode::OK);
+    eventually("the request line is logged", || async {
+        c.hark.logs().contains("\"hark::request\"")
+    })
+    .await;
+    let logs = c.hark.logs();
+    assert!(!logs.contains(&t), "the token is in the log:\n{logs}");
+    let lines: Vec<Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().any(|l| l["message"] == "listening"), "{logs}");
+    let is_poll = |l: &&Value| {
+        l["target"] == "hark::request"
+            && l["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/api/chat/messages/poll/?"))
+    };
+    let req = lines
+        .iter()
+        .find(is_poll)
+        .unwrap_or_else(|| panic!("no line for the poll:\n{logs}"));
+    assert_eq!(req["level"], "INFO", "{req}");
+    assert_eq!(req["method"], "GET", "{req}");
+    assert_eq!(req["status"], 200, "{req}");
+    assert!(req["ms"].is_f64(), "{req}");
+    assert!(
+        req["path"]
+            .as_str()
+            .unwrap()
+            .contains("access_token=REDACTED"),
+        "{req}"
+    );
+}
+
+/// A log filter or format that does not parse stops hark at start with
+/// clap's message, rather than logging at some other level.
+#[test]
+fn a_bad_log_setting_is_refused_at_start() {
+    for (var, value) in [
+        ("HARK_LOG", "info,hark=nonsense"),
+        ("HARK_LOG", "[{"),
+        ("HARK_LOG_FORMAT", "xml"),
+    ] {
+        // Were the value accepted, hark would stop at once all the same:
+        // a database URL without a secret is refused before connecting.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hark"))
+            .env_clear()
+            .env("DATABASE_URL", "host=/nonexistent dbname=none")
+            .env(var, value)
+            .output()
+            .expect("run hark");
+        assert!(!out.status.success(), "{var}={value} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("invalid value") && err.contains(value),
+            "{var}={value}: {err}"
+        );
+    }
+}
+
 // ------------------------------------------------------------------ --help
 
 #[test]
@@ -2505,6 +2577,8 @@ fn help_lists_every_setting_with_its_default() {
         ("HARK_MAX_BODY_BYTES", Some("65536")),
         ("HARK_WRITE_RATE", Some("10")),
         ("HARK_WRITE_BURST", Some("30")),
+        ("HARK_LOG", Some("info")),
+        ("HARK_LOG_FORMAT", Some("text")),
         ("HARK_STREAM_BACKLOG", None),
         ("HARK_MAX_CONNECTIONS", None),
         ("HARK_DATA_DIR", None),
