@@ -515,6 +515,25 @@ pub fn poll_url(hark: &Hark, room: i64, since: Option<&str>, extra: &str) -> Str
     hark.url(&u)
 }
 
+/// Asserts that hark refuses `var=value` at start with clap's "invalid
+/// value" naming the value. Were the value accepted, hark would stop at
+/// once all the same (a database URL without a secret is refused before
+/// connecting), so a wrong acceptance fails on the message, not a hang.
+pub fn assert_refused_at_start(var: &str, value: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hark"))
+        .env_clear()
+        .env("DATABASE_URL", "host=/nonexistent dbname=none")
+        .env(var, value)
+        .output()
+        .expect("run hark");
+    assert!(!out.status.success(), "{var}={value} was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid value") && err.contains(value),
+        "{var}={value}: {err}"
+    );
+}
+
 pub fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("hark-test-{}-{name}", std::process::id()))
 }
