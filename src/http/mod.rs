@@ -145,6 +145,15 @@ pub async fn authenticate_until<B>(
     Ok((user, exp))
 }
 
+/// The body length a request's Content-Length declares, when it is a
+/// plain number.
+fn declared_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Reads a JSON object body within the size limit. A missing Content-Type
 /// is read as JSON; another explicit type is a 415; an empty body is `{}`.
 pub async fn read_json<B: ReqBody>(
@@ -161,12 +170,7 @@ pub async fn read_json<B: ReqBody>(
             return Err(ApiError::UnsupportedMediaType);
         }
     }
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max) {
+    if declared_length(&req).is_some_and(|n| n > max) {
         return Err(ApiError::PayloadTooLarge(max));
     }
     let limited = Limited::new(req.into_body(), max as usize);
@@ -215,12 +219,7 @@ pub async fn read_json<B: ReqBody>(
 /// closes, as it does after a 413.
 pub async fn discard_body<B: ReqBody>(app: &App, req: Request<B>) {
     let mut left = app.config.max_body_bytes;
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > left) {
+    if declared_length(&req).is_some_and(|n| n > left) {
         return;
     }
     let mut body = std::pin::pin!(req.into_body());
