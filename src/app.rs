@@ -22,6 +22,7 @@ use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::ratelimit::WriteLimit;
 use crate::shutdown::{self, Shutdown};
+use crate::stream_quota::StreamQuota;
 use crate::typing::Typing;
 
 /// What handlers share. One per process, behind an `Arc`.
@@ -36,6 +37,8 @@ pub struct App {
     pub cors: Cors,
     /// Each user's budget of writes (send, typing, read marker).
     pub write_limit: WriteLimit,
+    /// Each user's count of open event streams, and its cap.
+    pub stream_quota: StreamQuota,
     pub shutdown: Shutdown,
     /// The database identity read at start, until the listener has its own.
     startup_origin: Origin,
@@ -161,6 +164,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    let stream_quota = StreamQuota::new(config.max_streams_per_user);
     let app = Arc::new(App {
         cors,
         auth: Auth::new(secret.as_bytes()),
@@ -171,6 +175,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
         typing,
         metrics,
         write_limit,
+        stream_quota,
         shutdown: shutdown.clone(),
         startup_origin: origin,
     });

@@ -122,6 +122,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub write_burst: u32,
 
+    /// Event streams one user may have open at once (per process); beyond
+    /// it 429 `too_many_streams`. 0: no cap.
+    #[arg(long, env = "HARK_MAX_STREAMS_PER_USER", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub max_streams_per_user: u32,
+
     /// Log filter (tracing's EnvFilter syntax, e.g. `info` or
     /// `warn,hark::request=info`). A filter that does not parse stops hark
     /// at start.
@@ -182,6 +188,7 @@ impl std::fmt::Debug for Config {
             .field("trim_after_connections", &self.trim_after_connections)
             .field("write_rate", &self.write_rate)
             .field("write_burst", &self.write_burst)
+            .field("max_streams_per_user", &self.max_streams_per_user)
             .field("log", &self.log)
             .field("log_format", &self.log_format)
             .finish()

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod reader;
 pub mod shutdown;
+pub mod stream_quota;
 pub mod trim;
 pub mod typing;
 

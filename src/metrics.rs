@@ -69,6 +69,8 @@ pub struct Metrics {
     pub rejected_connections: AtomicU64,
     /// Writes refused with 429 over a user's write limit.
     pub rate_limited: AtomicU64,
+    /// Streams refused with 429 over HARK_MAX_STREAMS_PER_USER.
+    pub streams_over_quota: AtomicU64,
     /// Times freed heap memory was handed back after connections dropped.
     pub memory_trims: AtomicU64,
     /// From the NOTIFY's arrival (the commit, as seen by hark) to the
@@ -116,7 +118,7 @@ impl Metrics {
                 v.load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 12] = [
+        let counters: [(&str, &str, &AtomicU64); 13] = [
             (
                 "hark_notifications_total",
                 "NOTIFY messages received on the LISTEN connection.",
@@ -171,6 +173,11 @@ impl Metrics {
                 "hark_rate_limited_total",
                 "Writes refused with 429 over a user's HARK_WRITE_RATE / HARK_WRITE_BURST.",
                 &self.rate_limited,
+            ),
+            (
+                "hark_streams_over_quota_total",
+                "Event streams refused with 429 over HARK_MAX_STREAMS_PER_USER.",
+                &self.streams_over_quota,
             ),
             (
                 "hark_memory_trims_total",

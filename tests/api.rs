@@ -2564,6 +2564,7 @@ fn help_lists_every_setting_with_its_default() {
         ("HARK_MAX_BODY_BYTES", Some("65536")),
         ("HARK_WRITE_RATE", Some("10")),
         ("HARK_WRITE_BURST", Some("30")),
+        ("HARK_MAX_STREAMS_PER_USER", Some("100")),
         ("HARK_LOG", Some("info")),
         ("HARK_LOG_FORMAT", Some("text")),
         ("HARK_STREAM_BACKLOG", None),

@@ -1079,6 +1079,86 @@ async fn cors_headers_on_the_stream() {
     );
 }
 
+// ---- streams per user ----------------------------------------------------------
+
+/// A user gets `HARK_MAX_STREAMS_PER_USER` streams at once and no more: the
+/// next is a 429 `too_many_streams` with Retry-After, on both connection
+/// paths. Another user is not affected, a refused request (a 403) takes no
+/// place, and a place frees when one of the user's streams ends.
+#[tokio::test]
+async fn a_user_gets_at_most_max_streams_per_user_open_at_once() {
+    let Room3 {
+        hark,
+        fx,
+        alice,
+        bob,
+        room,
+        ..
+    } = room_of_three(&[("HARK_MAX_STREAMS_PER_USER", "2")]).await;
+    let elsewhere = fx.room("not alice's", &[bob]).await;
+    let (a, b) = (token(alice), token(bob));
+
+    // A refused request gives its place back.
+    let (s, _, _) = request(
+        Method::GET,
+        &hark.url(&format!("/events?room_id={elsewhere}")),
+        Some(&a),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    let mut first = connect(&hark, &format!("?room_id={room}"), &a).await;
+    open(&mut first).await;
+    // The second on a connection hyper serves (it sent a PUT first).
+    let auth = bearer(&a);
+    let opts = Opts {
+        first: Some("PUT /api/chat/messages/"),
+        ..Opts::default()
+    };
+    let mut second = Sse::connect_with(
+        hark.addr,
+        &format!("/events?room_id={room}"),
+        &[("Authorization", &auth)],
+        opts,
+    )
+    .await;
+    open(&mut second).await;
+
+    for first in [None, Some("PUT /api/chat/messages/")] {
+        let opts = Opts {
+            first,
+            ..Opts::default()
+        };
+        let path = format!("/events?room_id={room}");
+        let mut third =
+            Sse::connect_with(hark.addr, &path, &[("Authorization", &auth)], opts).await;
+        assert_eq!(
+            third.status, 429,
+            "a third stream (first request {first:?})"
+        );
+        assert_eq!(third.header("retry-after"), Some("10"));
+        let body = third.body_text(Duration::from_secs(10)).await;
+        assert_eq!(json(body.as_bytes())["code"], "too_many_streams", "{body}");
+    }
+    assert_eq!(hark.metric("hark_streams_over_quota_total").await, 2.0);
+
+    // Another user is not affected.
+    let mut bobs = connect(&hark, &format!("?room_id={room}"), &b).await;
+    open(&mut bobs).await;
+
+    // One of alice's streams ends: she may open another.
+    second.close();
+    hark.wait_for_metric("hark_open_streams", 2.0).await;
+    let mut third = connect(&hark, &format!("?room_id={room}"), &a).await;
+    open(&mut third).await;
+    let id = fx.insert(room, bob, "to all").await;
+    for s in [&mut first, &mut third] {
+        let ev = s.expect(Duration::from_secs(10)).await;
+        assert_eq!(ev.json()["id"], id, "{ev:?}");
+    }
+}
+
 // ---- heartbeat ---------------------------------------------------------------
 
 #[tokio::test]

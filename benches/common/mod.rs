@@ -408,6 +408,9 @@ impl Hark {
             .env("HARK_LOG", "warn")
             .env("HARK_MAX_CONNECTIONS", "25000")
             .env("HARK_POLL_TIMEOUT_MAX_S", "3600")
+            // The stream benchmarks open up to 19,900 streams as one
+            // synthetic user; real streams come from many users.
+            .env("HARK_MAX_STREAMS_PER_USER", "0")
             // Allocator tuning (glibc's MALLOC_*, jemalloc's
             // _RJEM_MALLOC_CONF) passes through, so its effect can be
             // measured without a rebuild.

@@ -36,6 +36,9 @@ pub enum ApiError {
     RateLimited {
         retry_after_s: u32,
     },
+    /// The user has this many streams open, the most allowed
+    /// (`crate::stream_quota`).
+    TooManyStreams(u32),
     /// Over a limit or the database is away: try again later.
     Unavailable {
         message: &'static str,
@@ -69,7 +72,9 @@ impl ApiError {
             ApiError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::CursorReset => StatusCode::CONFLICT,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::TooManyStreams(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Database(DbError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Database(DbError::Query(_)) | ApiError::Internal(_) => {
@@ -105,6 +110,13 @@ impl ApiError {
                 format!(
                     "Sending too fast; try again in {retry_after_s} second{}",
                     if *retry_after_s == 1 { "" } else { "s" }
+                )
+                .into(),
+            ),
+            ApiError::TooManyStreams(max) => (
+                "too_many_streams",
+                format!(
+                    "This user has {max} event streams open, the most allowed; close one first"
                 )
                 .into(),
             ),
@@ -147,6 +159,11 @@ impl ApiError {
             }
             ApiError::Database(DbError::Unavailable(_)) => {
                 h.insert(RETRY_AFTER, HeaderValue::from_static("2"));
+            }
+            // A place frees when another of the user's streams ends, which
+            // hark cannot foresee: a retry soon, not at once.
+            ApiError::TooManyStreams(_) => {
+                h.insert(RETRY_AFTER, HeaderValue::from_static("10"));
             }
             _ => {}
         }

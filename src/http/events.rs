@@ -50,6 +50,10 @@ const MAX_ROOMS: usize = 100;
 pub async fn events(app: &Arc<App>, req: Request<()>) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let (user, token_exp) = authenticate_until(app, &req, &pairs).await?;
+    let slot = app.stream_quota.take(user.id).ok_or_else(|| {
+        app.metrics.streams_over_quota.fetch_add(1, Relaxed);
+        ApiError::TooManyStreams(app.stream_quota.max())
+    })?;
     let kill = req.extensions().get::<ConnectionKill>().cloned();
     let park = req.extensions().get::<Arc<Park>>().cloned();
     let last_event_id = req
@@ -142,6 +146,8 @@ pub async fn events(app: &Arc<App>, req: Request<()>) -> Result<Response<Body>, 
     }
 
     app.metrics.open_streams.fetch_add(1, Relaxed);
+    // Given back in the stream's Drop.
+    slot.keep();
     let ping_every = app.config.ping_interval();
     let expires = expiry(token_exp, chrono::Utc::now());
     let stream = EventStream {
@@ -424,6 +430,7 @@ impl Drop for EventStream {
             park.close();
         }
         self.app.metrics.open_streams.fetch_sub(1, Relaxed);
+        self.app.stream_quota.give_back(self.user.id);
     }
 }
 
