@@ -190,7 +190,7 @@ pub async fn poll(app: &App, req: Request<()>) -> Result<Response<Body>, ApiErro
         }
         Since::Cursor(c) => c.position,
     };
-    let _waiting = WaitingGauge::new(app, park.as_deref());
+    let mut waiting = None;
     let mut parkable = false;
     loop {
         let page = match reader::memory_page(app, &[room], &pos, limit, timeout == 0)? {
@@ -225,6 +225,10 @@ pub async fn poll(app: &App, req: Request<()>) -> Result<Response<Body>, ApiErro
                 false,
             ));
         }
+        // Counted from here: a poll answered at once, or still reading, is
+        // not waiting. Counting and parking happen in one step, with
+        // nothing awaited between, so a poll seen counted is parked.
+        waiting.get_or_insert_with(|| WaitingGauge::new(app, park.as_deref()));
         let parked = match (&park, &pos) {
             (Some(park), Position::At(at)) => {
                 if !parkable {
