@@ -185,16 +185,23 @@ async fn wait_typing(
     }
 }
 
+/// hark, with alice and bob in the room "General": (hark, fixture, alice,
+/// bob, room).
+async fn general() -> (Hark, Fixture, i64, i64, i64) {
+    let (hark, fx) = setup(&[]).await;
+    let alice = fx.user("alice").await;
+    let bob = fx.user("bob").await;
+    let room = fx.room("General", &[alice, bob]).await;
+    (hark, fx, alice, bob, room)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_messages_and_typing_and_survives_a_restart() {
     // Fail (not skip) at once when the browser is missing.
     webdriver::require_browser();
     let started = Instant::now();
 
-    let (mut hark, fx) = setup(&[]).await;
-    let alice = fx.user("alice").await;
-    let bob = fx.user("bob").await;
-    let room = fx.room("General", &[alice, bob]).await;
+    let (mut hark, fx, alice, bob, room) = general().await;
     let old = fx.insert(room, alice, "An old message, from history").await;
 
     let browser = Browser::launch(1100, 760).await;
@@ -429,10 +436,7 @@ async fn the_page_shows_messages_and_typing_and_survives_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_reloads_on_reset_and_asks_again_for_a_refused_token() {
     webdriver::require_browser();
-    let (hark, fx) = setup(&[]).await;
-    let alice = fx.user("alice").await;
-    let bob = fx.user("bob").await;
-    let room = fx.room("General", &[alice, bob]).await;
+    let (hark, fx, alice, bob, room) = general().await;
     let old = fx.insert(room, bob, "Before the reset").await;
 
     let browser = Browser::launch(900, 700).await;
@@ -503,10 +507,7 @@ return true;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_says_when_it_sends_too_fast() {
     webdriver::require_browser();
-    let (hark, fx) = setup(&[]).await;
-    let alice = fx.user("alice").await;
-    let bob = fx.user("bob").await;
-    let room = fx.room("General", &[alice, bob]).await;
+    let (hark, fx, alice, _bob, room) = general().await;
 
     let browser = Browser::launch(900, 700).await;
     let page = Page { browser: &browser };
