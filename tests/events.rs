@@ -1108,35 +1108,25 @@ async fn a_user_gets_at_most_max_streams_per_user_open_at_once() {
     .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 
-    let mut first = connect(&hark, &format!("?room_id={room}"), &a).await;
-    open(&mut first).await;
-    // The second on a connection hyper serves (it sent a PUT first).
     let auth = bearer(&a);
-    let opts = Opts {
-        first: Some("PUT /api/chat/messages/"),
-        ..Opts::default()
-    };
-    let mut second = Sse::connect_with(
-        hark.addr,
-        &format!("/events?room_id={room}"),
-        &[("Authorization", &auth)],
-        opts,
-    )
-    .await;
-    open(&mut second).await;
-
-    for first in [None, Some("PUT /api/chat/messages/")] {
+    let headers = [("Authorization", auth.as_str())];
+    let path = format!("/events?room_id={room}");
+    // Alice's stream, on the lean path or (after `via`) hyper's.
+    let alices = |via: Option<&'static str>| {
         let opts = Opts {
-            first,
+            first: via,
             ..Opts::default()
         };
-        let path = format!("/events?room_id={room}");
-        let mut third =
-            Sse::connect_with(hark.addr, &path, &[("Authorization", &auth)], opts).await;
-        assert_eq!(
-            third.status, 429,
-            "a third stream (first request {first:?})"
-        );
+        Sse::connect_with(hark.addr, &path, &headers, opts)
+    };
+    let mut first = alices(None).await;
+    open(&mut first).await;
+    let mut second = alices(HYPER_FIRST).await;
+    open(&mut second).await;
+
+    for via in [None, HYPER_FIRST] {
+        let mut third = alices(via).await;
+        assert_eq!(third.status, 429, "a third stream (first request {via:?})");
         assert_eq!(third.header("retry-after"), Some("10"));
         let body = third.body_text(Duration::from_secs(10)).await;
         assert_eq!(json(body.as_bytes())["code"], "too_many_streams", "{body}");
