@@ -138,6 +138,8 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
         .run(shutdown.clone()),
     );
     let sweeper_task = tokio::spawn(typing.clone().run_sweeper(shutdown.clone()));
+    let revocation_sweeper_task =
+        tokio::spawn(directory.clone().run_revocation_sweeper(shutdown.clone()));
     // Streams wait only on their subscriptions, so the signal (also fired
     // by a dropped trigger) reaches them through the hub.
     tokio::spawn({
@@ -191,6 +193,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     let _ = listener_task.await;
     let _ = sweeper_task.await;
+    let _ = revocation_sweeper_task.await;
     let _ = limit_sweeper_task.await;
     let _ = trim_task.await;
     pool.close();

@@ -76,6 +76,14 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
     pub max_body_bytes: u64,
 
+    /// Most bytes of messages one answer holds: a poll returns fewer
+    /// messages with `has_more: true`, and a stream writes its catch-up page
+    /// by page, so a client that does not read holds at most this much
+    /// (a single larger message still goes out alone).
+    #[arg(long, env = "HARK_MAX_ANSWER_BYTES", default_value_t = 1_048_576,
+          value_parser = clap::value_parser!(u64).range(1024..=67_108_864))]
+    pub max_answer_bytes: u64,
+
     /// Message events an event stream may fall behind before the slow reader
     /// is disconnected (it resumes losslessly with Last-Event-ID).
     #[arg(long, env = "HARK_STREAM_BACKLOG", default_value_t = 512,
@@ -180,6 +188,7 @@ impl std::fmt::Debug for Config {
             .field("poll_limit_max", &self.poll_limit_max)
             .field("max_content_chars", &self.max_content_chars)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_answer_bytes", &self.max_answer_bytes)
             .field("stream_backlog", &self.stream_backlog)
             .field("send_timeout_s", &self.send_timeout_s)
             .field("max_connections", &self.max_connections)

@@ -21,9 +21,12 @@ use deadpool_postgres::Pool;
 use crate::db::DbError;
 use crate::hub::Hub;
 use crate::message::User;
+use crate::shutdown::Shutdown;
 
 /// Entries kept before the cache starts over (bounded memory).
 const MAX_ENTRIES: usize = 100_000;
+/// How often old rows of `hark_access_revoked` are deleted.
+const REVOCATION_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The requester's standing in a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,9 +72,19 @@ impl Directory {
 
     /// The user, or None when no such user exists.
     pub async fn user(&self, id: i64) -> Result<Option<Arc<User>>, DbError> {
+        self.user_from(id, true).await
+    }
+
+    /// [`Directory::user`] from the database, whatever the cache holds (a
+    /// deletion whose NOTIFY has not arrived yet).
+    pub async fn user_fresh(&self, id: i64) -> Result<Option<Arc<User>>, DbError> {
+        self.user_from(id, false).await
+    }
+
+    async fn user_from(&self, id: i64, cached: bool) -> Result<Option<Arc<User>>, DbError> {
         let generation = {
             let c = self.cache();
-            if let Some(hit) = c.users.get(&id) {
+            if let Some(hit) = c.users.get(&id).filter(|_| cached) {
                 return Ok(Some(hit.clone()));
             }
             c.generation
@@ -105,13 +118,23 @@ impl Directory {
 
     /// Whether `user` may read and write `room`.
     pub async fn access(&self, room: i64, user: i64) -> Result<Access, DbError> {
+        self.access_from(room, user, true).await
+    }
+
+    /// [`Directory::access`] from the database, whatever the cache holds
+    /// (a change whose NOTIFY has not arrived yet).
+    pub async fn access_fresh(&self, room: i64, user: i64) -> Result<Access, DbError> {
+        self.access_from(room, user, false).await
+    }
+
+    async fn access_from(&self, room: i64, user: i64, cached: bool) -> Result<Access, DbError> {
         let generation = {
             let c = self.cache();
             // Only a "yes" is answered from the cache. A join committed a
             // moment ago may not have been notified yet, and a client that
             // Django has just added to a room uses it at once: a refusal
             // costs one query rather than a wrong 403 or 404.
-            if let Some(hit) = c.rooms.get(&room) {
+            if let Some(hit) = c.rooms.get(&room).filter(|_| cached) {
                 if classify(hit.as_deref(), user) == Access::Participant {
                     return Ok(Access::Participant);
                 }
@@ -153,6 +176,36 @@ impl Directory {
         rows.iter()
             .map(|r| r.try_get(0).map_err(DbError::from))
             .collect()
+    }
+
+    /// Deletes the losses of access older than a day, hourly, until
+    /// shutdown. The listener's catch-up reads them only for its own window
+    /// (since its previous catch-up); a day covers any listener outage, and
+    /// after a reconnect the cache starts empty anyway. Whichever process
+    /// runs first deletes the rows; the others find none.
+    pub async fn run_revocation_sweeper(self, mut shutdown: Shutdown) {
+        let mut every = tokio::time::interval(REVOCATION_SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = shutdown.wait() => return,
+            }
+            let swept = async {
+                let client = self.inner.pool.get().await?;
+                let n = client
+                    .execute(
+                        "DELETE FROM hark_access_revoked WHERE revoked_at < now() - interval '1 day'",
+                        &[],
+                    )
+                    .await?;
+                Ok::<u64, DbError>(n)
+            };
+            match swept.await {
+                Ok(n) if n > 0 => tracing::debug!(rows = n, "swept old losses of access"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "sweeping old losses of access failed"),
+            }
+        }
     }
 
     fn store(&self, generation: u64, f: impl FnOnce(&mut Cache)) {

@@ -130,6 +130,9 @@ struct Room {
 }
 
 struct Sub {
+    /// The reader: a loss of their access to the room wakes them and stops
+    /// writes to their park until they have checked it.
+    user: i64,
     notify: Arc<Notify>,
     /// Event streams (typing and membership wake-ups, lag accounting);
     /// None for polls.
@@ -263,6 +266,20 @@ pub struct Parked {
     pub lag: Option<Arc<Lag>>,
 }
 
+/// What a catch-up read.
+pub struct Caught {
+    pub head: Arc<Snapshot>,
+    /// Every row of the plan's rooms new relative to its lower snapshot and
+    /// visible in `head`, ascending id (at most CATCHUP_LIMIT + 1 of them),
+    /// unless `complete` is false.
+    pub rows: Vec<Arc<StoredMessage>>,
+    /// (room, user) pairs that lost access in the same window.
+    pub revoked: Vec<(i64, i64)>,
+    /// False when the read stopped early (its byte budget): the hub then
+    /// starts over from `head`, as for an overflow.
+    pub complete: bool,
+}
+
 /// What a catch-up must read.
 pub struct CatchupPlan {
     /// None before the first catch-up: only a snapshot is needed.
@@ -289,17 +306,23 @@ impl Hub {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers interest in `rooms`. The returned guard unregisters on drop
-    /// (a client that hangs up frees its place at once).
+    /// Registers `user`'s interest in `rooms`. The returned guard
+    /// unregisters on drop (a client that hangs up frees its place at once).
     /// Streams pass their [`Lag`]; polls pass None.
-    pub fn subscribe(&self, rooms: &[i64], lag: Option<Arc<Lag>>) -> Subscription {
+    pub fn subscribe(&self, rooms: &[i64], user: i64, lag: Option<Arc<Lag>>) -> Subscription {
         let notify = Arc::new(Notify::new());
         let mut st = self.state();
         st.next_key += 1;
         let key = st.next_key;
         let mut fresh = false;
+        let sub = Sub {
+            user,
+            notify,
+            lag,
+            park: None,
+        };
         for &room in rooms {
-            fresh |= add_sub(&mut st, room, key, &notify, &lag);
+            fresh |= add_sub(&mut st, room, key, &sub);
         }
         if fresh {
             st.catchup_due = true;
@@ -312,9 +335,10 @@ impl Hub {
             hub: self.clone(),
             key,
             rooms: rooms.to_vec(),
-            user: None,
-            notify,
-            lag,
+            user,
+            follows: false,
+            notify: sub.notify,
+            lag: sub.lag,
         }
     }
 
@@ -474,24 +498,28 @@ impl Hub {
         st.catchup_due = true;
     }
 
-    /// Applies a catch-up's result: `rows` are every row of `plan.rooms`
-    /// new relative to `plan.lower` and visible in `head`, ascending id (at
-    /// most CATCHUP_LIMIT + 1 of them).
+    /// Applies a catch-up's result (see [`Caught`]).
     ///
-    /// Subscribers are woken, except parked streams of rooms that got
-    /// rows: those are returned, for [`crate::http::park::deliver`] to
+    /// Losses of access are applied first, as a participant NOTIFY would
+    /// be, so that none of these rows reaches a subscriber who lost access
+    /// before it committed. Subscribers are woken, except parked streams and
+    /// polls of rooms that got rows: those are returned, for the caller to
     /// write to or wake.
     #[must_use]
-    pub fn finish_catchup(
-        &self,
-        plan: CatchupPlan,
-        head: Arc<Snapshot>,
-        rows: Vec<Arc<StoredMessage>>,
-    ) -> Vec<Delivery> {
+    pub fn finish_catchup(&self, plan: CatchupPlan, caught: Caught) -> Vec<Delivery> {
+        let Caught {
+            head,
+            rows,
+            revoked,
+            complete,
+        } = caught;
         self.inner.metrics.catchup_queries.fetch_add(1, Relaxed);
         let planned: HashSet<i64> = plan.rooms.iter().copied().collect();
         let mut wake: Vec<Arc<Notify>> = Vec::new();
         let mut st = self.state();
+        for &(room, user) in &revoked {
+            revoke(&mut st, room, Some(user), &mut wake);
+        }
         st.catchup_running = false;
         st.known_xmax = st.known_xmax.max(head.xmax);
         st.head = Some(head.clone());
@@ -499,7 +527,7 @@ impl Hub {
         // mini-redis #63 is a pub/sub map that never shrinks).
         st.rooms
             .retain(|_, r| r.idle_since.is_none_or(|t| t.elapsed() < LINGER));
-        let overflow = rows.len() > CATCHUP_LIMIT || plan.lower.is_none();
+        let overflow = !complete || rows.len() > CATCHUP_LIMIT || plan.lower.is_none();
         if overflow && plan.lower.is_some() {
             tracing::warn!(
                 rows = rows.len(),
@@ -667,26 +695,15 @@ impl Hub {
         (out.into_iter().map(|(_, e)| e).collect(), seq)
     }
 
-    /// A participant joined or left `room` (or the room went away): wake
-    /// the streams that may need to change their room set.
+    /// A participant joined or left `room` (`user`), or the room went away
+    /// (None): that user's subscribers of the room (every subscriber, for
+    /// a room gone) are woken to check their access, and nothing is written
+    /// to their parks until they have; streams that follow the user's rooms
+    /// are woken to take the new set.
     pub fn membership_changed(&self, room: i64, user: Option<i64>) {
         let mut st = self.state();
         let mut wake: Vec<Arc<Notify>> = Vec::new();
-        if let Some(r) = st.rooms.get(&room) {
-            for s in r.subs.values().filter(|s| s.is_stream()) {
-                // Before this returns, so that no catch-up the listener
-                // runs after this NOTIFY writes to a stream that has not
-                // checked its membership.
-                if let Some(park) = &s.park {
-                    park.revoke();
-                }
-                wake.push(s.notify.clone());
-            }
-        }
-        if let Some((epoch, subs)) = user.and_then(|u| st.users.get_mut(&u)) {
-            *epoch += 1;
-            wake.extend(subs.values().cloned());
-        }
+        revoke(&mut st, room, user, &mut wake);
         drop(st);
         for n in wake {
             n.notify_one();
@@ -726,6 +743,24 @@ impl Hub {
     }
 }
 
+/// [`Hub::membership_changed`] under the lock. Before it returns, so that
+/// no catch-up the listener runs afterwards writes to a subscriber that has
+/// not checked its access.
+fn revoke(st: &mut State, room: i64, user: Option<i64>, wake: &mut Vec<Arc<Notify>>) {
+    if let Some(r) = st.rooms.get(&room) {
+        for s in r.subs.values().filter(|s| user.is_none_or(|u| u == s.user)) {
+            if let Some(park) = &s.park {
+                park.revoke();
+            }
+            wake.push(s.notify.clone());
+        }
+    }
+    if let Some((epoch, subs)) = user.and_then(|u| st.users.get_mut(&u)) {
+        *epoch += 1;
+        wake.extend(subs.values().cloned());
+    }
+}
+
 /// Drops whole batches from the front until the ring fits (a single batch
 /// larger than the capacity is kept whole: it came from one catch-up).
 fn trim(r: &mut Room, capacity: usize) {
@@ -750,7 +785,9 @@ pub struct Subscription {
     hub: Hub,
     key: u64,
     rooms: Vec<i64>,
-    user: Option<i64>,
+    user: i64,
+    /// Also registered for the user's membership changes.
+    follows: bool,
     notify: Arc<Notify>,
     lag: Option<Arc<Lag>>,
 }
@@ -766,16 +803,16 @@ impl Subscription {
         self.notify.notified().await;
     }
 
-    /// Also wake this subscriber when `user`'s memberships change.
-    pub fn follow_user(&mut self, user: i64) {
+    /// Also wake this subscriber when its user's memberships change.
+    pub fn follow_user(&mut self) {
         let mut st = self.hub.state();
         st.users
-            .entry(user)
+            .entry(self.user)
             .or_default()
             .1
             .insert(self.key, self.notify.clone());
         drop(st);
-        self.user = Some(user);
+        self.follows = true;
     }
 
     /// Lets catch-ups write to this stream (or poll) while it is parked.
@@ -802,9 +839,15 @@ impl Subscription {
             }
         }
         let mut fresh = false;
+        let sub = Sub {
+            user: self.user,
+            notify: self.notify.clone(),
+            lag: self.lag.clone(),
+            park: None,
+        };
         for &room in rooms {
             if !self.rooms.contains(&room) {
-                fresh |= add_sub(&mut st, room, self.key, &self.notify, &self.lag);
+                fresh |= add_sub(&mut st, room, self.key, &sub);
             }
         }
         if fresh {
@@ -820,13 +863,7 @@ impl Subscription {
 
 /// Adds a subscriber to a room; true when the room is new to the hub (and
 /// so needs a catch-up before it is live).
-fn add_sub(
-    st: &mut State,
-    room: i64,
-    key: u64,
-    notify: &Arc<Notify>,
-    lag: &Option<Arc<Lag>>,
-) -> bool {
+fn add_sub(st: &mut State, room: i64, key: u64, sub: &Sub) -> bool {
     let mut fresh = false;
     let r = st.rooms.entry(room).or_insert_with(|| {
         fresh = true;
@@ -843,9 +880,10 @@ fn add_sub(
     r.subs.insert(
         key,
         Sub {
-            notify: notify.clone(),
-            lag: lag.clone(),
-            park: None,
+            user: sub.user,
+            notify: sub.notify.clone(),
+            lag: sub.lag.clone(),
+            park: sub.park.clone(),
         },
     );
     fresh
@@ -866,11 +904,11 @@ impl Drop for Subscription {
         for room in &self.rooms {
             remove_sub(&mut st, *room, self.key);
         }
-        if let Some(user) = self.user {
-            if let Some((_, subs)) = st.users.get_mut(&user) {
+        if self.follows {
+            if let Some((_, subs)) = st.users.get_mut(&self.user) {
                 subs.remove(&self.key);
                 if subs.is_empty() {
-                    st.users.remove(&user);
+                    st.users.remove(&self.user);
                 }
             }
         }
@@ -922,7 +960,16 @@ mod tests {
     ) -> Vec<Delivery> {
         hub.message_notified(1);
         let plan = hub.next_catchup().await;
-        hub.finish_catchup(plan, head, rows)
+        hub.finish_catchup(plan, caught(head, rows))
+    }
+
+    fn caught(head: Arc<Snapshot>, rows: Vec<Arc<StoredMessage>>) -> Caught {
+        Caught {
+            head,
+            rows,
+            revoked: Vec::new(),
+            complete: true,
+        }
     }
 
     fn woken(sub: &Subscription) -> bool {
@@ -933,8 +980,8 @@ mod tests {
     #[tokio::test]
     async fn parked_streams_get_their_rooms_rows_instead_of_a_wake_up() {
         let hub = started_hub(snap(10, 10, &[])).await;
-        let poll = hub.subscribe(&[1], None);
-        let stream = hub.subscribe(&[1], Some(Lag::new(8, None)));
+        let poll = hub.subscribe(&[1], 1, None);
+        let stream = hub.subscribe(&[1], 1, Some(Lag::new(8, None)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -963,9 +1010,52 @@ mod tests {
 
         // A membership change stops writes until the stream has checked.
         park.checking();
-        hub.membership_changed(1, Some(5));
+        hub.membership_changed(1, Some(1));
         assert!(woken(&stream));
         assert!(!park.park(&snap(13, 13, &[])));
+    }
+
+    #[tokio::test]
+    async fn a_loss_of_access_in_a_catchup_stops_that_users_parks_before_its_rows() {
+        let hub = started_hub(snap(10, 10, &[])).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut parks = Vec::new();
+        let mut subs = Vec::new();
+        for user in [7, 8] {
+            let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let park = Park::new(Arc::new(listener.accept().await.unwrap().0));
+            let sub = hub.subscribe(&[1], user, Some(Lag::new(8, None)));
+            sub.allow_parking(&park);
+            parks.push((park, _client));
+            subs.push(sub);
+        }
+        catch_up(&hub, snap(10, 10, &[]), vec![]).await; // room 1 goes live
+        for (sub, (park, _)) in subs.iter().zip(&parks) {
+            let _ = woken(sub);
+            park.checking();
+            assert!(park.park(&snap(10, 10, &[])));
+        }
+        hub.message_notified(1);
+        let plan = hub.next_catchup().await;
+        let d = hub.finish_catchup(
+            plan,
+            Caught {
+                head: snap(11, 11, &[]),
+                rows: vec![msg(1, 1, 10)],
+                revoked: vec![(1, 7)],
+                complete: true,
+            },
+        );
+        assert!(woken(&subs[0]), "user 7 is woken to check its access");
+        assert!(!woken(&subs[1]), "user 8's stream is left to the delivery");
+        // Both are handed over with the rows; only user 8's park may be
+        // written to (user 7's is stale until it has checked).
+        assert_eq!(d[0].parked.len(), 2);
+        let (p7, p8) = (&parks[0].0, &parks[1].0);
+        assert!(p7.unpark().is_some() && !p7.park(&snap(10, 10, &[])));
+        assert!(p8.unpark().is_some() && p8.park(&snap(10, 10, &[])));
     }
 
     async fn started_hub(head: Arc<Snapshot>) -> Hub {
@@ -977,7 +1067,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_room_is_unknown_until_a_catchup_reads_it() {
         let hub = started_hub(snap(100, 100, &[])).await;
-        let sub = hub.subscribe(&[1], None);
+        let sub = hub.subscribe(&[1], 1, None);
         // Rows may have committed since head while nobody listened for them.
         assert!(matches!(
             hub.read(&[1], &snap(100, 100, &[]), None, 10),
@@ -999,7 +1089,7 @@ mod tests {
     #[tokio::test]
     async fn out_of_order_commits_are_delivered_once() {
         let hub = started_hub(snap(100, 100, &[])).await;
-        let sub = hub.subscribe(&[1], None);
+        let sub = hub.subscribe(&[1], 1, None);
         catch_up(&hub, snap(100, 100, &[]), vec![]).await;
         let s0 = snap(100, 100, &[]);
         assert!(matches!(hub.read(&[1], &s0, None, 10), HubRead::Nothing));
@@ -1024,7 +1114,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_when_cursor_precedes_coverage_or_is_newer_than_known() {
         let hub = started_hub(snap(50, 50, &[])).await;
-        let _sub = hub.subscribe(&[1], None);
+        let _sub = hub.subscribe(&[1], 1, None);
         catch_up(&hub, snap(50, 50, &[]), vec![]).await;
         // Older than the room's coverage.
         assert!(matches!(
@@ -1051,12 +1141,15 @@ mod tests {
     #[tokio::test]
     async fn room_registered_during_catchup_waits_for_the_next() {
         let hub = started_hub(snap(10, 10, &[])).await;
-        let _a = hub.subscribe(&[1], None);
+        let _a = hub.subscribe(&[1], 1, None);
         let plan = hub.next_catchup().await;
         // Not in this plan: room 2 had a row in this window, which the
         // plan did not read.
-        let _b = hub.subscribe(&[2], None);
-        let _ = hub.finish_catchup(plan, snap(12, 12, &[]), vec![msg(1, 1, 10), msg(2, 2, 11)]);
+        let _b = hub.subscribe(&[2], 1, None);
+        let _ = hub.finish_catchup(
+            plan,
+            caught(snap(12, 12, &[]), vec![msg(1, 1, 10), msg(2, 2, 11)]),
+        );
         assert!(matches!(
             hub.read(&[2], &snap(12, 12, &[]), None, 10),
             HubRead::Unknown
@@ -1077,7 +1170,7 @@ mod tests {
     #[tokio::test]
     async fn trimming_moves_the_bound_and_limit_pages() {
         let hub = started_hub(snap(1, 1, &[])).await;
-        let _s = hub.subscribe(&[1], None);
+        let _s = hub.subscribe(&[1], 1, None);
         catch_up(&hub, snap(1, 1, &[]), vec![]).await;
         for i in 0..6u64 {
             hub.message_notified(1);
@@ -1104,13 +1197,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unwatched_room_lingers_then_is_forgotten() {
         let hub = started_hub(snap(1, 1, &[])).await;
-        let a = hub.subscribe(&[1, 2], None);
-        let b = hub.subscribe(&[2], Some(Lag::new(8, None)));
+        let a = hub.subscribe(&[1, 2], 1, None);
+        let b = hub.subscribe(&[2], 1, Some(Lag::new(8, None)));
         catch_up(&hub, snap(1, 1, &[]), vec![]).await;
         drop(a);
         drop(b);
         // Still live for a client that comes straight back.
-        let _c = hub.subscribe(&[2], None);
+        let _c = hub.subscribe(&[2], 1, None);
         assert!(matches!(
             hub.read(&[2], &snap(1, 1, &[]), None, 10),
             HubRead::Nothing

@@ -19,12 +19,12 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::db::messages::{self, Read};
+use crate::db::messages;
 use crate::db::{CachingClient, DbError};
 use crate::directory::Directory;
 use crate::http::cors::Cors;
 use crate::http::park;
-use crate::hub::{Hub, TypingEvent, CATCHUP_LIMIT};
+use crate::hub::{Caught, Hub, TypingEvent, CATCHUP_LIMIT};
 use crate::message::User;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -39,6 +39,10 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Most bytes of messages one catch-up reads: past it the hub starts over
+/// from the new head and waiters read the database, as for more than
+/// CATCHUP_LIMIT rows (the hub holds what it reads until its rings trim).
+const CATCHUP_BYTES: usize = 32 << 20;
 
 pub struct Listener {
     pub pg: tokio_postgres::Config,
@@ -148,16 +152,28 @@ impl Listener {
                     let result = tokio::time::timeout(QUERY_TIMEOUT, async {
                         match &plan.lower {
                             Some(lower) => {
-                                let read = Read::After { lower, limit: CATCHUP_LIMIT as i64 + 1 };
-                                messages::read(&client, &plan.rooms, read).await.map(|f| (f.head, f.rows))
+                                let limit = CATCHUP_LIMIT as i64 + 1;
+                                let f = messages::catch_up(&client, &plan.rooms, lower, limit, CATCHUP_BYTES).await?;
+                                Ok(Caught { head: f.head, rows: f.rows, revoked: f.revoked, complete: !f.cut })
                             }
-                            None => messages::current_snapshot(&client).await.map(|h| (h, Vec::new())),
+                            None => messages::current_snapshot(&client).await.map(|head| Caught {
+                                head,
+                                rows: Vec::new(),
+                                revoked: Vec::new(),
+                                complete: true,
+                            }),
                         }
                     })
                     .await;
                     match result {
-                        Ok(Ok((head, rows))) => {
-                            let deliveries = self.hub.finish_catchup(plan, head, rows);
+                        Ok(Ok(caught)) => {
+                            // Before the rows can be read from the hub: a
+                            // reader of them who lost access in the same
+                            // window then asks the database, not the cache.
+                            for &(room, _) in &caught.revoked {
+                                self.directory.invalidate_room(room);
+                            }
+                            let deliveries = self.hub.finish_catchup(plan, caught);
                             // Before the next catch-up: a parked stream gets
                             // its pages in order.
                             let ctx = park::Ctx { origin, metrics: &self.metrics, cors: &self.cors };

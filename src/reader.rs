@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::cursor::{Lower, Position, Snapshot};
-use crate::db::messages::{self, Fetched, Read};
+use crate::db::messages::{self, Budget, Fetched, Read};
 use crate::db::DbError;
 use crate::http::error::ApiError;
 use crate::hub::HubRead;
@@ -35,6 +35,46 @@ pub struct Page {
     /// The rows were read from the database, which may be ahead of the
     /// NOTIFYs hark has processed (a membership change among them).
     pub from_db: bool,
+    /// When `from_db`: how many of the rooms read the reader participates
+    /// in, as of the snapshot the rows were read with.
+    pub member_of: i64,
+}
+
+/// What one page may hold, and for whom.
+#[derive(Clone, Copy)]
+pub struct Want {
+    /// The reader (whose participation a database read checks).
+    pub user: i64,
+    /// Most rows.
+    pub limit: usize,
+    /// Most bytes of messages (`HARK_MAX_ANSWER_BYTES`); a first row
+    /// larger than this still comes alone.
+    pub bytes: usize,
+}
+
+impl Want {
+    pub fn budget(&self) -> Budget {
+        Budget {
+            bytes: self.bytes,
+            member: Some(self.user),
+        }
+    }
+}
+
+/// Keeps the longest prefix of `rows` whose JSON fits in `bytes`, and at
+/// least one row; true when it dropped any.
+pub fn fit(rows: &mut Vec<Arc<StoredMessage>>, bytes: usize) -> bool {
+    let mut total = 0usize;
+    let keep = rows
+        .iter()
+        .position(|m| {
+            total = total.saturating_add(m.json.len() + 1);
+            total > bytes
+        })
+        .map_or(rows.len(), |i| i.max(1));
+    let cut = keep < rows.len();
+    rows.truncate(keep);
+    cut
 }
 
 impl Page {
@@ -51,8 +91,8 @@ impl Page {
     }
 }
 
-/// The next page after `pos` in `rooms`, at most `limit` rows. The caller
-/// holds a hub subscription for `rooms`, taken before this call.
+/// The next page after `pos` in `rooms`, within `want`. The caller holds a
+/// hub subscription for `rooms`, taken before this call.
 ///
 /// `fresh`: the caller answers now rather than waiting (a poll with
 /// `timeout=0`), so "nothing as of the hub's last catch-up" is not good
@@ -61,12 +101,12 @@ pub async fn next_page(
     app: &App,
     rooms: &[i64],
     pos: &Position,
-    limit: usize,
+    want: Want,
     fresh: bool,
 ) -> Result<Page, ApiError> {
-    match memory_page(app, rooms, pos, limit, fresh)? {
+    match memory_page(app, rooms, pos, want, fresh)? {
         Some(page) => Ok(page),
-        None => db_page(app, rooms, pos, limit).await,
+        None => db_page(app, rooms, pos, want).await,
     }
 }
 
@@ -77,19 +117,20 @@ pub fn memory_page(
     app: &App,
     rooms: &[i64],
     pos: &Position,
-    limit: usize,
+    want: Want,
     fresh: bool,
 ) -> Result<Option<Page>, ApiError> {
     match pos {
-        Position::At(s) => match app.hub.read(rooms, s, None, limit) {
+        Position::At(s) => match app.hub.read(rooms, s, None, want.limit) {
             HubRead::Due {
-                rows,
+                mut rows,
                 head,
                 more,
                 beyond,
                 heard,
             } => {
                 app.metrics.polls_answered_from_memory.fetch_add(1, Relaxed);
+                let more = fit(&mut rows, want.bytes) || more;
                 let mut page = split(rows, more, Lower::Snapshot(s.clone()), head, heard);
                 page.more |= beyond;
                 // Every row visible in the hub's head is in this page, and
@@ -106,6 +147,7 @@ pub fn memory_page(
                 settled: true,
                 heard: None,
                 from_db: false,
+                member_of: 0,
             })),
             HubRead::Nothing | HubRead::Unknown => Ok(None),
         },
@@ -125,13 +167,14 @@ pub fn memory_page(
                 // database knows while a NOTIFY may be in flight.
                 if !fresh {
                     if let HubRead::Due {
-                        rows,
+                        mut rows,
                         more,
                         beyond,
                         heard,
                         ..
-                    } = app.hub.read(rooms, l, Some((upper, *after_id)), limit)
+                    } = app.hub.read(rooms, l, Some((upper, *after_id)), want.limit)
                     {
+                        let more = fit(&mut rows, want.bytes) || more;
                         return Ok(Some(rest_of_batch(rows, more, beyond, lower, upper, heard)));
                     }
                 }
@@ -146,8 +189,9 @@ pub async fn db_page(
     app: &App,
     rooms: &[i64],
     pos: &Position,
-    limit: usize,
+    want: Want,
 ) -> Result<Page, ApiError> {
+    let limit = want.limit;
     match pos {
         Position::At(s) => {
             let f = cold(
@@ -157,16 +201,17 @@ pub async fn db_page(
                     lower: s,
                     limit: limit as i64 + 1,
                 },
+                want.budget(),
             )
             .await?;
             if s.xmax > f.head.xmax {
                 return Err(ApiError::CursorReset);
             }
             let mut rows = f.rows;
-            let more = rows.len() > limit;
-            rows.truncate(limit);
+            let more = limit_rows(&mut rows, want) || f.cut;
             let mut page = split(rows, more, Lower::Snapshot(s.clone()), f.head, None);
             page.from_db = true;
+            page.member_of = f.member_of;
             Ok(page)
         }
         Position::Paging {
@@ -183,6 +228,7 @@ pub async fn db_page(
                     after_id: *after_id,
                     limit: limit as i64 + 1,
                 },
+                want.budget(),
             )
             .await?;
             let future = upper.xmax > f.head.xmax
@@ -191,15 +237,34 @@ pub async fn db_page(
                 return Err(ApiError::CursorReset);
             }
             let Fetched {
-                mut rows, beyond, ..
+                mut rows,
+                beyond,
+                cut,
+                member_of,
+                ..
             } = f;
-            let more = rows.len() > limit;
-            rows.truncate(limit);
+            let more = limit_rows(&mut rows, want) || cut;
             let mut page = rest_of_batch(rows, more, beyond, lower, upper, None);
             page.from_db = true;
+            page.member_of = member_of;
             Ok(page)
         }
     }
+}
+
+/// [`fit`] for the latest page: keeps the newest rows that fit.
+pub fn fit_newest(rows: &mut Vec<Arc<StoredMessage>>, bytes: usize) {
+    rows.reverse();
+    fit(rows, bytes);
+    rows.reverse();
+}
+
+/// Cuts rows read with `limit + 1` to the page `want` allows; true when
+/// more are due.
+pub fn limit_rows(rows: &mut Vec<Arc<StoredMessage>>, want: Want) -> bool {
+    let more = rows.len() > want.limit;
+    rows.truncate(want.limit);
+    fit(rows, want.bytes) || more
 }
 
 /// Rows new relative to `lower`, read at `head`: either a page inside the
@@ -227,6 +292,7 @@ fn split(
         more,
         heard,
         from_db: false,
+        member_of: 0,
     }
 }
 
@@ -257,14 +323,20 @@ fn rest_of_batch(
         settled: false,
         heard,
         from_db: false,
+        member_of: 0,
     }
 }
 
 /// A read on a pooled connection, released before any wait.
-pub async fn cold(app: &App, rooms: &[i64], read: Read<'_>) -> Result<Fetched, ApiError> {
+pub async fn cold(
+    app: &App,
+    rooms: &[i64],
+    read: Read<'_>,
+    budget: Budget,
+) -> Result<Fetched, ApiError> {
     app.metrics.cold_queries.fetch_add(1, Relaxed);
     let client = app.pool.get().await.map_err(DbError::from)?;
-    let f = messages::read(&client, rooms, read).await?;
+    let f = messages::read(&client, rooms, read, budget).await?;
     app.hub.observe(&f.head);
     Ok(f)
 }

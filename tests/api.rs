@@ -264,7 +264,7 @@ async fn typing_by_a_non_participant_is_403() {
         Some(r#"{"is_typing":true}"#),
     )
     .await;
-    let v = assert_error(s, &b, StatusCode::FORBIDDEN, "not_participant");
+    let v = assert_error(s, &b, StatusCode::FORBIDDEN, "not_a_participant");
     assert_eq!(v["error"], "Not a participant");
     assert!(typists(&room_as(&c.hark, c.room, c.bob).await).is_empty());
 }
@@ -628,11 +628,11 @@ async fn room_detail_and_read_are_404_for_unknown_rooms_and_403_for_outsiders() 
 
     let detail = c.hark.url(&format!("/api/chat/rooms/{}/", c.room));
     let (s, _, b) = request(Method::GET, &detail, Some(&token(c.carol)), None).await;
-    let v = assert_error(s, &b, StatusCode::FORBIDDEN, "not_participant");
+    let v = assert_error(s, &b, StatusCode::FORBIDDEN, "not_a_participant");
     assert_eq!(v["error"], "Not a participant");
     let read = c.hark.url(&format!("/api/chat/rooms/{}/read/", c.room));
     let (s, _, b) = request(Method::POST, &read, Some(&token(c.carol)), Some("{}")).await;
-    assert_error(s, &b, StatusCode::FORBIDDEN, "not_participant");
+    assert_error(s, &b, StatusCode::FORBIDDEN, "not_a_participant");
     let n: i64 =
         c.fx.db
             .query_one("SELECT count(*) FROM hark_read_marker", &[])
@@ -795,7 +795,7 @@ async fn sending_to_an_unknown_room_is_404_and_to_a_strangers_room_403() {
     assert_error(s, &b, StatusCode::NOT_FOUND, "not_found");
     let body = json!({"room_id": c.room, "content": "let me in"}).to_string();
     let (s, _, b) = request(Method::POST, &url, Some(&token(c.carol)), Some(&body)).await;
-    let v = assert_error(s, &b, StatusCode::FORBIDDEN, "not_participant");
+    let v = assert_error(s, &b, StatusCode::FORBIDDEN, "not_a_participant");
     assert_eq!(v["error"], "Not a participant");
     let n: i64 =
         c.fx.db

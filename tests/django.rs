@@ -187,7 +187,12 @@ async fn hark_adds_only_what_it_needs_to_djangos_tables() {
     .await;
     assert_eq!(defaults, 0);
     // hark's own tables and triggers.
-    for table in ["hark_typing", "hark_read_marker", "hark_migrations"] {
+    for table in [
+        "hark_typing",
+        "hark_read_marker",
+        "hark_migrations",
+        "hark_access_revoked",
+    ] {
         let n = count(
             &sql,
             &format!("SELECT count(*) FROM pg_tables WHERE tablename = '{table}'"),
@@ -210,11 +215,12 @@ async fn hark_adds_only_what_it_needs_to_djangos_tables() {
         [
             "hark_message_inserted",
             "hark_participant_changed",
+            "hark_participant_revoked",
             "hark_room_deleted",
             "hark_user_changed"
         ]
     );
-    assert_eq!(count(&sql, "SELECT count(*) FROM hark_migrations").await, 2);
+    assert_eq!(count(&sql, "SELECT count(*) FROM hark_migrations").await, 3);
     drop(hark);
 }
 
@@ -378,7 +384,10 @@ async fn a_plain_sql_insert_reaches_a_long_poll() {
 async fn a_restart_does_not_reapply_the_migrations() {
     let (mut hark, sql) = django_then_hark().await;
     let before = applied_migrations(&sql).await;
-    assert_eq!(before.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        before.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
     assert!(hark.logs().contains("applied migration"));
     // A message after the first start: its transaction id must survive.
     sql.execute(

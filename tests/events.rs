@@ -24,11 +24,6 @@ use sse::{open, Next, Opts, Sse};
 /// A generous bound for anything the server should do "at once".
 const T: Duration = Duration::from_secs(10);
 
-/// A first request that hark's own HTTP leaves to hyper (a method it does
-/// not serve; a 405 that keeps the connection): a stream after it on the
-/// same connection is served by hyper.
-const HYPER_FIRST: Option<&str> = Some("PUT /api/chat/messages/");
-
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
@@ -550,6 +545,37 @@ async fn resume(hark: &Hark, query: &str, token: &str, last: &str, via: Via) -> 
     (s, Opening { reset, ready })
 }
 
+/// A stream resumed far behind writes its catch-up a budget at a time
+/// (`HARK_MAX_ANSWER_BYTES`), from memory or from the database, and every
+/// message arrives once, in order, the one larger than the budget too.
+#[tokio::test]
+async fn a_catch_up_larger_than_the_answer_budget_arrives_whole_and_once() {
+    for ring in ["256", "1"] {
+        let Room3 {
+            hark,
+            fx,
+            alice,
+            bob,
+            room,
+            ..
+        } = room_of_three(&[("HARK_MAX_ANSWER_BYTES", "4096"), ("HARK_HUB_RING", ring)]).await;
+        let t = token(alice);
+        let (mut live, start) = opened(&hark, &format!("?room_id={room}"), &t).await;
+        let mut expected = fx.insert_many(room, bob, 20, &"x".repeat(1000)).await;
+        expected.push(fx.insert(room, bob, &"y".repeat(3 * 4096)).await);
+        expected.push(fx.insert(room, bob, "last").await);
+        let last = *expected.last().unwrap();
+        assert_eq!(message_ids_until(&mut live, last).await, expected, "ring {ring}: live");
+        let (mut resumed, _) =
+            resume(&hark, &format!("?room_id={room}"), &t, &start, Via::Header).await;
+        assert_eq!(
+            message_ids_until(&mut resumed, last).await,
+            expected,
+            "ring {ring}: resumed"
+        );
+    }
+}
+
 struct Opening {
     reset: Option<String>,
     ready: sse::Event,
@@ -860,6 +886,69 @@ async fn one_room_several_rooms_all_rooms_and_membership_changes() {
     }
 }
 
+/// Alice leaves r1 while hark hears nothing of it (the participant NOTIFY
+/// trigger disabled), as when that NOTIFY arrives late: the catch-up that
+/// reads bob's next message reads the loss of access in the same snapshot,
+/// so that message reaches none of her streams — the one naming r1 (parked
+/// on hark's own HTTP, or on hyper's path) ends, the all-rooms stream goes
+/// on with her other room.
+#[tokio::test]
+async fn a_leave_heard_late_still_keeps_the_next_message_from_every_stream() {
+    let (hark, fx) = setup(&[]).await;
+    let alice = fx.user("alice").await;
+    let bob = fx.user("bob").await;
+    let r1 = fx.room("r1", &[alice, bob]).await;
+    let r2 = fx.room("r2", &[alice, bob]).await;
+    let t = token(alice);
+    let auth = bearer(&t);
+    let mut named = Vec::new();
+    for first in [None, HYPER_FIRST] {
+        let opts = Opts {
+            first,
+            ..Opts::default()
+        };
+        let path = format!("/events?room_id={r1}");
+        let mut s = Sse::connect_with(hark.addr, &path, &[("Authorization", &auth)], opts).await;
+        open(&mut s).await;
+        named.push(s);
+    }
+    let (mut all, _) = opened(&hark, "", &t).await;
+    // Each stream is live: it gets a message of r1.
+    let m0 = fx.insert(r1, bob, "before").await;
+    for s in named.iter_mut().chain([&mut all]) {
+        assert_eq!(expect_message(s).await.1["id"], m0);
+    }
+
+    fx.db
+        .batch_execute(
+            "ALTER TABLE chat_chatroom_participants DISABLE TRIGGER hark_participant_changed",
+        )
+        .await
+        .unwrap();
+    fx.db
+        .execute(
+            "DELETE FROM chat_chatroom_participants WHERE chatroom_id = $1 AND user_id = $2",
+            &[&r1, &alice],
+        )
+        .await
+        .unwrap();
+    let m1 = fx.insert(r1, bob, "after she left").await;
+    for (i, s) in named.iter_mut().enumerate() {
+        let (events, end) = s.drain(T).await;
+        assert!(
+            matches!(end, Next::End | Next::Eof),
+            "stream {i} did not end: {end:?}"
+        );
+        assert!(
+            events.iter().all(|e| e.is_ping()),
+            "stream {i} got {events:?} (message {m1})"
+        );
+    }
+    let m2 = fx.insert(r2, bob, "r2 marker").await;
+    let (_, m) = expect_message(&mut all).await;
+    assert_eq!(m["id"], m2, "the all-rooms stream got {m} (message {m1})");
+}
+
 /// A user in no room yet: the all-rooms stream opens empty and follows
 /// the first room they join.
 #[tokio::test]
@@ -937,13 +1026,13 @@ async fn errors_and_query_token_auth() {
             format!("?room_id={theirs}"),
             Some(&t),
             403,
-            "not_participant",
+            "not_a_participant",
         ),
         (
             format!("?room_id={mine}&room_id={theirs}"),
             Some(&t),
             403,
-            "not_participant",
+            "not_a_participant",
         ),
         (format!("?room_id={missing}"), Some(&t), 404, "not_found"),
         (

@@ -792,3 +792,256 @@ async fn post_after_a_parked_answer(chunked: bool) {
         "the poll after the POST parked (and was answered by the listener) only on the lean path"
     );
 }
+
+/// How a waiting poll may lose access to its room.
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    /// Its participant row is deleted.
+    Leaves,
+    /// Its user row is deleted (which deletes the participant rows too).
+    IsDeleted,
+    /// It leaves while hark hears nothing of it (the participant NOTIFY
+    /// trigger disabled): hark learns it only from the catch-up that reads
+    /// the next message, as when that NOTIFY arrives late.
+    LeavesUnheard,
+}
+
+/// Dave waits on a raw connection — hark's own HTTP (`first` None: the
+/// poll may park, and the listener write its answer) or hyper's (after
+/// `first`) — and loses access; then alice posts. The poll must end with
+/// 403 (401 for a deleted user) and never carry alice's message.
+async fn a_waiting_poll_that_loses_access(first: Option<&str>, loss: Loss) {
+    let (hark, fx) = setup(&[]).await;
+    let alice = fx.user("alice").await;
+    let dave = fx.user("dave").await;
+    let room = fx.room("r", &[alice, dave]).await;
+    let t = token(dave);
+    let c = cursor_now(&hark, room, &t).await;
+    let mut raw = Raw::connect(hark.addr).await;
+    if let Some(first) = first {
+        raw.send(format!("{first} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes())
+            .await;
+        let (head, _) = raw.answer().await;
+        assert!(!head.contains("connection: close"), "{head}");
+    }
+    raw.send(poll_request(room, &c, &t, 30).as_bytes()).await;
+    hark.wait_for_metric("hark_waiting_polls", 1.0).await;
+
+    let remove = "DELETE FROM chat_chatroom_participants WHERE chatroom_id = $1 AND user_id = $2";
+    match loss {
+        Loss::Leaves => {
+            fx.db.execute(remove, &[&room, &dave]).await.unwrap();
+        }
+        Loss::IsDeleted => {
+            fx.db
+                .execute("DELETE FROM users_user WHERE id = $1", &[&dave])
+                .await
+                .unwrap();
+        }
+        Loss::LeavesUnheard => {
+            fx.db
+                .batch_execute(
+                    "ALTER TABLE chat_chatroom_participants DISABLE TRIGGER hark_participant_changed",
+                )
+                .await
+                .unwrap();
+            fx.db.execute(remove, &[&room, &dave]).await.unwrap();
+        }
+    }
+    if let Loss::Leaves | Loss::IsDeleted = loss {
+        // hark hears of it: the poll ends at once, with nothing posted.
+        let (head, body) = raw.answer_within(Duration::from_secs(10)).await;
+        let want = match loss {
+            Loss::IsDeleted => "http/1.1 401 ",
+            _ => "http/1.1 403 ",
+        };
+        assert!(head.starts_with(want), "{loss:?}: {head}");
+        let code = json(&body)["code"].as_str().unwrap().to_string();
+        let want = match loss {
+            Loss::IsDeleted => "user_not_found",
+            _ => "not_a_participant",
+        };
+        assert_eq!(code, want, "{loss:?}");
+    }
+    let posted = fx.insert(room, alice, "after dave lost access").await;
+    if let Loss::LeavesUnheard = loss {
+        let (head, body) = raw.answer_within(Duration::from_secs(10)).await;
+        assert!(
+            head.starts_with("http/1.1 403 "),
+            "{loss:?}: {head} {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(json(&body)["code"], "not_a_participant");
+    }
+    // The next answer on the connection is the next request's: none
+    // carried the message.
+    raw.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (head, body) = raw.answer().await;
+    assert!(
+        head.starts_with("http/1.1 200 ") && !String::from_utf8_lossy(&body).contains("messages"),
+        "{loss:?}: {head} {} (message {posted})",
+        String::from_utf8_lossy(&body)
+    );
+    // A poll from before the loss never gets it either.
+    let (s, body) = get_json(&poll_url(&hark, room, Some(&c), "&timeout=0"), Some(&t)).await;
+    assert!(
+        s == StatusCode::FORBIDDEN || s == StatusCode::UNAUTHORIZED,
+        "{loss:?}: {s} {body}"
+    );
+}
+
+#[tokio::test]
+async fn a_waiting_poll_ends_403_when_its_user_leaves_the_room() {
+    a_waiting_poll_that_loses_access(None, Loss::Leaves).await;
+    a_waiting_poll_that_loses_access(HYPER_FIRST, Loss::Leaves).await;
+}
+
+#[tokio::test]
+async fn a_waiting_poll_ends_401_when_its_user_is_deleted() {
+    a_waiting_poll_that_loses_access(None, Loss::IsDeleted).await;
+    a_waiting_poll_that_loses_access(HYPER_FIRST, Loss::IsDeleted).await;
+}
+
+#[tokio::test]
+async fn a_waiting_poll_is_refused_the_next_message_when_the_leave_is_heard_late() {
+    a_waiting_poll_that_loses_access(None, Loss::LeavesUnheard).await;
+    a_waiting_poll_that_loses_access(HYPER_FIRST, Loss::LeavesUnheard).await;
+}
+
+/// `HARK_MAX_ANSWER_BYTES` for the answer-budget tests: a few of the
+/// 1,000-character messages below fit, not all.
+const BUDGET: usize = 4096;
+
+/// Follows a cursor with `timeout=0` polls until nothing more is due;
+/// returns the message ids in order and each answer's body size. Every
+/// page's messages must fit in [`BUDGET`] unless the page is one message.
+async fn follow(hark: &Hark, room: i64, mut cursor: String, t: &str) -> (Vec<i64>, Vec<usize>) {
+    let (mut got, mut sizes) = (Vec::new(), Vec::new());
+    loop {
+        let url = poll_url(hark, room, Some(&cursor), "&timeout=0&limit=1000");
+        let (s, _, b) = request(Method::GET, &url, Some(t), None).await;
+        assert_eq!(s, StatusCode::OK);
+        let body = json(&b);
+        let msgs = body["messages"].as_array().unwrap();
+        let bytes: usize = msgs.iter().map(|m| m.to_string().len() + 1).sum();
+        assert!(
+            msgs.len() <= 1 || bytes <= BUDGET,
+            "{} messages, {bytes} bytes",
+            msgs.len()
+        );
+        sizes.push(b.len());
+        got.extend(ids(&body));
+        cursor = body["cursor"].as_str().unwrap().to_string();
+        if !body["has_more"].as_bool().unwrap() {
+            return (got, sizes);
+        }
+        assert!(sizes.len() < 100, "paging does not end");
+    }
+}
+
+/// A client that asks for 1,000 messages of 1,000 characters gets them a
+/// budget at a time, each exactly once, whether the hub's memory answers
+/// (one commit the hub read) or the database does (a cursor older than the
+/// hub's ring of one batch); a message larger than the budget comes alone.
+#[tokio::test]
+async fn an_answer_holds_at_most_the_byte_budget_and_paging_loses_nothing() {
+    let budget = BUDGET.to_string();
+    for ring in ["256", "1"] {
+        let (hark, fx) = setup(&[
+            ("HARK_MAX_ANSWER_BYTES", budget.as_str()),
+            ("HARK_HUB_RING", ring),
+        ])
+        .await;
+        let alice = fx.user("alice").await;
+        let bob = fx.user("bob").await;
+        let room = fx.room("r", &[alice, bob]).await;
+        let t = token(alice);
+        let cursor = cursor_now(&hark, room, &t).await;
+        let mut expected = fx.insert_many(room, bob, 20, &"x".repeat(1000)).await;
+        expected.push(fx.insert(room, bob, &"y".repeat(3 * BUDGET)).await);
+        if ring == "1" {
+            // Later batches push the first out of the ring: the database
+            // answers the old cursor.
+            expected.push(fx.insert(room, bob, "z").await);
+        }
+        let (got, sizes) = follow(&hark, room, cursor, &t).await;
+        assert_eq!(got, expected, "ring {ring}: every message once, in order");
+        assert!(sizes.len() >= 6, "ring {ring}: pages {sizes:?}");
+        assert!(
+            sizes.iter().any(|&n| n > 3 * BUDGET),
+            "ring {ring}: the large message went out"
+        );
+        if ring == "1" {
+            assert!(hark.metric("hark_cold_queries_total").await > 0.0);
+        }
+    }
+}
+
+/// The latest page (no `since`) is the newest messages that fit.
+#[tokio::test]
+async fn the_latest_page_is_the_newest_messages_that_fit_the_budget() {
+    let budget = BUDGET.to_string();
+    let (hark, fx) = setup(&[("HARK_MAX_ANSWER_BYTES", budget.as_str())]).await;
+    let alice = fx.user("alice").await;
+    let room = fx.room("r", &[alice]).await;
+    let all = fx.insert_many(room, alice, 20, &"x".repeat(1000)).await;
+    let t = token(alice);
+    let (s, body) = get_json(&poll_url(&hark, room, None, "&limit=1000"), Some(&t)).await;
+    assert_eq!(s, StatusCode::OK);
+    let got = ids(&body);
+    assert!(!got.is_empty() && got.len() < all.len(), "{got:?}");
+    assert_eq!(got, all[all.len() - got.len()..], "the newest, oldest first");
+    assert_eq!(body["has_more"], false);
+}
+
+/// One read of the database stops at its byte budget: the rows past it are
+/// not fetched (one marker row says the budget cut the read), and a first
+/// row larger than the budget still comes, alone. The reader's
+/// participation is answered in the same statement.
+#[tokio::test]
+async fn a_database_read_stops_at_its_byte_budget() {
+    use hark::cursor::Snapshot;
+    use hark::db::messages::{read, Budget, Read};
+    let (hark, fx) = setup(&[]).await;
+    let alice = fx.user("alice").await;
+    let bob = fx.user("bob").await;
+    let room = fx.room("r", &[alice]).await;
+    let all = fx.insert_many(room, alice, 50, &"x".repeat(1000)).await;
+    let client = hark::db::CachingClient::new(connect(&hark.db).await);
+    let start = Snapshot::parse_pg("3:3:").unwrap();
+    let after = || Read::After {
+        lower: &start,
+        limit: 1000,
+    };
+    let budget = |bytes, member| Budget { bytes, member };
+
+    let f = read(&client, &[room], after(), budget(4096, Some(alice)))
+        .await
+        .unwrap();
+    assert!(f.cut, "the budget cut the read");
+    assert!((2..=4).contains(&f.rows.len()), "{} rows", f.rows.len());
+    assert_eq!(f.member_of, 1);
+    let got: Vec<i64> = f.rows.iter().map(|m| m.id).collect();
+    assert_eq!(got, all[..got.len()]);
+
+    let f = read(&client, &[room], after(), budget(10, Some(bob)))
+        .await
+        .unwrap();
+    assert_eq!(f.rows.len(), 1, "a first row over the budget comes alone");
+    assert!(f.cut);
+    assert_eq!(f.member_of, 0, "bob is not in the room");
+
+    let f = read(&client, &[room], after(), budget(1 << 30, None))
+        .await
+        .unwrap();
+    assert!(!f.cut);
+    assert_eq!(f.rows.len(), all.len());
+
+    let latest = Read::Latest { limit: 1000 };
+    let f = read(&client, &[room], latest, budget(4096, Some(alice)))
+        .await
+        .unwrap();
+    let got: Vec<i64> = f.rows.iter().map(|m| m.id).collect();
+    assert!(f.cut && !got.is_empty());
+    assert_eq!(got, all[all.len() - got.len()..], "the newest that fit");
+}

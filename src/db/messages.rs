@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::{DbError, Prepared};
@@ -26,6 +27,16 @@ pub struct Fetched {
     pub rows: Vec<Arc<StoredMessage>>,
     /// Only for [`Read::Batch`]: rows beyond the batch's upper snapshot exist.
     pub beyond: bool,
+    /// The byte budget cut the rows short: more were due than returned
+    /// (besides any beyond `limit`).
+    pub cut: bool,
+    /// How many of the rooms read the [`Budget::member`] user participates
+    /// in, as of `head`: checked in the same snapshot as the rows, so a
+    /// reader who lost access before any of them committed is caught.
+    pub member_of: i64,
+    /// Only for [`catch_up`]: (room, user) pairs that lost access in the
+    /// window read, in the same snapshot as the rows.
+    pub revoked: Vec<(i64, i64)>,
 }
 
 /// What to read, per room set.
@@ -46,82 +57,144 @@ pub enum Read<'a> {
     },
 }
 
+/// Bounds on one read besides its row `limit`, and whose access to check.
+#[derive(Clone, Copy)]
+pub struct Budget {
+    /// About how many bytes of messages one read may return. The first row
+    /// is returned whatever its size; beyond the budget the read stops and
+    /// says so ([`Fetched::cut`]). Estimated here from the content's length
+    /// plus 256 bytes a row (ids, sender, timestamp); the reader cuts
+    /// exactly on the encoded bytes.
+    pub bytes: usize,
+    /// The user whose participation [`Fetched::member_of`] counts.
+    pub member: Option<i64>,
+}
+
+// Every read is one statement over one snapshot:
+// - `s`: the snapshot, which becomes the next cursor;
+// - `member_of`: the reader's participation, in the same snapshot;
+// - `r`: at most $2 rows in id order (the $order the mode needs), of which
+//   those whose running size stays within the budget $3 carry their content
+//   (the first always does); the first row past the budget comes back with
+//   a NULL content, as a marker that the budget cut the read, and rows
+//   after it are not read at all.
+// Parameters: $1 rooms, $2 limit, $3 budget, $4 member (nullable), then
+// the mode's own from $5. `$extra` adds columns (the catch-up's revocations).
 macro_rules! select_messages {
-    ($where:literal, $order:literal) => {
+    ($extra:expr, $where:expr, $order:literal) => {
         concat!(
             "WITH s AS MATERIALIZED (SELECT pg_current_snapshot() AS snap) \
-             SELECT s.snap::text, r.* FROM s LEFT JOIN LATERAL ( \
-               SELECT m.id::int8 AS id, m.room_id::int8 AS room_id, m.content, m.created_at, \
-                      m.hark_txid::text AS txid, u.id::int8 AS uid, u.username::text AS username, \
-                      u.first_name::text AS first_name, u.last_name::text AS last_name \
-               FROM chat_chatmessage m JOIN users_user u ON u.id = m.sender_id \
-               WHERE m.room_id = ANY($1::int8[]) AND ",
+             SELECT s.snap::text, \
+               (SELECT count(*) FROM chat_chatroom_participants p \
+                 WHERE p.chatroom_id = ANY($1::int8[]) AND p.user_id = $4::int8) AS member_of, ",
+            $extra,
+            " r.* FROM s LEFT JOIN LATERAL ( \
+               SELECT w.id, w.room_id, w.created_at, w.txid, w.uid, w.username, w.first_name, \
+                      w.last_name, CASE WHEN w.rn = 1 OR w.run <= $3::int8 THEN w.body END AS content \
+               FROM ( \
+                 SELECT lim.*, row_number() OVER (ORDER BY lim.id ",
+            $order,
+            ") AS rn, \
+                        sum(lim.len) OVER (ORDER BY lim.id ",
+            $order,
+            " ROWS UNBOUNDED PRECEDING) AS run \
+                 FROM ( \
+                   SELECT m.id::int8 AS id, m.room_id::int8 AS room_id, m.content AS body, \
+                          m.created_at, m.hark_txid::text AS txid, u.id::int8 AS uid, \
+                          u.username::text AS username, u.first_name::text AS first_name, \
+                          u.last_name::text AS last_name, \
+                          octet_length(m.content)::int8 + 256 AS len \
+                   FROM chat_chatmessage m JOIN users_user u ON u.id = m.sender_id \
+                   WHERE m.room_id = ANY($1::int8[]) AND ",
             $where,
             " ORDER BY m.id ",
             $order,
-            " LIMIT $2) r ON true ORDER BY r.id"
+            " LIMIT $2) lim \
+               ) w WHERE w.rn <= 2 OR w.run - w.len <= $3::int8 \
+             ) r ON true ORDER BY r.id"
         )
     };
 }
 
 // `txid >= xmin(S)` is the index-friendly half of "not visible in S": every
 // transaction below xmin is visible, so only rows at or above it can be new.
-const NEW_SINCE: &str = select_messages!(
-    "m.hark_txid >= pg_snapshot_xmin($3::text::pg_snapshot) \
-     AND NOT pg_visible_in_snapshot(m.hark_txid, $3::text::pg_snapshot)",
-    "ASC"
-);
-const LATEST: &str = select_messages!("true", "DESC");
-const CREATED_AFTER: &str = select_messages!("m.created_at > $3", "ASC");
-
-macro_rules! batch {
-    ($lower:literal) => {
+macro_rules! new_since {
+    ($s:literal) => {
         concat!(
-            "WITH s AS MATERIALIZED (SELECT pg_current_snapshot() AS snap) \
-             SELECT s.snap::text, r.*, EXISTS ( \
-                 SELECT 1 FROM chat_chatmessage b WHERE b.room_id = ANY($1::int8[]) \
-                   AND b.hark_txid >= pg_snapshot_xmin($4::text::pg_snapshot) \
-                   AND NOT pg_visible_in_snapshot(b.hark_txid, $4::text::pg_snapshot)) AS beyond \
-             FROM s LEFT JOIN LATERAL ( \
-               SELECT m.id::int8 AS id, m.room_id::int8 AS room_id, m.content, m.created_at, \
-                      m.hark_txid::text AS txid, u.id::int8 AS uid, u.username::text AS username, \
-                      u.first_name::text AS first_name, u.last_name::text AS last_name \
-               FROM chat_chatmessage m JOIN users_user u ON u.id = m.sender_id \
-               WHERE m.room_id = ANY($1::int8[]) AND ",
-            $lower,
-            " AND pg_visible_in_snapshot(m.hark_txid, $4::text::pg_snapshot) AND m.id > $5::int8 \
-               ORDER BY m.id LIMIT $2) r ON true ORDER BY r.id"
+            "m.hark_txid >= pg_snapshot_xmin(",
+            $s,
+            "::text::pg_snapshot) AND NOT pg_visible_in_snapshot(m.hark_txid, ",
+            $s,
+            "::text::pg_snapshot)"
         )
     };
 }
 
-const BATCH_AFTER_SNAPSHOT: &str = batch!(
-    "m.hark_txid >= pg_snapshot_xmin($3::text::pg_snapshot) \
-     AND NOT pg_visible_in_snapshot(m.hark_txid, $3::text::pg_snapshot)"
+const NEW_SINCE: &str = select_messages!("", new_since!("$5"), "ASC");
+const LATEST: &str = select_messages!("", "true", "DESC");
+const CREATED_AFTER: &str = select_messages!("", "m.created_at > $5", "ASC");
+/// [`NEW_SINCE`] with the losses of access of the same window.
+const CATCH_UP: &str = select_messages!(
+    "(SELECT array_agg(a.room_id::int8) FROM hark_access_revoked a \
+       WHERE a.room_id = ANY($1::int8[]) AND a.hark_txid >= pg_snapshot_xmin($5::text::pg_snapshot) \
+         AND NOT pg_visible_in_snapshot(a.hark_txid, $5::text::pg_snapshot)) AS revoked_rooms, \
+     (SELECT array_agg(a.user_id::int8) FROM hark_access_revoked a \
+       WHERE a.room_id = ANY($1::int8[]) AND a.hark_txid >= pg_snapshot_xmin($5::text::pg_snapshot) \
+         AND NOT pg_visible_in_snapshot(a.hark_txid, $5::text::pg_snapshot)) AS revoked_users,",
+    new_since!("$5"),
+    "ASC"
 );
-const BATCH_CREATED_AFTER: &str = batch!("m.created_at > $3");
+
+// The rest of a batch: $5 lower, $6 upper, $7 after_id; `beyond` says
+// whether rows after the batch's upper snapshot are due too.
+macro_rules! batch {
+    ($lower:expr) => {
+        select_messages!(
+            "EXISTS (SELECT 1 FROM chat_chatmessage b WHERE b.room_id = ANY($1::int8[]) \
+               AND b.hark_txid >= pg_snapshot_xmin($6::text::pg_snapshot) \
+               AND NOT pg_visible_in_snapshot(b.hark_txid, $6::text::pg_snapshot)) AS beyond,",
+            concat!(
+                $lower,
+                " AND pg_visible_in_snapshot(m.hark_txid, $6::text::pg_snapshot) AND m.id > $7::int8"
+            ),
+            "ASC"
+        )
+    };
+}
+
+const BATCH_AFTER_SNAPSHOT: &str = batch!(new_since!("$5"));
+const BATCH_CREATED_AFTER: &str = batch!("m.created_at > $5");
 
 /// Runs one read. `client` may be pooled or the listener's own.
 pub async fn read(
     client: &impl Prepared,
     rooms: &[i64],
     read: Read<'_>,
+    budget: Budget,
 ) -> Result<Fetched, DbError> {
+    let bytes = i64::try_from(budget.bytes).unwrap_or(i64::MAX);
+    let member = budget.member;
     let rows = match read {
         Read::Latest { limit } => {
             let st = client.statement(LATEST).await?;
-            client.pg().query(&st, &[&rooms, &limit]).await?
+            client
+                .pg()
+                .query(&st, &[&rooms, &limit, &bytes, &member])
+                .await?
         }
         Read::After { lower, limit } => {
             let st = client.statement(NEW_SINCE).await?;
             client
                 .pg()
-                .query(&st, &[&rooms, &limit, &lower.to_pg()])
+                .query(&st, &[&rooms, &limit, &bytes, &member, &lower.to_pg()])
                 .await?
         }
         Read::CreatedAfter { since, limit } => {
             let st = client.statement(CREATED_AFTER).await?;
-            client.pg().query(&st, &[&rooms, &limit, &since]).await?
+            client
+                .pg()
+                .query(&st, &[&rooms, &limit, &bytes, &member, &since])
+                .await?
         }
         Read::Batch {
             lower,
@@ -133,22 +206,58 @@ pub async fn read(
             match lower {
                 Lower::Snapshot(l) => {
                     let st = client.statement(BATCH_AFTER_SNAPSHOT).await?;
-                    client
-                        .pg()
-                        .query(&st, &[&rooms, &limit, &l.to_pg(), &upper, &after_id])
-                        .await?
+                    let params: [&(dyn ToSql + Sync); 7] = [
+                        &rooms,
+                        &limit,
+                        &bytes,
+                        &member,
+                        &l.to_pg(),
+                        &upper,
+                        &after_id,
+                    ];
+                    client.pg().query(&st, &params).await?
                 }
                 Lower::CreatedAfter(since) => {
                     let st = client.statement(BATCH_CREATED_AFTER).await?;
-                    client
-                        .pg()
-                        .query(&st, &[&rooms, &limit, since, &upper, &after_id])
-                        .await?
+                    let params: [&(dyn ToSql + Sync); 7] =
+                        [&rooms, &limit, &bytes, &member, since, &upper, &after_id];
+                    client.pg().query(&st, &params).await?
                 }
             }
         }
     };
     decode(rows)
+}
+
+/// The listener's catch-up: every row of `rooms` new relative to `lower`
+/// (at most `limit`, within `bytes`), and the losses of access of the same
+/// window, read in one snapshot.
+pub async fn catch_up(
+    client: &impl Prepared,
+    rooms: &[i64],
+    lower: &Snapshot,
+    limit: i64,
+    bytes: usize,
+) -> Result<Fetched, DbError> {
+    let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+    let member: Option<i64> = None;
+    let st = client.statement(CATCH_UP).await?;
+    let rows = client
+        .pg()
+        .query(&st, &[&rooms, &limit, &bytes, &member, &lower.to_pg()])
+        .await?;
+    decode(rows)
+}
+
+/// A column of the first row, when the statement has it.
+fn optional<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a Row,
+    name: &str,
+) -> Result<Option<T>, DbError> {
+    if !row.columns().iter().any(|c| c.name() == name) {
+        return Ok(None);
+    }
+    Ok(row.try_get::<_, Option<T>>(name)?)
 }
 
 fn decode(rows: Vec<Row>) -> Result<Fetched, DbError> {
@@ -158,16 +267,20 @@ fn decode(rows: Vec<Row>) -> Result<Fetched, DbError> {
     let head_text: String = first.try_get(0)?;
     let head = Snapshot::parse_pg(&head_text)
         .ok_or_else(|| DbError::Unavailable(format!("unparsable snapshot {head_text:?}")))?;
-    let beyond = first
-        .columns()
-        .iter()
-        .any(|c| c.name() == "beyond")
-        .then(|| first.try_get::<_, bool>("beyond"))
-        .transpose()?
-        .unwrap_or(false);
+    let beyond = optional::<bool>(first, "beyond")?.unwrap_or(false);
+    let member_of: i64 = first.try_get("member_of")?;
+    let revoked_rooms = optional::<Vec<i64>>(first, "revoked_rooms")?.unwrap_or_default();
+    let revoked_users = optional::<Vec<i64>>(first, "revoked_users")?.unwrap_or_default();
+    let revoked = revoked_rooms.into_iter().zip(revoked_users).collect();
     let mut out = Vec::with_capacity(rows.len());
+    let mut cut = false;
     for row in &rows {
         let Some(id) = row.try_get::<_, Option<i64>>("id")? else {
+            continue;
+        };
+        // The first row past the budget: a marker, not a message.
+        let Some(content) = row.try_get::<_, Option<String>>("content")? else {
+            cut = true;
             continue;
         };
         let txid: String = row.try_get("txid")?;
@@ -180,7 +293,7 @@ fn decode(rows: Vec<Row>) -> Result<Fetched, DbError> {
                 first_name: row.try_get("first_name")?,
                 last_name: row.try_get("last_name")?,
             },
-            content: row.try_get("content")?,
+            content,
             created_at: row.try_get("created_at")?,
         };
         let txid = txid
@@ -192,6 +305,9 @@ fn decode(rows: Vec<Row>) -> Result<Fetched, DbError> {
         head: Arc::new(head),
         rows: out,
         beyond,
+        cut,
+        member_of,
+        revoked,
     })
 }
 

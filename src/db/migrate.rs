@@ -14,6 +14,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/0001_chat_tables.sql"),
     ),
     (2, "hark", include_str!("../../sql/0002_hark.sql")),
+    (
+        3,
+        "access_revoked",
+        include_str!("../../sql/0003_access_revoked.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "hark" in ASCII.

@@ -25,6 +25,39 @@ pub async fn require_participant(app: &App, room: i64, user: i64) -> Result<(), 
     }
 }
 
+/// After a read that returned a page for `user` in `room`: Ok while the
+/// user may still read the room. `member` is what the database said in the
+/// read's own snapshot (a page read there), None for a page from the hub's
+/// memory — whose rows a catch-up added only after invalidating the
+/// directory for any loss of access that committed before them, so the
+/// directory's answer covers them. Otherwise 401 for a user who is gone,
+/// 404 for a room that is gone, 403 for one who left (asked of the
+/// database, whatever the cache holds: the NOTIFYs that would clear it may
+/// still be on their way). A user who is back in the room by then may read
+/// what the page holds: they are a participant as of a snapshot that sees it.
+pub async fn require_still_participant(
+    app: &App,
+    room: i64,
+    user: i64,
+    member: Option<bool>,
+) -> Result<(), ApiError> {
+    let allowed = match member {
+        Some(m) => m,
+        None => app.directory.access(room, user).await? == Access::Participant,
+    };
+    if allowed {
+        return Ok(());
+    }
+    if app.directory.user_fresh(user).await?.is_none() {
+        return Err(ApiError::UnknownUser);
+    }
+    match app.directory.access_fresh(room, user).await? {
+        Access::Participant => Ok(()),
+        Access::NotParticipant => Err(ApiError::NotParticipant),
+        Access::NoSuchRoom => Err(ApiError::NotFound("Room not found")),
+    }
+}
+
 /// Spends one of `user`'s writes, or refuses with 429 and `Retry-After`.
 fn spend_write(app: &App, user: i64) -> Result<(), ApiError> {
     app.write_limit.check(user).map_err(|wait| {

@@ -88,7 +88,7 @@ impl ApiError {
             ApiError::BadRequest { code, message } => (code, message.clone()),
             ApiError::Unauthorized(e) => (e.code(), e.message().into()),
             ApiError::UnknownUser => ("user_not_found", "User not found".into()),
-            ApiError::NotParticipant => ("not_participant", "Not a participant".into()),
+            ApiError::NotParticipant => ("not_a_participant", "Not a participant".into()),
             ApiError::NotFound(what) => ("not_found", (*what).into()),
             ApiError::MethodNotAllowed(_) => ("method_not_allowed", "Method not allowed".into()),
             ApiError::PayloadTooLarge(max) => (

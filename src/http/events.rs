@@ -39,7 +39,7 @@ use crate::db::DbError;
 use crate::directory::Access;
 use crate::hub::{Lag, Subscription, TypingEvent};
 use crate::message::User;
-use crate::reader;
+use crate::reader::{self, Want};
 use crate::shutdown::Shutdown;
 
 /// The reconnection delay browsers are told to use.
@@ -96,7 +96,7 @@ pub async fn events(app: &Arc<App>, req: Request<()>) -> Result<Response<Body>, 
 
     // Register before reading anything (rooms, snapshot, typists).
     let lag = Lag::new(app.config.stream_backlog as usize, kill.map(|k| k.0));
-    let mut sub = app.hub.subscribe(&rooms, Some(lag.clone()));
+    let mut sub = app.hub.subscribe(&rooms, user.id, Some(lag.clone()));
     let mut user_epoch = 0;
     // A stream of one named room keeps its room set for good, so a
     // catch-up may write to it while it is parked.
@@ -105,7 +105,7 @@ pub async fn events(app: &Arc<App>, req: Request<()>) -> Result<Response<Body>, 
         sub.allow_parking(park);
     }
     if follow {
-        sub.follow_user(user.id);
+        sub.follow_user();
         user_epoch = app.hub.user_epoch(user.id);
         rooms = app.directory.rooms_of(user.id).await?;
         sub.set_rooms(&rooms);
@@ -338,8 +338,12 @@ impl EventStream {
             park.checking();
         }
         let app = self.app.clone();
-        let limit = app.config.stream_backlog as usize;
-        let page = reader::next_page(&app, &self.rooms, &self.pos, limit, false).await?;
+        let want = Want {
+            user: self.user.id,
+            limit: app.config.stream_backlog as usize,
+            bytes: app.config.max_answer_bytes as usize,
+        };
+        let page = reader::next_page(&app, &self.rooms, &self.pos, want, false).await?;
         // Membership is checked after the read, not before: a room left
         // before or during the read must not leak its messages or typing.
         // Drop the page; the next round reads again from the same position
@@ -365,17 +369,16 @@ impl EventStream {
                 }
             }
         }
-        if page.from_db && !page.rows.is_empty() {
-            let now_in = app.directory.rooms_of(self.user.id).await?;
-            if page.rows.iter().any(|m| !now_in.contains(&m.room)) {
-                if self.follow {
-                    self.rooms = now_in;
-                    self.sub.set_rooms(&self.rooms);
-                } else {
-                    self.done = true;
-                }
-                return Ok(true);
+        // The database's answer in the read's own snapshot, for rows
+        // newer than the NOTIFYs processed so far.
+        if page.from_db && page.member_of < self.rooms.len() as i64 {
+            if self.follow {
+                self.rooms = app.directory.rooms_of(self.user.id).await?;
+                self.sub.set_rooms(&self.rooms);
+            } else {
+                self.done = true;
             }
+            return Ok(true);
         }
         let origin = app.origin();
         for (i, row) in page.rows.iter().enumerate() {

@@ -128,7 +128,7 @@ impl Park {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The stream is about to read and check its membership: a change
+    /// The stream or poll is about to read and check its access: a change
     /// heard from now on keeps it from parking until it checks again.
     pub fn checking(&self) {
         self.lock().stale = false;
@@ -151,17 +151,15 @@ impl Park {
         self.lock().at.take()
     }
 
-    /// Parks a waiting poll at `at`. False (not parked) when the client
-    /// sent more, the request was answered already, or the connection
-    /// ends. A poll checks membership once, at its start, so a change heard
-    /// while it waited only woke it (and kept it from being written to
-    /// meanwhile): it parks again.
+    /// Parks a waiting poll at `at`. False (not parked) when a change of
+    /// its user's access is unchecked, the client sent more, the request
+    /// was answered already, or the connection ends.
     pub fn park_poll(&self, at: &Arc<Snapshot>, form: PollForm) -> bool {
         let mut st = self.lock();
-        if st.input || st.answered.is_some() || !st.rest.is_empty() || st.sock.is_none() {
+        if st.stale || st.input || st.answered.is_some() || !st.rest.is_empty() || st.sock.is_none()
+        {
             return false;
         }
-        st.stale = false;
         st.at = Some(at.clone());
         st.poll = Some(form);
         true
@@ -853,8 +851,9 @@ mod tests {
             assert_eq!(p.park.finish_request(), None, "{name}");
         }
         assert_eq!(metrics.poll_direct_answers.load(Relaxed), 0);
-        // Woken, a revoked poll parks again: it checks membership only at
-        // its start.
+        // A revoked poll parks again only once it has checked its access.
+        assert!(!revoked.park.park_poll(&lower, form(100)));
+        revoked.park.checking();
         assert!(revoked.park.park_poll(&lower, form(100)));
     }
 

@@ -20,7 +20,7 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, ORIGIN};
 use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
 
-use super::chat::require_participant;
+use super::chat::{require_participant, require_still_participant};
 use super::error::ApiError;
 use super::park::{Park, PollForm};
 use super::{authenticate, json_response, query_get, query_pairs, Body};
@@ -28,7 +28,7 @@ use crate::app::App;
 use crate::cursor::{Cursor, Lower, Origin, Position};
 use crate::db::messages::Read;
 use crate::message::{format_ts, StoredMessage};
-use crate::reader;
+use crate::reader::{self, Want};
 
 const DEFAULT_LIMIT: u32 = 100;
 
@@ -147,27 +147,36 @@ pub async fn poll(app: &App, req: Request<()>) -> Result<Response<Body>, ApiErro
         check_origin(c, origin)?;
     }
 
-    // Register before the first read: a row committing in between still wakes us.
-    let sub = app.hub.subscribe(&[room], None);
+    // Register before the first read: a row committing in between still
+    // wakes us, and so does a loss of access.
+    let sub = app.hub.subscribe(&[room], user.id, None);
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let mut shutdown = app.shutdown.clone();
+    let want = Want {
+        user: user.id,
+        limit,
+        bytes: app.config.max_answer_bytes as usize,
+    };
     let mut pos = match since {
         Since::Latest => {
             let read = Read::Latest {
                 limit: limit as i64,
             };
-            let f = Box::pin(reader::cold(app, &[room], read)).await?;
-            return Ok(answer(&f.rows, &Cursor::at(origin, f.head), false));
+            let f = Box::pin(reader::cold(app, &[room], read, want.budget())).await?;
+            require_still_participant(app, room, user.id, Some(f.member_of > 0)).await?;
+            let mut rows = f.rows;
+            reader::fit_newest(&mut rows, want.bytes);
+            return Ok(answer(&rows, &Cursor::at(origin, f.head), false));
         }
         Since::CreatedAfter(since) => {
             let read = Read::CreatedAfter {
                 since,
                 limit: limit as i64 + 1,
             };
-            let f = Box::pin(reader::cold(app, &[room], read)).await?;
+            let f = Box::pin(reader::cold(app, &[room], read, want.budget())).await?;
+            require_still_participant(app, room, user.id, Some(f.member_of > 0)).await?;
             let mut rows = f.rows;
-            let more = rows.len() > limit;
-            rows.truncate(limit);
+            let more = reader::limit_rows(&mut rows, want) || f.cut;
             let next = match (more, rows.last()) {
                 (true, Some(last)) => Position::Paging {
                     lower: Lower::CreatedAfter(since),
@@ -193,10 +202,19 @@ pub async fn poll(app: &App, req: Request<()>) -> Result<Response<Body>, ApiErro
     let mut waiting = None;
     let mut parkable = false;
     loop {
-        let page = match reader::memory_page(app, &[room], &pos, limit, timeout == 0)? {
+        if let Some(park) = &park {
+            // A loss of access heard from here on keeps the poll from
+            // parking until it has checked again.
+            park.checking();
+        }
+        let page = match reader::memory_page(app, &[room], &pos, want, timeout == 0)? {
             Some(page) => page,
-            None => Box::pin(reader::db_page(app, &[room], &pos, limit)).await?,
+            None => Box::pin(reader::db_page(app, &[room], &pos, want)).await?,
         };
+        // After the read, so that what it returned is covered: nothing
+        // committed after the user lost access is ever answered.
+        let member = page.from_db.then_some(page.member_of > 0);
+        Box::pin(require_still_participant(app, room, user.id, member)).await?;
         pos = page.next;
         if !page.rows.is_empty() {
             let resp = answer(

@@ -28,6 +28,11 @@ use tokio_postgres::NoTls;
 
 pub const SECRET: &str = "test-secret-for-hark";
 
+/// A first request that hark's own HTTP leaves to hyper (a method it does
+/// not serve; a 405 that keeps the connection): a request after it on the
+/// same connection is served by hyper.
+pub const HYPER_FIRST: Option<&str> = Some("PUT /api/chat/messages/");
+
 struct Cluster {
     /// `host=… port=… user=postgres` without a dbname.
     base: String,
