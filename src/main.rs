@@ -17,6 +17,14 @@ async fn main() -> std::process::ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
+    // jemalloc returns freed pages to the OS as its decay clock advances,
+    // and without background threads that clock only advances when the
+    // process allocates: after a burst of large answers to clients that
+    // then went away, an idle hark kept the peak RSS until some unrelated
+    // burst of activity. Background threads purge on their own timer.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(error = %e, "cannot start jemalloc's background purging");
+    }
     match hark::run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

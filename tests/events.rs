@@ -565,7 +565,11 @@ async fn a_catch_up_larger_than_the_answer_budget_arrives_whole_and_once() {
         expected.push(fx.insert(room, bob, &"y".repeat(3 * 4096)).await);
         expected.push(fx.insert(room, bob, "last").await);
         let last = *expected.last().unwrap();
-        assert_eq!(message_ids_until(&mut live, last).await, expected, "ring {ring}: live");
+        assert_eq!(
+            message_ids_until(&mut live, last).await,
+            expected,
+            "ring {ring}: live"
+        );
         let (mut resumed, _) =
             resume(&hark, &format!("?room_id={room}"), &t, &start, Via::Header).await;
         assert_eq!(

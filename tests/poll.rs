@@ -990,7 +990,11 @@ async fn the_latest_page_is_the_newest_messages_that_fit_the_budget() {
     assert_eq!(s, StatusCode::OK);
     let got = ids(&body);
     assert!(!got.is_empty() && got.len() < all.len(), "{got:?}");
-    assert_eq!(got, all[all.len() - got.len()..], "the newest, oldest first");
+    assert_eq!(
+        got,
+        all[all.len() - got.len()..],
+        "the newest, oldest first"
+    );
     assert_eq!(body["has_more"], false);
 }
 
