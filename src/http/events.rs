@@ -31,6 +31,7 @@ use super::chat::require_participant;
 use super::error::ApiError;
 use super::park::Park;
 use super::poll::parse_room_id;
+use super::sse;
 use super::{authenticate_until, query_get, query_pairs, Body, ConnectionKill};
 use crate::app::App;
 use crate::cursor::{Cursor, Position};
@@ -120,15 +121,13 @@ pub async fn events(app: &Arc<App>, req: Request<()>) -> Result<Response<Body>, 
     let typists = app.typing.current(&rooms, user.id).await?;
 
     let mut head = BytesMut::new();
-    head.extend_from_slice(format!("retry: {RETRY_MS}\n\n").as_bytes());
+    sse::push_retry(&mut head, RETRY_MS);
     let current = Cursor::at(origin, now.clone());
     let resumed = last_event_id.and_then(|text| match Cursor::decode(&text) {
         Ok(c) if c.origin == origin && c.newest_xmax() <= now.xmax => Some((text, c.position)),
         _ => {
-            let cur = current.encode();
-            head.extend_from_slice(
-                format!("event: reset\ndata: {{\"cursor\":\"{cur}\"}}\n\n").as_bytes(),
-            );
+            let data = serde_json::json!({ "cursor": current.encode() }).to_string();
+            sse::push_event(&mut head, "reset", None, data.as_bytes());
             None
         }
     });
@@ -136,9 +135,8 @@ pub async fn events(app: &Arc<App>, req: Request<()>) -> Result<Response<Body>, 
         Some((text, pos)) => (text, pos),
         None => (current.encode(), Position::At(now)),
     };
-    head.extend_from_slice(
-        format!("event: ready\nid: {ready_id}\ndata: {{\"cursor\":\"{ready_id}\"}}\n\n").as_bytes(),
-    );
+    let data = serde_json::json!({ "cursor": ready_id }).to_string();
+    sse::push_event(&mut head, "ready", Some(&ready_id), data.as_bytes());
     let mut typing_told = HashMap::new();
     for ev in &typists {
         push_typing(&mut head, ev);
@@ -203,17 +201,11 @@ fn earliest(at: Instant, expires: Option<Instant>) -> Instant {
 
 /// One `event: message` with its cursor as the id.
 pub fn push_message(out: &mut BytesMut, id: &str, json: &[u8]) {
-    out.extend_from_slice(b"event: message\nid: ");
-    out.extend_from_slice(id.as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    out.extend_from_slice(json);
-    out.extend_from_slice(b"\n\n");
+    sse::push_event(out, "message", Some(id), json);
 }
 
 fn push_typing(out: &mut BytesMut, ev: &TypingEvent) {
-    out.extend_from_slice(b"event: typing\ndata: ");
-    out.extend_from_slice(&ev.json);
-    out.extend_from_slice(b"\n\n");
+    sse::push_event(out, "typing", None, &ev.json);
 }
 
 /// One open stream: its position and what it is waiting on.
@@ -304,7 +296,7 @@ impl EventStream {
                     let due = self.last_write + self.ping_every;
                     if !self.expired() {
                         let next = if now >= due {
-                            self.out.extend_from_slice(b": ping\n\n");
+                            sse::push_comment(&mut self.out, "ping");
                             now + self.ping_every
                         } else {
                             due

@@ -13,6 +13,7 @@ pub mod poll;
 pub mod replay;
 pub mod router;
 pub mod send_timeout;
+pub(crate) mod sse;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
