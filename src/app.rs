@@ -15,21 +15,24 @@ use crate::config::Config;
 use crate::cursor::Origin;
 use crate::db::embedded::{EmbeddedOptions, EmbeddedPg};
 use crate::db::{self, migrate};
-use crate::directory::Directory;
+use crate::delivery::directory::Directory;
+use crate::delivery::hub::Hub;
+use crate::delivery::listener::Listener;
+use crate::delivery::reader::Reader;
+use crate::delivery::typing::Typing;
 use crate::http::cors::Cors;
-use crate::hub::Hub;
-use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::ratelimit::WriteLimit;
 use crate::shutdown::{self, Shutdown};
 use crate::stream_quota::StreamQuota;
-use crate::typing::Typing;
 
 /// What handlers share. One per process, behind an `Arc`.
 pub struct App {
     pub config: Config,
     pub pool: Pool,
     pub hub: Hub,
+    /// Pages after a position, from the hub or the database.
+    pub reader: Reader,
     pub directory: Directory,
     pub typing: Typing,
     pub auth: Auth,
@@ -133,7 +136,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
             directory: directory.clone(),
             typing: typing.clone(),
             metrics: metrics.clone(),
-            cors: cors.clone(),
+            encode: Arc::new(crate::http::parked::Frames { cors: cors.clone() }),
         }
         .run(shutdown.clone()),
     );
@@ -172,6 +175,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
         auth: Auth::new(secret.as_bytes()),
         config,
         pool: pool.clone(),
+        reader: Reader::new(hub.clone(), pool.clone(), metrics.clone()),
         hub,
         directory,
         typing,

@@ -62,6 +62,28 @@ impl StoredMessage {
     }
 }
 
+/// A typing change as streams deliver it: `{"room", "user", "is_typing"}`.
+#[derive(Debug, Clone)]
+pub struct TypingEvent {
+    pub room: i64,
+    pub user: User,
+    pub is_typing: bool,
+    /// The event's data, serialised once.
+    pub json: Bytes,
+}
+
+impl TypingEvent {
+    pub fn new(room: i64, user: User, is_typing: bool) -> TypingEvent {
+        let json = serde_json::json!({"room": room, "user": &user, "is_typing": is_typing});
+        TypingEvent {
+            room,
+            json: Bytes::from(json.to_string()),
+            user,
+            is_typing,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -341,7 +341,7 @@ pub async fn send(
                  SELECT ins.id, ins.created_at, \
                         (SELECT count(*) FROM upd) AS touched, \
                         (SELECT count(pg_notify('hark', ",
-                crate::typing::stop_payload_sql!("$1", "$2"),
+                super::typing::stop_payload_sql!("$1", "$2"),
                 ")) FROM stop WHERE stop.was_typing) AS stopped \
                  FROM ins"
     );

@@ -9,6 +9,7 @@ pub mod embedded;
 pub mod messages;
 pub mod migrate;
 pub mod rooms;
+pub mod typing;
 
 use std::collections::HashMap;
 use std::future::Future;

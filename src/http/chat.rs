@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::{authenticate, discard_body, json_response, query_pairs, read_json, Body, ReqBody};
 use crate::app::App;
 use crate::db::{messages, rooms};
-use crate::directory::Access;
+use crate::delivery::directory::Access;
 use crate::message::Message;
 
 /// 404 for an unknown room, 403 for a non-participant.

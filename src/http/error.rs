@@ -13,6 +13,7 @@ use hyper::{Response, StatusCode};
 use super::{json_response, Body};
 use crate::auth::AuthError;
 use crate::db::DbError;
+use crate::delivery::reader::ReadError;
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -174,6 +175,18 @@ impl ApiError {
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         ApiError::Database(e)
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::CursorReset => ApiError::CursorReset,
+            ReadError::InvalidCursor => {
+                ApiError::bad("invalid_since", "since is not a valid cursor")
+            }
+            ReadError::Db(e) => ApiError::Database(e),
+        }
     }
 }
 

@@ -29,18 +29,19 @@ use tokio::time::{Instant, Sleep};
 
 use super::chat::require_participant;
 use super::error::ApiError;
-use super::park::Park;
 use super::poll::parse_room_id;
 use super::sse;
 use super::{authenticate_until, query_get, query_pairs, Body, ConnectionKill};
 use crate::app::App;
-use crate::cursor::{Cursor, Position};
+use crate::cursor::{Cursor, Lower, Origin, Position, Snapshot};
 use crate::db::messages;
 use crate::db::DbError;
-use crate::directory::Access;
-use crate::hub::{Lag, Subscription, TypingEvent};
-use crate::message::User;
-use crate::reader::{self, Want};
+use crate::delivery::directory::Access;
+use crate::delivery::hub::Subscription;
+use crate::delivery::lag::Lag;
+use crate::delivery::park::Park;
+use crate::delivery::reader::{self, Want};
+use crate::message::{StoredMessage, TypingEvent, User};
 use crate::shutdown::Shutdown;
 
 /// The reconnection delay browsers are told to use.
@@ -199,9 +200,22 @@ fn earliest(at: Instant, expires: Option<Instant>) -> Instant {
     expires.map_or(at, |e| e.min(at))
 }
 
-/// One `event: message` with its cursor as the id.
-pub fn push_message(out: &mut BytesMut, id: &str, json: &[u8]) {
-    sse::push_event(out, "message", Some(id), json);
+/// The `event: message` of each of `rows`, a page of the batch `batch`
+/// whose position after its last row is `next`, each with its cursor as
+/// the id ([`reader::position_after`]). The stream and the listener's
+/// direct writes both write pages with this.
+pub(crate) fn push_messages(
+    out: &mut BytesMut,
+    origin: Origin,
+    batch: Option<(&Lower, &Arc<Snapshot>)>,
+    next: &Position,
+    rows: &[Arc<StoredMessage>],
+) {
+    for (i, row) in rows.iter().enumerate() {
+        let position = reader::position_after(batch, next, rows, i);
+        let id = Cursor { origin, position }.encode();
+        sse::push_event(out, "message", Some(&id), &row.json);
+    }
 }
 
 fn push_typing(out: &mut BytesMut, ev: &TypingEvent) {
@@ -335,7 +349,10 @@ impl EventStream {
             limit: app.config.stream_backlog as usize,
             bytes: app.config.max_answer_bytes as usize,
         };
-        let page = reader::next_page(&app, &self.rooms, &self.pos, want, false).await?;
+        let page = app
+            .reader
+            .next_page(&self.rooms, &self.pos, want, false)
+            .await?;
         // Membership is checked after the read, not before: a room left
         // before or during the read must not leak its messages or typing.
         // Drop the page; the next round reads again from the same position
@@ -372,15 +389,8 @@ impl EventStream {
             }
             return Ok(true);
         }
-        let origin = app.origin();
-        for (i, row) in page.rows.iter().enumerate() {
-            let id = Cursor {
-                origin,
-                position: page.position_after(i),
-            }
-            .encode();
-            push_message(&mut self.out, &id, &row.json);
-        }
+        let batch = page.batch.as_ref().map(|(l, u)| (l, u));
+        push_messages(&mut self.out, app.origin(), batch, &page.next, &page.rows);
         self.lag.delivered(page.rows.len());
         if page.settled {
             self.lag.caught_up();

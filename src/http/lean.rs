@@ -53,9 +53,9 @@ use tokio::sync::Notify;
 use tokio::time::timeout;
 
 use super::error::ApiError;
-use super::park::{frame_chunk, Park};
 use super::{events, router, Body, ConnectionKill, Seen};
 use crate::app::App;
+use crate::delivery::park::Park;
 
 /// Longest request head, and most header fields: hyper's limits on the
 /// other path (`max_buf_size` in [`super::serve`], hyper's default count),
@@ -170,7 +170,7 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
                 let park = conn
                     .park
                     .0
-                    .get_or_insert_with(|| Park::for_requests(conn.wr.clone()));
+                    .get_or_insert_with(|| Park::new(conn.wr.clone()));
                 req.extensions_mut().insert(park.clone());
             }
             let head_only = req.method() == Method::HEAD;
@@ -582,6 +582,15 @@ pub(crate) fn answer_bytes(
     );
     out.extend_from_slice(&body);
     Some(out)
+}
+
+/// `data` as one HTTP/1.1 chunk.
+pub(crate) fn frame_chunk(data: &[u8]) -> Bytes {
+    let mut c = Vec::with_capacity(data.len() + 12);
+    let _ = write!(c, "{:x}\r\n", data.len());
+    c.extend_from_slice(data);
+    c.extend_from_slice(b"\r\n");
+    c.into()
 }
 
 /// The `Date` value for now (IMF-fixdate), formatted once a second per

@@ -8,7 +8,8 @@ pub mod error;
 pub mod events;
 pub mod lean;
 pub mod ops;
-pub mod park;
+pub(crate) mod parked;
+
 pub mod poll;
 pub mod replay;
 pub mod router;

@@ -22,13 +22,13 @@ use tokio::time::Instant;
 
 use super::chat::{require_participant, require_still_participant};
 use super::error::ApiError;
-use super::park::{Park, PollForm};
 use super::{authenticate, json_response, query_get, query_pairs, Body};
 use crate::app::App;
 use crate::cursor::{Cursor, Lower, Origin, Position};
 use crate::db::messages::Read;
+use crate::delivery::park::{Park, PollForm};
+use crate::delivery::reader::{self, Want};
 use crate::message::{format_ts, StoredMessage};
-use crate::reader::{self, Want};
 
 const DEFAULT_LIMIT: u32 = 100;
 
@@ -120,7 +120,11 @@ pub async fn poll(app: &App, req: Request<()>) -> Result<Response<Body>, ApiErro
     let pairs = query_pairs(&req);
     let user = Box::pin(authenticate(app, &req, &pairs)).await?;
     let park = req.extensions().get::<Arc<Park>>().cloned();
-    let req_origin = park.as_ref().and(req.headers().get(ORIGIN).cloned());
+    // A parked answer's CORS headers depend on it.
+    let req_origin = park.as_ref().and_then(|_| {
+        let origin = req.headers().get(ORIGIN)?;
+        Some(bytes::Bytes::copy_from_slice(origin.as_bytes()))
+    });
     drop(req);
     let room = parse_room_id(query_get(&pairs, "room_id"))?;
     let since = parse_since(query_get(&pairs, "since"))?;
@@ -162,7 +166,7 @@ pub async fn poll(app: &App, req: Request<()>) -> Result<Response<Body>, ApiErro
             let read = Read::Latest {
                 limit: limit as i64,
             };
-            let f = Box::pin(reader::cold(app, &[room], read, want.budget())).await?;
+            let f = Box::pin(app.reader.cold(&[room], read, want.budget())).await?;
             require_still_participant(app, room, user.id, Some(f.member_of > 0)).await?;
             let mut rows = f.rows;
             reader::fit_newest(&mut rows, want.bytes);
@@ -173,7 +177,7 @@ pub async fn poll(app: &App, req: Request<()>) -> Result<Response<Body>, ApiErro
                 since,
                 limit: limit as i64 + 1,
             };
-            let f = Box::pin(reader::cold(app, &[room], read, want.budget())).await?;
+            let f = Box::pin(app.reader.cold(&[room], read, want.budget())).await?;
             require_still_participant(app, room, user.id, Some(f.member_of > 0)).await?;
             let mut rows = f.rows;
             let more = reader::limit_rows(&mut rows, want) || f.cut;
@@ -207,9 +211,9 @@ pub async fn poll(app: &App, req: Request<()>) -> Result<Response<Body>, ApiErro
             // parking until it has checked again.
             park.checking();
         }
-        let page = match reader::memory_page(app, &[room], &pos, want, timeout == 0)? {
+        let page = match app.reader.memory_page(&[room], &pos, want, timeout == 0)? {
             Some(page) => page,
-            None => Box::pin(reader::db_page(app, &[room], &pos, want)).await?,
+            None => Box::pin(app.reader.db_page(&[room], &pos, want)).await?,
         };
         // After the read, so that what it returned is covered: nothing
         // committed after the user lost access is ever answered.
@@ -260,7 +264,7 @@ pub async fn poll(app: &App, req: Request<()>) -> Result<Response<Body>, ApiErro
                     at,
                     PollForm {
                         limit,
-                        origin: req_origin.clone(),
+                        variant: req_origin.clone(),
                     },
                 )
             }

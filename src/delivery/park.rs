@@ -1,16 +1,18 @@
-//! Parked event streams and polls: a catch-up's rows written by the
-//! listener's task straight to the sockets of idle streams and waiting
-//! polls, with no task wake-up for each (DESIGN §8).
+//! The registry of parked positions: a catch-up's rows written by the
+//! listener's task straight to idle streams and waiting polls, with no task
+//! wake-up for each (DESIGN §8).
 //!
-//! An idle stream on a lean HTTP/1.1 connection ([`super::lean`])
-//! that watches one room *parks*: it leaves its position here and waits.
-//! After a catch-up the hub hands [`deliver`] each room's new rows with the
-//! room's parked streams. The events for one position are built once and
-//! written to every stream parked there with one non-blocking write, which
-//! moves that stream's parked position on. Whatever cannot be done so — a
-//! socket that takes nothing, a position outside the catch-up's range, a
-//! membership change not yet checked, a page over the backlog bound — is
-//! left to the stream, which is woken as it would be without parking.
+//! A stream that watches one room, or a waiting poll, *parks* once it has
+//! written everything due: it leaves its position here and waits. After a
+//! catch-up the hub hands [`deliver`] each room's new rows with the room's
+//! parked streams and polls. The bytes for one position are built once —
+//! by the edge, through [`Encode`]: this module knows positions, not
+//! protocols — and written to every one parked there with one non-blocking
+//! write ([`Wire`]), which moves that stream's parked position on (or
+//! answers that poll). Whatever cannot be done so — a socket that takes
+//! nothing, a position outside the catch-up's range, a loss of access not
+//! yet checked, a page over the stream's bound — is left to the stream or
+//! poll, which is woken as it would be without parking.
 //!
 //! Exactly once: the position and the right to write change hands under
 //! the park's lock. The listener writes only to a parked stream and moves
@@ -20,28 +22,23 @@
 //! took only part of stays here, and the connection writes it before
 //! anything else.
 //!
-//! A waiting long poll on a lean connection parks too (DESIGN §8): the
-//! listener writes its whole answer — the one the poll would have written
-//! — and the connection takes note lazily, when its client sends the next
-//! request (or goes away, or the poll's own timer fires). One answer per
-//! request: the right to answer changes hands under the park's lock, as a
-//! stream's position does.
+//! A waiting poll's whole answer is written the same way, and its
+//! connection takes note lazily, when its client sends the next request
+//! (or goes away, or the poll's own timer fires). One answer per request:
+//! the right to answer changes hands under the park's lock, as a stream's
+//! position does.
 
-use std::io::Write as _;
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::{Bytes, BytesMut};
-use hyper::header::HeaderValue;
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
+use bytes::Bytes;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::cors::Cors;
-use super::events::push_message;
-use crate::cursor::{Cursor, Lower, Origin, Position, Snapshot};
-use crate::hub::{Delivery, Parked};
+use crate::cursor::{Origin, Snapshot};
+use crate::delivery::lag::Lag;
+use crate::message::StoredMessage;
 use crate::metrics::Metrics;
 
 /// Writes between two yields of the listener's task: a fan-out to many
@@ -52,33 +49,77 @@ const YIELD_EVERY: usize = 256;
 /// runtime's threads.
 const SPLIT_ABOVE: usize = 512;
 
-/// One stream's, or one lean connection's, parking place.
+/// Where a park's bytes go: the connection's socket (or its write half),
+/// written without waiting.
+pub trait Wire: Send + Sync {
+    /// Writes what the socket takes now: `WouldBlock` when it takes
+    /// nothing, an error when it is gone.
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize>;
+}
+
+/// The edge's encoding of what a parked stream or poll is due: given the
+/// rows, it builds the bytes the stream or poll would have written itself.
+pub trait Encode: Send + Sync {
+    /// The events for `rows` (ascending id, each due) to a stream parked at
+    /// `at`, whose position after them is `head`.
+    fn stream_page(
+        &self,
+        origin: Origin,
+        at: &Arc<Snapshot>,
+        head: &Arc<Snapshot>,
+        rows: &[Arc<StoredMessage>],
+    ) -> Bytes;
+
+    /// A waiting poll's whole answer: `rows`, the cursor at `head`, and
+    /// `has_more`. `variant` is what else the answer depends on
+    /// ([`PollForm::variant`]). None when it cannot be built.
+    fn poll_answer(
+        &self,
+        origin: Origin,
+        head: &Arc<Snapshot>,
+        rows: &[Arc<StoredMessage>],
+        has_more: bool,
+        variant: Option<&Bytes>,
+    ) -> Option<Bytes>;
+}
+
+/// A catch-up's rows for one room, for the room's parked streams and
+/// polls: every row of the room visible in `head` and not in `lower` is in
+/// `rows`, so one parked at a snapshot between the two is due exactly the
+/// rows it does not see.
+pub struct Delivery {
+    pub lower: Arc<Snapshot>,
+    pub head: Arc<Snapshot>,
+    /// Ascending id.
+    pub rows: Vec<Arc<StoredMessage>>,
+    /// When the NOTIFY that led to them arrived (latency metric).
+    pub heard: Instant,
+    /// A NOTIFY for the room came after this catch-up began: more may be
+    /// due than it read (a poll's `has_more`).
+    pub beyond: bool,
+    pub parked: Vec<Parked>,
+}
+
+/// A stream or a poll that may be parked.
+pub struct Parked {
+    pub park: Arc<Park>,
+    pub notify: Arc<Notify>,
+    /// None for a poll.
+    pub lag: Option<Arc<Lag>>,
+}
+
+/// One stream's, or one connection's, parking place.
 pub struct Park {
     state: Mutex<State>,
-}
-
-/// The socket a park writes to: an event stream's own, or the write half
-/// of a lean connection serving requests, whose loop keeps the read half.
-#[derive(Clone)]
-enum Wire {
-    Whole(Arc<TcpStream>),
-    Half(Arc<OwnedWriteHalf>),
-}
-
-impl Wire {
-    fn socket(&self) -> &TcpStream {
-        match self {
-            Wire::Whole(s) => s,
-            Wire::Half(h) => (**h).as_ref(),
-        }
-    }
 }
 
 /// What a waiting poll's own answer would depend on besides the rows.
 pub struct PollForm {
     pub limit: usize,
-    /// The request's `Origin`, for the CORS headers.
-    pub origin: Option<HeaderValue>,
+    /// Opaque here, handed back to [`Encode::poll_answer`] (the edge keeps
+    /// the request's `Origin` here, for its CORS headers). Answers are
+    /// built once per distinct position and variant.
+    pub variant: Option<Bytes>,
 }
 
 #[derive(Default)]
@@ -87,7 +128,7 @@ struct State {
     /// has been written to the socket.
     at: Option<Arc<Snapshot>>,
     /// None once the connection is ending.
-    sock: Option<Wire>,
+    sock: Option<Arc<dyn Wire>>,
     /// Set while a waiting poll is parked; None for a stream.
     poll: Option<PollForm>,
     /// When the listener answered the request in flight; the connection
@@ -97,27 +138,20 @@ struct State {
     /// written here could go unnoticed behind that input, so the poll
     /// answers itself.
     input: bool,
-    /// A membership change of the room was heard and the stream has not
-    /// checked it yet: nothing is written for it here meanwhile.
+    /// A loss of access to the room was heard and the stream or poll has
+    /// not checked it yet: nothing is written for it here meanwhile.
     stale: bool,
     /// The part of a direct write the socket did not take.
     rest: Bytes,
 }
 
 impl Park {
-    pub fn new(sock: Arc<TcpStream>) -> Arc<Park> {
-        Park::with(Wire::Whole(sock))
-    }
-
-    /// A lean connection's park, for the polls it serves one at a time.
-    pub fn for_requests(sock: Arc<OwnedWriteHalf>) -> Arc<Park> {
-        Park::with(Wire::Half(sock))
-    }
-
-    fn with(wire: Wire) -> Arc<Park> {
+    /// A park that writes to `sock`: a stream's socket, or the write half
+    /// of a connection serving requests, whose loop keeps the read half.
+    pub fn new(sock: Arc<dyn Wire>) -> Arc<Park> {
         Arc::new(Park {
             state: Mutex::new(State {
-                sock: Some(wire),
+                sock: Some(sock),
                 ..State::default()
             }),
         })
@@ -236,20 +270,21 @@ enum Written {
 /// One page for streams, or polls, parked at one position.
 struct Page {
     at: Arc<Snapshot>,
-    /// None for streams; for polls, the `Origin` their answers are for.
-    poll: Option<Option<HeaderValue>>,
+    /// None for streams; for polls, the variant their answers are for.
+    poll: Option<Option<Bytes>>,
     /// Rows in it, for each parked one's limit.
     rows: usize,
-    /// Framed for the wire; None when such streams must see to it
+    /// Ready for the wire; None when such streams must see to it
     /// themselves.
     bytes: Option<Bytes>,
 }
 
 /// What every write of one catch-up shares.
 pub struct Ctx<'a> {
+    /// The database identity the cursors carry.
     pub origin: Origin,
     pub metrics: &'a Arc<Metrics>,
-    pub cors: &'a Cors,
+    pub encode: &'a Arc<dyn Encode>,
 }
 
 /// Writes each delivery's rows to its parked streams and polls, and wakes
@@ -272,13 +307,14 @@ pub async fn deliver(deliveries: Vec<Delivery>, ctx: &Ctx<'_>) {
         let tasks: Vec<_> = (0..parts)
             .map(|i| {
                 let d = d.clone();
-                let (origin, metrics, cors) = (ctx.origin, ctx.metrics.clone(), ctx.cors.clone());
+                let (origin, metrics, encode) =
+                    (ctx.origin, ctx.metrics.clone(), ctx.encode.clone());
                 let range = i * per..((i + 1) * per).min(d.parked.len());
                 tokio::spawn(async move {
                     let ctx = Ctx {
                         origin,
                         metrics: &metrics,
-                        cors: &cors,
+                        encode: &encode,
                     };
                     deliver_part(&d, range, &ctx).await
                 })
@@ -320,7 +356,7 @@ fn write_parked(s: &Parked, d: &Delivery, ctx: &Ctx<'_>, pages: &mut Vec<Page>) 
         return Written::Nothing;
     };
     let (limit, poll) = match (&st.poll, &s.lag) {
-        (Some(form), _) => (form.limit, Some(&form.origin)),
+        (Some(form), _) => (form.limit, Some(&form.variant)),
         (None, Some(lag)) => (lag.limit(), None),
         (None, None) => return Written::Nothing,
     };
@@ -338,7 +374,7 @@ fn write_parked(s: &Parked, d: &Delivery, ctx: &Ctx<'_>, pages: &mut Vec<Page>) 
     let Some(bytes) = page.bytes.as_ref().filter(|_| page.rows <= limit) else {
         return Written::Nothing;
     };
-    let written = match sock.socket().try_write(bytes) {
+    let written = match sock.try_write(bytes) {
         Ok(w) if w == bytes.len() => Written::All,
         Ok(w) if w > 0 => {
             st.rest = bytes.slice(w..);
@@ -368,16 +404,11 @@ fn write_parked(s: &Parked, d: &Delivery, ctx: &Ctx<'_>, pages: &mut Vec<Page>) 
 }
 
 /// The page for streams (`poll` None) or polls parked at `at`: the
-/// catch-up's rows not visible in `at`, framed as events or as a poll's
-/// whole answer. Valid only when `at` lies between the catch-up's lower
-/// snapshot and its head — then the rows due are exactly those, and the
-/// next position is the head — and when something is due.
-fn build(
-    d: &Delivery,
-    at: &Arc<Snapshot>,
-    poll: Option<&Option<HeaderValue>>,
-    ctx: &Ctx<'_>,
-) -> Page {
+/// catch-up's rows not visible in `at`, as the edge encodes them. Valid
+/// only when `at` lies between the catch-up's lower snapshot and its head
+/// — then the rows due are exactly those, and the next position is the
+/// head — and when something is due.
+fn build(d: &Delivery, at: &Arc<Snapshot>, poll: Option<&Option<Bytes>>, ctx: &Ctx<'_>) -> Page {
     let mut page = Page {
         at: at.clone(),
         poll: poll.cloned(),
@@ -397,56 +428,24 @@ fn build(
     if due.is_empty() {
         return page;
     }
-    if let Some(origin) = poll {
-        let cursor = Cursor::at(ctx.origin, d.head.clone());
-        let answer = super::poll::answer(&due, &cursor, d.beyond);
-        page.bytes = super::lean::answer_bytes(answer, ctx.cors, origin.as_ref()).map(Bytes::from);
-        return page;
-    }
-    let mut events = BytesMut::new();
-    for (i, row) in due.iter().enumerate() {
-        // The same ids a stream reading this page itself would write
-        // (`reader::Page::position_after`).
-        let position = if i + 1 < due.len() {
-            Position::Paging {
-                lower: Lower::Snapshot(at.clone()),
-                upper: d.head.clone(),
-                after_id: row.id,
-            }
-        } else {
-            Position::At(d.head.clone())
-        };
-        let id = Cursor {
-            origin: ctx.origin,
-            position,
+    page.bytes = match poll {
+        Some(variant) => {
+            ctx.encode
+                .poll_answer(ctx.origin, &d.head, &due, d.beyond, variant.as_ref())
         }
-        .encode();
-        push_message(&mut events, &id, &row.json);
-    }
-    page.bytes = Some(frame_chunk(&events));
+        None => Some(ctx.encode.stream_page(ctx.origin, at, &d.head, &due)),
+    };
     page
-}
-
-/// `data` as one HTTP/1.1 chunk.
-pub fn frame_chunk(data: &[u8]) -> Bytes {
-    let mut c = Vec::with_capacity(data.len() + 12);
-    let _ = write!(c, "{:x}\r\n", data.len());
-    c.extend_from_slice(data);
-    c.extend_from_slice(b"\r\n");
-    c.into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::{Lag, Parked};
-    use crate::message::{Message, StoredMessage, User};
+    use crate::delivery::lag::Lag;
+    use crate::message::{Message, User};
     use chrono::Utc;
     use futures::FutureExt;
-    use tokio::io::AsyncReadExt;
-    use tokio::net::TcpListener;
     use tokio::sync::Notify;
-    use tokio::time::Instant;
 
     const ORIGIN: Origin = Origin {
         system_id: 7,
@@ -457,7 +456,7 @@ mod tests {
         Arc::new(Snapshot::new(xmin, xmax, xip.to_vec()).unwrap())
     }
 
-    fn msg(id: i64, txid: u64, content: String) -> Arc<StoredMessage> {
+    fn msg(id: i64, txid: u64) -> Arc<StoredMessage> {
         let m = Message {
             id,
             room: 1,
@@ -467,58 +466,124 @@ mod tests {
                 first_name: String::new(),
                 last_name: String::new(),
             },
-            content,
+            content: format!("m{id}"),
             created_at: Utc::now(),
         };
         Arc::new(StoredMessage::new(&m, txid))
     }
 
-    /// A loopback connection: the server side (what a park writes to) and
-    /// the client side.
-    async fn pair() -> (Arc<TcpStream>, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (server, _) = l.accept().await.unwrap();
-        (Arc::new(server), client)
+    /// A socket that takes at most `room` more bytes.
+    struct Sink {
+        room: Mutex<usize>,
+        got: Mutex<Vec<u8>>,
     }
 
-    struct Stream {
-        park: Arc<Park>,
-        notify: Arc<Notify>,
-        lag: Arc<Lag>,
-        client: TcpStream,
-    }
+    impl Sink {
+        fn new(room: usize) -> Arc<Sink> {
+            Arc::new(Sink {
+                room: Mutex::new(room),
+                got: Mutex::new(Vec::new()),
+            })
+        }
 
-    async fn stream() -> Stream {
-        let (server, client) = pair().await;
-        Stream {
-            park: Park::new(server),
-            notify: Arc::new(Notify::new()),
-            lag: Lag::new(100, None),
-            client,
+        fn take(&self) -> String {
+            String::from_utf8(std::mem::take(&mut *self.got.lock().unwrap())).unwrap()
         }
     }
 
-    /// A stream or a poll, as the hub lists it in a delivery.
-    trait Parkable {
-        fn parked(&self) -> Parked;
-    }
-
-    impl Parkable for Stream {
-        fn parked(&self) -> Parked {
-            Parked {
-                park: self.park.clone(),
-                notify: self.notify.clone(),
-                lag: Some(self.lag.clone()),
+    impl Wire for Sink {
+        fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut room = self.room.lock().unwrap();
+            let n = buf.len().min(*room);
+            if n == 0 {
+                return Err(std::io::ErrorKind::WouldBlock.into());
             }
+            *room -= n;
+            self.got.lock().unwrap().extend_from_slice(&buf[..n]);
+            Ok(n)
         }
     }
 
-    fn delivery<T: Parkable>(
+    /// Names what it was asked to build, so a test reads who got what.
+    struct Names;
+
+    fn ids(rows: &[Arc<StoredMessage>]) -> String {
+        rows.iter()
+            .map(|m| m.id.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    impl Encode for Names {
+        fn stream_page(
+            &self,
+            _: Origin,
+            at: &Arc<Snapshot>,
+            head: &Arc<Snapshot>,
+            rows: &[Arc<StoredMessage>],
+        ) -> Bytes {
+            format!("stream {}..{}: {};", at.to_pg(), head.to_pg(), ids(rows)).into()
+        }
+
+        fn poll_answer(
+            &self,
+            _: Origin,
+            head: &Arc<Snapshot>,
+            rows: &[Arc<StoredMessage>],
+            has_more: bool,
+            variant: Option<&Bytes>,
+        ) -> Option<Bytes> {
+            let v = variant.map_or("-".into(), |v| String::from_utf8_lossy(v).into_owned());
+            let s = format!("poll {v} {}: {} more={has_more};", head.to_pg(), ids(rows));
+            Some(s.into())
+        }
+    }
+
+    /// A parked stream (with a lag) or poll (without), on its sink.
+    struct Parker {
+        park: Arc<Park>,
+        sink: Arc<Sink>,
+        notify: Arc<Notify>,
+        lag: Option<Arc<Lag>>,
+    }
+
+    fn stream_with(room: usize, limit: usize) -> Parker {
+        let sink = Sink::new(room);
+        Parker {
+            park: Park::new(sink.clone()),
+            sink,
+            notify: Arc::new(Notify::new()),
+            lag: Some(Lag::new(limit, None)),
+        }
+    }
+
+    fn stream() -> Parker {
+        stream_with(usize::MAX, 100)
+    }
+
+    fn poll_with(room: usize) -> Parker {
+        Parker {
+            lag: None,
+            ..stream_with(room, 0)
+        }
+    }
+
+    fn poll() -> Parker {
+        poll_with(usize::MAX)
+    }
+
+    fn form(limit: usize) -> PollForm {
+        PollForm {
+            limit,
+            variant: None,
+        }
+    }
+
+    fn delivery(
         lower: &Arc<Snapshot>,
         head: &Arc<Snapshot>,
         rows: Vec<Arc<StoredMessage>>,
-        parked: &[&T],
+        parked: &[&Parker],
     ) -> Delivery {
         Delivery {
             lower: lower.clone(),
@@ -526,39 +591,23 @@ mod tests {
             rows,
             heard: Instant::now(),
             beyond: false,
-            parked: parked.iter().map(|p| p.parked()).collect(),
+            parked: parked
+                .iter()
+                .map(|p| Parked {
+                    park: p.park.clone(),
+                    notify: p.notify.clone(),
+                    lag: p.lag.clone(),
+                })
+                .collect(),
         }
-    }
-
-    /// What a stream reading the same rows after `at` writes itself.
-    fn expected(at: &Arc<Snapshot>, head: &Arc<Snapshot>, rows: &[&Arc<StoredMessage>]) -> Bytes {
-        let mut events = BytesMut::new();
-        for (i, row) in rows.iter().enumerate() {
-            let position = if i + 1 < rows.len() {
-                Position::Paging {
-                    lower: Lower::Snapshot(at.clone()),
-                    upper: head.clone(),
-                    after_id: row.id,
-                }
-            } else {
-                Position::At(head.clone())
-            };
-            let id = Cursor {
-                origin: ORIGIN,
-                position,
-            }
-            .encode();
-            push_message(&mut events, &id, &row.json);
-        }
-        frame_chunk(&events)
     }
 
     async fn run(d: Delivery, metrics: &Arc<Metrics>) {
-        let cors = Cors::new(None);
+        let encode: Arc<dyn Encode> = Arc::new(Names);
         let ctx = Ctx {
             origin: ORIGIN,
             metrics,
-            cors: &cors,
+            encode: &encode,
         };
         deliver(vec![d], &ctx).await;
     }
@@ -567,216 +616,129 @@ mod tests {
         n.notified().now_or_never().is_some()
     }
 
-    fn nothing_to_read(c: &TcpStream) -> bool {
-        let mut b = [0u8; 16];
-        matches!(c.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-    }
-
     #[tokio::test]
     async fn a_parked_stream_gets_exactly_the_rows_it_does_not_see_and_moves_to_the_head() {
-        let lower = snap(10, 10, &[]);
-        let head = snap(13, 13, &[]);
-        let rows = vec![
-            msg(1, 10, "a".into()),
-            msg(2, 11, "b".into()),
-            msg(3, 12, "c".into()),
-        ];
-        // Two streams parked at different positions inside the range: one
-        // at the catch-up's lower snapshot, one that has seen txid 10.
-        let mut s1 = stream().await;
-        let mut s2 = stream().await;
-        assert!(s1.park.park(&lower));
+        let (lower, head) = (snap(10, 10, &[]), snap(13, 13, &[]));
+        let rows = vec![msg(1, 10), msg(2, 11), msg(3, 12)];
+        // Parked at the catch-up's lower snapshot, and one that has seen
+        // txid 10; a third at the same position as the first shares its
+        // page.
+        let (s1, s2, s3) = (stream(), stream(), stream());
         let seen10 = snap(11, 11, &[]);
+        assert!(s1.park.park(&lower));
         assert!(s2.park.park(&seen10));
+        assert!(s3.park.park(&lower));
         let metrics = Arc::new(Metrics::default());
-        let d = delivery(&lower, &head, rows.clone(), &[&s1, &s2]);
-        run(d, &metrics).await;
-
-        for (s, at, due) in [
-            (&mut s1, &lower, vec![&rows[0], &rows[1], &rows[2]]),
-            (&mut s2, &seen10, vec![&rows[1], &rows[2]]),
-        ] {
-            let want = expected(at, &head, &due);
-            let mut got = vec![0u8; want.len()];
-            s.client.read_exact(&mut got).await.unwrap();
-            assert_eq!(got, want);
-            assert!(nothing_to_read(&s.client));
+        run(delivery(&lower, &head, rows, &[&s1, &s2, &s3]), &metrics).await;
+        assert_eq!(s1.sink.take(), "stream 10:10:..13:13:: 1,2,3;");
+        assert_eq!(s2.sink.take(), "stream 11:11:..13:13:: 2,3;");
+        assert_eq!(s3.sink.take(), "stream 10:10:..13:13:: 1,2,3;");
+        for s in [&s1, &s2, &s3] {
             assert_eq!(s.park.unpark(), Some(head.clone()));
             assert!(!woken(&s.notify), "served streams are not woken");
         }
-        assert_eq!(metrics.stream_direct_writes.load(Relaxed), 2);
+        assert_eq!(metrics.stream_direct_writes.load(Relaxed), 3);
     }
 
     #[tokio::test]
     async fn streams_it_cannot_serve_are_woken_and_nothing_is_written_for_them() {
-        let lower = snap(10, 10, &[]);
-        let head = snap(12, 12, &[]);
-        let rows = vec![msg(1, 10, "a".into()), msg(2, 11, "b".into())];
-
-        let not_parked = stream().await;
-        // A membership change heard after its check: even parked, it is
-        // not written to.
-        let revoked = stream().await;
+        let (lower, head) = (snap(10, 10, &[]), snap(12, 12, &[]));
+        let rows = vec![msg(1, 10), msg(2, 11)];
+        let not_parked = stream();
+        // A loss of access heard after its check: even parked, it is not
+        // written to.
+        let revoked = stream();
         revoked.park.checking();
         assert!(revoked.park.park(&lower));
         revoked.park.revoke();
         // Parked before the catch-up's lower snapshot: rows of an earlier
         // catch-up may be due too, which this delivery does not carry.
-        let older = stream().await;
+        let older = stream();
         let old = snap(9, 9, &[]);
         assert!(older.park.park(&old));
-        // Due more than its backlog bound allows in one page.
-        let mut bounded = stream().await;
-        bounded.lag = Lag::new(1, None);
+        // Due more than its bound allows in one page.
+        let bounded = stream_with(usize::MAX, 1);
         assert!(bounded.park.park(&lower));
         // Already sees every row (parked at the head): nothing to write.
-        let current = stream().await;
+        let current = stream();
         assert!(current.park.park(&head));
+        // A socket that takes nothing.
+        let full = stream_with(0, 100);
+        assert!(full.park.park(&lower));
+        // Closed: the connection is ending.
+        let closed = stream();
+        assert!(closed.park.park(&lower));
+        closed.park.close();
 
-        let all = [&not_parked, &revoked, &older, &bounded, &current];
-        let d = delivery(&lower, &head, rows, &all);
-        run(d, &Arc::new(Metrics::default())).await;
+        let all = [
+            &not_parked,
+            &revoked,
+            &older,
+            &bounded,
+            &current,
+            &full,
+            &closed,
+        ];
+        run(
+            delivery(&lower, &head, rows, &all),
+            &Arc::new(Metrics::default()),
+        )
+        .await;
         for (name, s, at) in [
             ("not parked", &not_parked, None),
             ("revoked", &revoked, Some(&lower)),
             ("older", &older, Some(&old)),
             ("bounded", &bounded, Some(&lower)),
             ("current", &current, Some(&head)),
+            ("full", &full, Some(&lower)),
+            ("closed", &closed, None),
         ] {
             assert!(woken(&s.notify), "{name}");
-            assert!(nothing_to_read(&s.client), "{name}");
+            assert_eq!(s.sink.take(), "", "{name}");
             assert_eq!(s.park.unpark().as_ref(), at, "{name}: position moved");
         }
-        // A revoked stream parks again only after checking.
+        // A revoked stream parks again only after checking; a closed one never.
         assert!(!revoked.park.park(&lower));
         revoked.park.checking();
         assert!(revoked.park.park(&lower));
-    }
-
-    #[tokio::test]
-    async fn a_closed_park_is_not_written_to() {
-        let lower = snap(10, 10, &[]);
-        let head = snap(11, 11, &[]);
-        let s = stream().await;
-        assert!(s.park.park(&lower));
-        s.park.close();
-        assert!(!s.park.park(&lower));
-        let d = delivery(&lower, &head, vec![msg(1, 10, "a".into())], &[&s]);
-        run(d, &Arc::new(Metrics::default())).await;
-        assert!(woken(&s.notify));
-        assert!(nothing_to_read(&s.client));
+        assert!(!closed.park.park(&lower));
     }
 
     #[tokio::test]
     async fn a_write_the_socket_takes_in_part_leaves_its_tail_to_the_connection() {
-        let lower = snap(10, 10, &[]);
-        let head = snap(11, 11, &[]);
-        // Far more than a loopback socket buffers while nobody reads.
-        let row = msg(1, 10, "x".repeat(16 << 20));
-        let mut s = stream().await;
+        let (lower, head) = (snap(10, 10, &[]), snap(11, 11, &[]));
+        let s = stream_with(5, 100);
         assert!(s.park.park(&lower));
-        let d = delivery(&lower, &head, vec![row.clone()], &[&s]);
-        run(d, &Arc::new(Metrics::default())).await;
-
+        run(
+            delivery(&lower, &head, vec![msg(1, 10)], &[&s]),
+            &Arc::new(Metrics::default()),
+        )
+        .await;
         assert!(s.park.has_rest(), "the socket took it all");
         assert!(woken(&s.notify), "the stream must write the tail");
         assert_eq!(s.park.unpark(), Some(head.clone()));
         assert!(!s.park.park(&head), "parked with a tail unwritten");
         // As the connection does: the tail, then whatever comes next.
         let rest = s.park.take_rest();
-        let wire = s.park.lock().sock.clone().unwrap();
-        let sock = wire.socket();
-        let want = expected(&lower, &head, &[&row]);
-        let reader = tokio::spawn(async move {
-            let mut got = vec![0u8; want.len()];
-            s.client.read_exact(&mut got).await.unwrap();
-            assert!(got == want, "the bytes on the wire are not the page");
-        });
-        let mut rest: &[u8] = &rest;
-        while !rest.is_empty() {
-            sock.writable().await.unwrap();
-            if let Ok(n) = sock.try_write(rest) {
-                rest = &rest[n..];
-            }
-        }
-        reader.await.unwrap();
-    }
-
-    /// A waiting poll parked on a lean connection's write half.
-    struct Poll {
-        park: Arc<Park>,
-        notify: Arc<Notify>,
-        client: TcpStream,
-        // The connection's read half: the socket stays open with it.
-        _rd: tokio::net::tcp::OwnedReadHalf,
-    }
-
-    async fn poll_conn() -> Poll {
-        let (server, client) = pair().await;
-        let server = Arc::try_unwrap(server).unwrap();
-        let (rd, wr) = server.into_split();
-        Poll {
-            park: Park::for_requests(Arc::new(wr)),
-            notify: Arc::new(Notify::new()),
-            client,
-            _rd: rd,
-        }
-    }
-
-    fn form(limit: usize) -> PollForm {
-        PollForm {
-            limit,
-            origin: None,
-        }
-    }
-
-    impl Parkable for Poll {
-        fn parked(&self) -> Parked {
-            Parked {
-                park: self.park.clone(),
-                notify: self.notify.clone(),
-                lag: None,
-            }
-        }
-    }
-
-    /// Reads one whole answer with a Content-Length body.
-    async fn read_answer(c: &mut TcpStream) -> (String, serde_json::Value) {
-        let mut buf = Vec::new();
-        loop {
-            let mut chunk = [0u8; 4096];
-            let n = c.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed");
-            buf.extend_from_slice(&chunk[..n]);
-            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                continue;
-            };
-            let head = String::from_utf8(buf[..end].to_vec()).unwrap();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .unwrap()
-                .parse()
-                .unwrap();
-            if buf.len() == end + 4 + len {
-                return (head, serde_json::from_slice(&buf[end + 4..]).unwrap());
-            }
-        }
+        assert_eq!(
+            format!("{}{}", s.sink.take(), String::from_utf8_lossy(&rest)),
+            "stream 10:10:..11:11:: 1;"
+        );
+        assert!(s.park.park(&head));
     }
 
     #[tokio::test]
     async fn a_parked_poll_gets_its_whole_answer_and_is_counted_out() {
-        let lower = snap(10, 10, &[]);
-        let head = snap(13, 13, &[]);
-        let rows = vec![
-            msg(1, 10, "a".into()),
-            msg(2, 11, "b".into()),
-            msg(3, 12, "c".into()),
-        ];
-        let mut p = poll_conn().await;
+        let (lower, head) = (snap(10, 10, &[]), snap(13, 13, &[]));
+        let rows = vec![msg(1, 10), msg(2, 11), msg(3, 12)];
+        let p = poll();
         // Has seen txid 10: due the other two.
         let seen10 = snap(11, 11, &[]);
-        assert!(p.park.park_poll(&seen10, form(100)));
+        let variant = PollForm {
+            limit: 100,
+            variant: Some(Bytes::from_static(b"https://a.example")),
+        };
+        assert!(p.park.park_poll(&seen10, variant));
         let metrics = Arc::new(Metrics::default());
         metrics.waiting_polls.store(1, Relaxed);
         let mut d = delivery(&lower, &head, rows, &[&p]);
@@ -784,20 +746,10 @@ mod tests {
         d.beyond = true;
         run(d, &metrics).await;
 
-        let (h, body) = read_answer(&mut p.client).await;
-        assert!(h.starts_with("HTTP/1.1 200 OK\r\n"), "{h}");
-        assert!(h.contains("cache-control: no-store"), "{h}");
-        assert!(!h.contains("connection: close"), "{h}");
-        let ids: Vec<i64> = body["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["id"].as_i64().unwrap())
-            .collect();
-        assert_eq!(ids, vec![2, 3]);
-        assert_eq!(body["cursor"], Cursor::at(ORIGIN, head.clone()).encode());
-        assert_eq!(body["has_more"], true, "a NOTIFY came after the catch-up");
-        assert!(nothing_to_read(&p.client));
+        assert_eq!(
+            p.sink.take(),
+            "poll https://a.example 13:13:: 2,3 more=true;"
+        );
         assert!(!woken(&p.notify), "an answered poll is not woken");
         assert_eq!(metrics.waiting_polls.load(Relaxed), 0);
         assert_eq!(metrics.poll_direct_answers.load(Relaxed), 1);
@@ -815,14 +767,13 @@ mod tests {
 
     #[tokio::test]
     async fn polls_it_cannot_answer_are_woken_and_keep_their_request() {
-        let lower = snap(10, 10, &[]);
-        let head = snap(12, 12, &[]);
-        let rows = vec![msg(1, 10, "a".into()), msg(2, 11, "b".into())];
+        let (lower, head) = (snap(10, 10, &[]), snap(12, 12, &[]));
+        let rows = vec![msg(1, 10), msg(2, 11)];
         // Due two rows, takes one: pages itself.
-        let small = poll_conn().await;
+        let small = poll();
         assert!(small.park.park_poll(&lower, form(1)));
         // Its client sent more while it waited: taken back.
-        let input = poll_conn().await;
+        let input = poll();
         assert!(input.park.park_poll(&lower, form(100)));
         assert!(!input.park.input_arrived());
         assert!(
@@ -830,10 +781,10 @@ mod tests {
             "parks again after input"
         );
         // Parked before the catch-up's lower snapshot.
-        let older = poll_conn().await;
+        let older = poll();
         assert!(older.park.park_poll(&snap(9, 9, &[]), form(100)));
-        // Its room's membership changed while it waited.
-        let revoked = poll_conn().await;
+        // Its user's access changed while it waited.
+        let revoked = poll();
         assert!(revoked.park.park_poll(&lower, form(100)));
         revoked.park.revoke();
         let metrics = Arc::new(Metrics::default());
@@ -846,7 +797,7 @@ mod tests {
             ("revoked", &revoked),
         ] {
             assert!(woken(&p.notify), "{name}");
-            assert!(nothing_to_read(&p.client), "{name}");
+            assert_eq!(p.sink.take(), "", "{name}");
             assert!(!p.park.unpark_poll(), "{name}: answered");
             assert_eq!(p.park.finish_request(), None, "{name}");
         }
@@ -859,17 +810,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_poll_answer_the_socket_takes_in_part_leaves_its_tail() {
-        let lower = snap(10, 10, &[]);
-        let head = snap(11, 11, &[]);
-        let p = poll_conn().await;
+        let (lower, head) = (snap(10, 10, &[]), snap(11, 11, &[]));
+        let p = poll_with(4);
         assert!(p.park.park_poll(&lower, form(100)));
-        let row = msg(1, 10, "x".repeat(16 << 20));
         let metrics = Arc::new(Metrics::default());
-        run(delivery(&lower, &head, vec![row], &[&p]), &metrics).await;
+        run(delivery(&lower, &head, vec![msg(1, 10)], &[&p]), &metrics).await;
         assert!(woken(&p.notify), "the connection must write the tail");
         assert!(p.park.unpark_poll(), "answered, in part");
         let (_, rest) = p.park.finish_request().expect("answered");
-        assert!(!rest.is_empty() && rest.len() < 16 << 20);
+        assert_eq!(
+            format!("{}{}", p.sink.take(), String::from_utf8_lossy(&rest)),
+            "poll - 11:11:: 1 more=false;"
+        );
         assert_eq!(metrics.poll_direct_answers.load(Relaxed), 1);
     }
 }

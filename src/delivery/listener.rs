@@ -21,14 +21,13 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::db::messages;
 use crate::db::{CachingClient, DbError};
-use crate::directory::Directory;
-use crate::http::cors::Cors;
-use crate::http::park;
-use crate::hub::{Caught, Hub, TypingEvent, CATCHUP_LIMIT};
-use crate::message::User;
+use crate::delivery::directory::Directory;
+use crate::delivery::hub::{Caught, Hub, CATCHUP_LIMIT};
+use crate::delivery::park::{self, Encode};
+use crate::delivery::typing::Typing;
+use crate::message::{TypingEvent, User};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::typing::Typing;
 
 /// The NOTIFY channel every trigger and typing write uses.
 pub const CHANNEL: &str = "hark";
@@ -50,8 +49,9 @@ pub struct Listener {
     pub directory: Directory,
     pub typing: Typing,
     pub metrics: Arc<Metrics>,
-    /// For the CORS headers of parked polls' answers.
-    pub cors: Cors,
+    /// Builds what the listener writes to parked streams and polls: the
+    /// HTTP edge's encoding, wired in by `app.rs`.
+    pub encode: Arc<dyn Encode>,
 }
 
 /// A NOTIFY payload. Kinds: `m` message (room), `t` typing (room, user,
@@ -176,7 +176,7 @@ impl Listener {
                             let deliveries = self.hub.finish_catchup(plan, caught);
                             // Before the next catch-up: a parked stream gets
                             // its pages in order.
-                            let ctx = park::Ctx { origin, metrics: &self.metrics, cors: &self.cors };
+                            let ctx = park::Ctx { origin, metrics: &self.metrics, encode: &self.encode };
                             park::deliver(deliveries, &ctx).await;
                         }
                         Ok(Err(e)) => {

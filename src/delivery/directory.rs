@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use deadpool_postgres::Pool;
 
 use crate::db::DbError;
-use crate::hub::Hub;
+use crate::delivery::hub::Hub;
 use crate::message::User;
 use crate::shutdown::Shutdown;
 

@@ -1,0 +1,22 @@
+//! The delivery core: from PostgreSQL's NOTIFYs to the positions of every
+//! waiting poll and open stream, with no knowledge of HTTP.
+//!
+//! - [`listener`] owns the one LISTEN connection and runs the catch-up
+//!   query of each wake-up;
+//! - [`hub`] keeps, per watched room, who waits and the recent rows, and
+//!   answers positions from memory;
+//! - [`reader`] turns a position into the next page, from the hub or the
+//!   database;
+//! - [`park`] is the registry of parked positions the listener writes to
+//!   directly, through the [`park::Encode`] and [`park::Wire`] interfaces
+//!   that the HTTP edge implements (`app.rs` wires the two);
+//! - [`directory`] caches who exists and who belongs where;
+//! - [`typing`] keeps typing state and sweeps its expiry.
+
+pub mod directory;
+pub mod hub;
+pub mod lag;
+pub mod listener;
+pub mod park;
+pub mod reader;
+pub mod typing;
