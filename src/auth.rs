@@ -4,8 +4,8 @@
 //! refused by the validation, not by string matching. `exp` is required and
 //! enforced without leeway (simplejwt's default). `user_id` may be a number
 //! or a string of digits; `token_type`, when present, must be `access`.
-//! Tokens are never logged: the request log redacts them (see
-//! [`crate::http::redact_query`]).
+//! Tokens are never logged: the request log keeps only what has the shape
+//! of what hark reads (see [`crate::http::loggable_target`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;

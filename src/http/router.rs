@@ -69,6 +69,11 @@ fn parse(path: &str) -> Option<Route> {
     })
 }
 
+/// Whether `path` is one hark routes (the request log keeps such paths).
+pub(crate) fn is_route(path: &str) -> bool {
+    parse(path).is_some()
+}
+
 /// A request's answer, to be awaited.
 pub type Answer<'a> = Pin<Box<dyn Future<Output = Result<Response<Body>, ApiError>> + Send + 'a>>;
 
