@@ -2294,6 +2294,104 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
     );
 }
 
+/// A client silent for 9 s that then sends its head a byte a second is
+/// cut 10 s after it connected, on either path: the wait for its first
+/// byte counts towards the head's 10 s (it used to add to them: 19 s).
+#[tokio::test]
+async fn the_first_head_must_arrive_within_10_s_of_connecting_on_both_paths() {
+    let c = chat(&[]).await;
+    let trickle = |start: &'static str| {
+        let addr = c.hark.addr;
+        async move {
+            let connected = Instant::now();
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut rd, mut wr) = stream.into_split();
+            let closed = tokio::spawn(async move {
+                let mut got = Vec::new();
+                let _ = rd.read_to_end(&mut got).await;
+                (connected.elapsed(), got)
+            });
+            tokio::time::sleep(Duration::from_secs(9)).await;
+            // Enough for the path to be chosen, then a byte a second of
+            // a head that never ends.
+            let _ = wr.write_all(start.as_bytes()).await;
+            while !closed.is_finished() && connected.elapsed() < Duration::from_secs(30) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = wr.write_all(b"x").await;
+            }
+            let (after, got) = closed.await.unwrap();
+            (start, after, got)
+        }
+    };
+    let (lean, hyper) = tokio::join!(
+        trickle("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "),
+        trickle("PUT /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "),
+    );
+    for (start, after, got) in [lean, hyper] {
+        assert!(
+            got.is_empty(),
+            "{start:?}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        assert!(
+            after >= Duration::from_secs(9) && after < Duration::from_secs(15),
+            "{start:?}: closed {after:?} after connecting"
+        );
+    }
+}
+
+/// One head limit on every path: a head of exactly 64 KiB is served, one
+/// byte more is a 431 — as the first request (hark's own HTTP), behind a
+/// body that grew its read buffer (a read may then bring a whole head
+/// over the limit at once), after a request that handed the connection to
+/// hyper, and as the first request of a connection that is hyper's from
+/// the start.
+#[tokio::test]
+async fn a_head_over_64_kib_is_431_on_every_path() {
+    let c = chat(&[]).await;
+    let head = |method: &str, size: usize| {
+        let start = format!("{method} /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ");
+        let pad = size - start.len() - "\r\n\r\n".len();
+        format!("{start}{}\r\n\r\n", "a".repeat(pad))
+    };
+    const MAX: usize = 64 * 1024;
+    for size in [MAX - 1, MAX, MAX + 1, MAX + 2048, MAX + 40_000] {
+        for (path, first, method, ok) in [
+            ("lean", None, "GET", 200),
+            // Behind a body that grew the read buffer past the limit.
+            ("lean, behind a POST's body", Some("POST"), "GET", 200),
+            ("hyper after a PUT", Some("PUT"), "GET", 200),
+            ("hyper from the start", None, "PUT", 405),
+        ] {
+            let request = head(method, size);
+            assert_eq!(request.len(), size);
+            let mut raw = Raw::connect(c.hark.addr).await;
+            match first {
+                Some("POST") => {
+                    let body = "x".repeat(60_000);
+                    let post = format!(
+                        "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    raw.send(format!("{post}{request}").as_bytes()).await;
+                    let (answer, _) = raw.answer().await;
+                    assert_eq!(status_of(&answer), 405, "{answer}");
+                }
+                Some(first) => {
+                    let first = format!("{first} /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+                    raw.send(first.as_bytes()).await;
+                    raw.answer().await;
+                    raw.send(request.as_bytes()).await;
+                }
+                None => raw.send(request.as_bytes()).await,
+            }
+            let (answer, _) = raw.answer().await;
+            let want = if size <= MAX { ok } else { 431 };
+            assert_eq!(status_of(&answer), want, "{size} bytes, {path}: {answer}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn over_the_connection_limit_is_503_with_retry_after() {
     let c = chat(&[("HARK_MAX_CONNECTIONS", "1"), ("HARK_CORS_ORIGINS", ORIGIN)]).await;

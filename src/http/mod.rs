@@ -61,7 +61,9 @@ impl<T> ReqBody for T where
 {
 }
 
-/// Time a client has to send its request head (slowloris guard).
+/// Time a client has to send its request head (slowloris guard): the
+/// first from when its connection is accepted, each later one from when
+/// the connection waits for it.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send a request body once its head arrived.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -408,7 +410,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true)
-        .max_buf_size(64 * 1024);
+        // `max_buf_size` alone is no head limit: a read fills the buffer's
+        // spare room, and heads of up to 128 KiB got through.
+        .max_header_size(lean::MAX_HEAD)
+        .max_buf_size(lean::MAX_HEAD);
     let mut backoff = Duration::from_millis(5);
     loop {
         let (stream, _peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
@@ -427,6 +432,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
             },
             _ = shutdown.wait() => break,
         };
+        let first_deadline = Instant::now() + HEADER_READ_TIMEOUT;
         let _ = stream.set_nodelay(true);
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -435,7 +441,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     app.metrics.connection_opened();
-                    serve_connection(&app, stream, &builder, watcher).await;
+                    serve_connection(&app, stream, first_deadline, &builder, watcher).await;
                     app.metrics.connection_closed();
                     drop(permit);
                 });
@@ -486,15 +492,18 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
 
 /// One accepted connection, to the end: on the lean path while its
 /// requests are ones [`lean`] serves (GET, HEAD, OPTIONS, and POSTs with
-/// one Content-Length), hyper's otherwise.
+/// one Content-Length), hyper's otherwise. Its first request head must
+/// arrive by `first_deadline` on either path: the wait for the first byte
+/// counts towards it.
 async fn serve_connection(
     app: &Arc<App>,
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
+    first_deadline: Instant,
     builder: &http1::Builder,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let mut first = [0u8; lean::PEEK_LEN];
-    let peeked = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await;
+    let peeked = tokio::time::timeout_at(first_deadline, stream.peek(&mut first)).await;
     let n = match peeked {
         Ok(Ok(n)) if n > 0 => n,
         // Silence, a reset or end of stream before a byte: nothing to answer.
@@ -506,9 +515,17 @@ async fn serve_connection(
     // async fn and then moved into a box keeps its size in the caller's
     // state too.)
     if !lean::wants_lean(&first[..n]) {
-        return boxed_hyper(app, Replay::new(stream, Vec::new()), builder, watcher).await;
+        // hyper's header timer starts when hyper first reads: the first
+        // head is read here, by the deadline, and handed over whole.
+        let Ok(Some(head)) =
+            tokio::time::timeout_at(first_deadline, read_first_head(&mut stream)).await
+        else {
+            // As hyper does when a head does not arrive: close, silently.
+            return;
+        };
+        return boxed_hyper(app, Replay::new(stream, head), builder, watcher).await;
     }
-    let (stream, req) = match boxed_lean(app, stream).await {
+    let (stream, req) = match boxed_lean(app, stream, first_deadline).await {
         lean::Served::Closed => return,
         lean::Served::Hyper(stream, read) => {
             return boxed_hyper(app, Replay::new(stream, read), builder, watcher).await
@@ -521,8 +538,41 @@ async fn serve_connection(
 fn boxed_lean(
     app: &Arc<App>,
     stream: tokio::net::TcpStream,
+    first_deadline: Instant,
 ) -> std::pin::Pin<Box<impl std::future::Future<Output = lean::Served> + '_>> {
-    Box::pin(lean::serve(app, stream, HEADER_READ_TIMEOUT))
+    Box::pin(lean::serve(
+        app,
+        stream,
+        HEADER_READ_TIMEOUT,
+        first_deadline,
+    ))
+}
+
+/// What a connection sent up to the end of its first request head (or up
+/// to what hyper refuses: a malformed head, one over the size limit); None
+/// when it ended first. Whatever arrived with it is kept for hyper too.
+async fn read_first_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    loop {
+        buf.reserve(2048);
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) if head_read(&buf) => return Some(buf),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Whether `buf` holds a whole request head, or enough for hyper to refuse
+/// it.
+fn head_read(buf: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; lean::MAX_HEADERS];
+    buf.len() >= lean::MAX_HEAD
+        || !matches!(
+            httparse::Request::new(&mut headers).parse(buf),
+            Ok(httparse::Status::Partial)
+        )
 }
 
 fn boxed_hyper<'a>(
