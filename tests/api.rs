@@ -1024,7 +1024,31 @@ async fn bad_tokens_are_401() {
     let bobs_claims = URL_SAFE_NO_PAD.encode(claims(json!({"user_id": c.bob})).to_string());
     let tampered = format!("{}.{bobs_claims}.{}", parts[0], parts[2]);
     let expired = hs256(claims(json!({"exp": chrono::Utc::now().timestamp() - 10})));
+    let now = chrono::Utc::now().timestamp();
+    // Already valid: accepted, like the control.
+    let (s, _) = get_json(
+        &c.hark.url("/api/chat/rooms/"),
+        Some(&hs256(claims(json!({"nbf": now - 10})))),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let crit = |header: Value| jwt(HS256, header, claims(json!({})), secret);
     let cases = [
+        (
+            "nbf in the future",
+            hs256(claims(json!({"nbf": now + 600}))),
+            "token_not_valid",
+        ),
+        (
+            "crit",
+            crit(json!({"alg": "HS256", "typ": "JWT", "crit": ["exp"]})),
+            "token_not_valid",
+        ),
+        (
+            "crit naming an extension it defines",
+            crit(json!({"alg": "HS256", "crit": ["b64"], "b64": false})),
+            "token_not_valid",
+        ),
         ("expired", expired, "token_expired"),
         ("wrong secret", wrong_secret, "token_not_valid"),
         ("alg none", alg_none, "token_not_valid"),
@@ -1769,6 +1793,121 @@ async fn without_cors_configured_no_origin_is_allowed() {
 }
 
 // ------------------------------------------------------- one connection
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or any request with
+/// two, is a 400 (HTTP/1.0 may omit it); RFC 9110 §10.1.1: an expectation
+/// other than `100-continue` is a 417 — on both connection paths (each
+/// request the first on its connection, then after a request that hands
+/// the connection to hyper), the stream's opening included. JSON errors.
+#[tokio::test]
+async fn one_host_and_no_expectation_but_100_continue_on_both_paths() {
+    let c = chat(&[]).await;
+    let a = token(c.alice);
+    let room = c.room;
+    let send = format!(r#"{{"room_id": {room}, "content": "expected"}}"#);
+    let cases: Vec<(&str, String, u16, Option<&str>)> = vec![
+        (
+            "no Host",
+            "GET /healthz HTTP/1.1\r\n\r\n".into(),
+            400,
+            Some("invalid_host"),
+        ),
+        (
+            "two Hosts",
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n".into(),
+            400,
+            Some("invalid_host"),
+        ),
+        (
+            "two Hosts, HTTP/1.0",
+            "GET /healthz HTTP/1.0\r\nHost: x\r\nHost: x\r\n\r\n".into(),
+            400,
+            Some("invalid_host"),
+        ),
+        (
+            "a Host that is no host",
+            "GET /healthz HTTP/1.1\r\nHost: a@b\r\n\r\n".into(),
+            400,
+            Some("invalid_host"),
+        ),
+        (
+            "a stream without Host",
+            format!("GET /events?room_id={room} HTTP/1.1\r\nAuthorization: Bearer {a}\r\n\r\n"),
+            400,
+            Some("invalid_host"),
+        ),
+        (
+            "a post without Host",
+            format!(
+                "POST /api/chat/messages/ HTTP/1.1\r\nAuthorization: Bearer {a}\r\n\
+                 Content-Length: {}\r\n\r\n{send}",
+                send.len()
+            ),
+            400,
+            Some("invalid_host"),
+        ),
+        (
+            "Expect: 200-ok",
+            format!(
+                "POST /api/chat/messages/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {a}\r\n\
+                 Expect: 200-ok\r\nContent-Length: {}\r\n\r\n{send}",
+                send.len()
+            ),
+            417,
+            Some("expectation_failed"),
+        ),
+        (
+            "Expect: 100-continue and more",
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: 100-continue, x\r\n\r\n".into(),
+            417,
+            Some("expectation_failed"),
+        ),
+        // What stays allowed.
+        (
+            "HTTP/1.0 without Host",
+            "GET /healthz HTTP/1.0\r\n\r\n".into(),
+            200,
+            None,
+        ),
+        (
+            "Expect: 100-continue",
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n".into(),
+            200,
+            None,
+        ),
+        (
+            "an empty Host",
+            "GET /healthz HTTP/1.1\r\nHost:\r\n\r\n".into(),
+            200,
+            None,
+        ),
+    ];
+    for (what, request, want, code) in &cases {
+        for first in [None, Some("PUT /api/chat/messages/")] {
+            let mut raw = Raw::connect(c.hark.addr).await;
+            if let Some(first) = first {
+                raw.send(format!("{first} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                    .await;
+                raw.answer().await;
+            }
+            raw.send(request.as_bytes()).await;
+            let (head, body) = raw.answer().await;
+            assert_eq!(status_of(&head), *want, "{what}, after {first:?}: {head}");
+            if let Some(code) = code {
+                assert_client_error(what, StatusCode::from_u16(*want).unwrap(), &body);
+                assert_eq!(json(&body)["code"], *code, "{what}, after {first:?}");
+            }
+        }
+    }
+    // None of the refused posts was sent.
+    let sent: i64 =
+        c.fx.db
+            .query_one("SELECT count(*) FROM chat_chatmessage", &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(sent, 0);
+}
 
 fn status_of(head: &str) -> u16 {
     head.split(' ')

@@ -319,7 +319,10 @@ pub async fn serve_stream(app: &Arc<App>, stream: TcpStream, req: Box<Request<()
         req.extensions_mut().insert(park.clone());
     }
     let seen = Seen::new(&req);
-    let result = Box::pin(events::events(app, req)).await;
+    let result = match router::conforms(&req) {
+        Ok(()) => Box::pin(events::events(app, req)).await,
+        Err(e) => Err(e),
+    };
     let resp = seen.finish(app, result);
     respond(
         stream,
