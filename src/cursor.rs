@@ -65,10 +65,9 @@ impl Snapshot {
 
     /// A snapshot with the invariants of one PostgreSQL issues (xmin > 0,
     /// xmin ≤ xmax, each running id in `xmin..xmax`, a bounded count), or
-    /// None. Any snapshot made here reads through the SQL of
-    /// [`crate::db::messages`] without an error: PostgreSQL's `pg_snapshot`
-    /// input takes what these rules allow once the bounds are adjusted as
-    /// [`pg_bound`] says.
+    /// None. Its bounds are ones PostgreSQL's `pg_snapshot` input takes
+    /// (see [`pg_bound`]), so any snapshot made here reads through the SQL
+    /// of [`crate::db::messages`] without an error.
     pub fn new(xmin: u64, xmax: u64, mut xip: Vec<u64>) -> Option<Snapshot> {
         if xmin == 0 || xmin > xmax || xip.len() > MAX_XIP {
             return None;
@@ -549,8 +548,8 @@ mod tests {
         }
     }
 
-    /// Random cursors of every tag, a byte of one changed at times, and
-    /// random bytes: a third of the shapes a forger can send.
+    /// Cursors of every tag with fields picked at the edges, at times a
+    /// byte changed, and random bytes.
     fn forged(rng: &mut fastrand::Rng) -> Vec<u8> {
         if rng.u8(..10) == 0 {
             return (0..rng.usize(..48)).map(|_| rng.u8(..)).collect();
