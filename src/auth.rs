@@ -2,10 +2,13 @@
 //!
 //! Only HS256 is accepted — `alg: none` and every other algorithm are
 //! refused by the validation, not by string matching. `exp` is required and
-//! enforced without leeway (simplejwt's default). `user_id` may be a number
-//! or a string of digits; `token_type`, when present, must be `access`.
-//! Tokens are never logged: the request log redacts them (see
-//! [`crate::http::redact_query`]).
+//! enforced without leeway (simplejwt's default), and so is `nbf` when
+//! present, as PyJWT (under simplejwt) enforces it. A header with `crit` is
+//! refused: hark understands no extension (RFC 7515 §4.1.11). `user_id`
+//! may be a number or a string of digits; `token_type`, when present, must
+//! be `access`.
+//! Tokens are never logged: the request log keeps only what has the shape
+//! of what hark reads (see [`crate::http::loggable_target`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -77,6 +80,7 @@ impl Auth {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.validate_exp = true;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp"]);
         // simplejwt sets no audience by default.
         validation.validate_aud = false;
@@ -124,6 +128,10 @@ impl Auth {
     }
 
     fn verify_fully(&self, token: &str) -> Result<(i64, Option<f64>), AuthError> {
+        // jsonwebtoken reads `crit` but does not act on it.
+        if names_crit(token) {
+            return Err(AuthError::Invalid);
+        }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -149,6 +157,18 @@ impl Auth {
         };
         Ok((id, data.claims.exp))
     }
+}
+
+/// Whether the token's header has a `crit` parameter, whatever its value
+/// (an extension hark would have to understand, or a malformed list).
+fn names_crit(token: &str) -> bool {
+    use base64::Engine as _;
+    let header = token.split('.').next().unwrap_or("");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|h| serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&h).ok())
+        .is_some_and(|h| h.contains_key("crit"))
 }
 
 #[derive(Serialize)]
@@ -326,5 +346,44 @@ mod tests {
         }
         assert_eq!(auth.verify("garbage"), Err(AuthError::Invalid));
         assert_eq!(auth.verify(""), Err(AuthError::Invalid));
+    }
+
+    #[test]
+    fn nbf_is_enforced_and_crit_refused() {
+        let auth = Auth::new(SECRET);
+        let exp = exp_in(60);
+        let with_nbf = |nbf: &str| {
+            raw(
+                r#"{"alg":"HS256"}"#,
+                &format!(r#"{{"user_id":3,"exp":{exp},"nbf":{nbf}}}"#),
+                SECRET,
+            )
+        };
+        assert_eq!(auth.verify(&with_nbf(&exp_in(-5).to_string())), Ok(3));
+        assert_eq!(auth.verify(&with_nbf(&exp_in(0).to_string())), Ok(3));
+        for refused in [exp_in(30).to_string(), r#""soon""#.to_string()] {
+            assert_eq!(
+                auth.verify(&with_nbf(&refused)),
+                Err(AuthError::Invalid),
+                "{refused}"
+            );
+        }
+        let claims = format!(r#"{{"user_id":3,"exp":{exp}}}"#);
+        for header in [
+            r#"{"alg":"HS256","crit":["exp"]}"#,
+            r#"{"alg":"HS256","crit":["b64"],"b64":true}"#,
+            r#"{"alg":"HS256","crit":[]}"#,
+            r#"{"alg":"HS256","crit":null}"#,
+        ] {
+            assert_eq!(
+                auth.verify(&raw(header, &claims, SECRET)),
+                Err(AuthError::Invalid),
+                "{header}"
+            );
+        }
+        assert_eq!(
+            auth.verify(&raw(r#"{"alg":"HS256","kid":"k"}"#, &claims, SECRET)),
+            Ok(3)
+        );
     }
 }

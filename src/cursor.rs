@@ -16,8 +16,10 @@
 //! from another cluster, a restored backup or a promoted replica is refused
 //! (`cursor_reset`) rather than silently skipping rows.
 //!
-//! This module is pure: encoding, decoding and the visibility rule that the
-//! hub applies in memory. The SQL form of the same rule lives in
+//! This module is pure: encoding, decoding (which refuses anything no
+//! PostgreSQL snapshot or timestamp could be, so that no cursor a client
+//! sends makes the SQL fail) and the visibility rule that the hub applies
+//! in memory. The SQL form of the same rule lives in
 //! [`crate::db::messages`]; tests check that the two agree.
 
 use std::sync::Arc;
@@ -61,9 +63,13 @@ impl Snapshot {
         Snapshot::new(xmin, xmax, xip)
     }
 
-    /// Validates the invariants PostgreSQL guarantees for real snapshots.
+    /// A snapshot with the invariants of one PostgreSQL issues (xmin > 0,
+    /// xmin ≤ xmax, each running id in `xmin..xmax`, a bounded count), or
+    /// None. Its bounds are ones PostgreSQL's `pg_snapshot` input takes
+    /// (see [`pg_bound`]), so any snapshot made here reads through the SQL
+    /// of [`crate::db::messages`] without an error.
     pub fn new(xmin: u64, xmax: u64, mut xip: Vec<u64>) -> Option<Snapshot> {
-        if xmin > xmax || xip.len() > MAX_XIP {
+        if xmin == 0 || xmin > xmax || xip.len() > MAX_XIP {
             return None;
         }
         xip.sort_unstable();
@@ -71,6 +77,10 @@ impl Snapshot {
         if xip.iter().any(|&x| x < xmin || x >= xmax) {
             return None;
         }
+        let (xmin, xmax) = (pg_bound(xmin), pg_bound(xmax));
+        // A running id at the old xmin is now below it, where PostgreSQL
+        // refuses it; it names no transaction (see pg_bound), so it goes.
+        xip.retain(|&x| x >= xmin);
         Some(Snapshot { xmin, xmax, xip })
     }
 
@@ -114,6 +124,27 @@ impl Snapshot {
     }
 }
 
+/// A snapshot bound as PostgreSQL's `pg_snapshot` input takes it. That
+/// input refuses a bound whose low 32 bits are 0 (it reads them as the
+/// invalid transaction id, whatever the epoch above them): `4294967296` is
+/// refused and `4294967297` taken. PostgreSQL never assigns such an id —
+/// its counter skips ids 0 to 2 of every epoch — so no row carries one,
+/// and the next id is the same bound for every row: a forged cursor that
+/// lies in the database's future then reads like any other and is a
+/// `cursor_reset`, and one in its past reads as the bound it means.
+fn pg_bound(x: u64) -> u64 {
+    if x as u32 == 0 {
+        x + 1
+    } else {
+        x
+    }
+}
+
+/// Earliest instant PostgreSQL's `timestamptz` holds (4714-11-24 00:00 BC,
+/// Unix microseconds); an earlier parameter is `22008 timestamp out of
+/// range`. Its latest (294276 AD) lies beyond what `chrono` represents.
+pub const PG_MIN_MICROS: i64 = -211_813_488_000_000_000 + 946_684_800_000_000;
+
 /// What a cursor's batch is measured against.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Lower {
@@ -154,7 +185,11 @@ pub struct Cursor {
 /// Why a cursor text was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DecodeError {
-    /// Not a cursor at all (bad base64, truncated, impossible values).
+    /// Not a cursor hark could have issued: bad base64, truncated, or
+    /// values no PostgreSQL snapshot or timestamp has (see
+    /// [`Snapshot::new`], [`PG_MIN_MICROS`]). Checked here, before any
+    /// SQL sees the cursor, so a forged one is a client error (400, or a
+    /// stream's `reset`), never a database error.
     Malformed,
 }
 
@@ -219,6 +254,9 @@ impl Cursor {
                     Lower::Snapshot(Arc::new(r.snapshot()?))
                 } else {
                     let micros = unzigzag(r.varint()?);
+                    if micros < PG_MIN_MICROS {
+                        return Err(DecodeError::Malformed);
+                    }
                     Lower::CreatedAfter(
                         DateTime::from_timestamp_micros(micros).ok_or(DecodeError::Malformed)?,
                     )
@@ -429,6 +467,210 @@ mod tests {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
             assert_eq!(Cursor::decode(&text).unwrap(), c);
         }
+    }
+
+    /// PostgreSQL 15's `pg_snapshot` input (`parse_snapshot` in
+    /// xid8funcs.c), checked against a server by `tests/cursors.rs`:
+    /// numbers, `:`, `:`, then ids separated by `,`; each bound's low 32
+    /// bits non-zero; xmin ≤ xmax; ids ascending (repeats allowed) in
+    /// `[xmin, xmax)`.
+    fn pg_accepts(text: &str) -> bool {
+        let mut parts = text.splitn(3, ':');
+        let (Some(Ok(xmin)), Some(Ok(xmax)), Some(rest)) = (
+            parts.next().map(str::parse::<u64>),
+            parts.next().map(str::parse::<u64>),
+            parts.next(),
+        ) else {
+            return false;
+        };
+        if xmin as u32 == 0 || xmax as u32 == 0 || xmax < xmin {
+            return false;
+        }
+        let mut last = 0;
+        rest.is_empty()
+            || rest.split(',').all(|x| match x.parse::<u64>() {
+                Ok(x) if x >= xmin && x < xmax && x >= last => {
+                    last = x;
+                    true
+                }
+                _ => false,
+            })
+    }
+
+    /// A number a forger would try: the edges of each field's range, of
+    /// PostgreSQL's 32-bit epochs and of its signed types, or any.
+    fn extreme(rng: &mut fastrand::Rng) -> u64 {
+        const EDGES: &[u64] = &[
+            0,
+            1,
+            2,
+            3,
+            (1 << 31) - 1,
+            1 << 31,
+            (1 << 32) - 1,
+            1 << 32,
+            (1 << 32) + 1,
+            (1 << 32) + 3,
+            (1 << 63) - 1,
+            1 << 63,
+            (1 << 63) + 1,
+            u64::MAX - (1 << 32) + 1,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        match rng.u8(..4) {
+            0 => rng.u64(..),
+            1 => rng.u64(..2000),
+            _ => EDGES[rng.usize(..EDGES.len())],
+        }
+    }
+
+    /// A snapshot's wire form with fields as a forger picks them, valid
+    /// or not: what `put_snapshot` writes, without its assumptions.
+    fn forged_snapshot(rng: &mut fastrand::Rng, buf: &mut Vec<u8>) {
+        let xmin = extreme(rng);
+        let span = if rng.bool() {
+            rng.u64(..20)
+        } else {
+            extreme(rng)
+        };
+        put_varint(buf, xmin);
+        put_varint(buf, span);
+        let n = rng.u64(..4);
+        put_varint(buf, n);
+        for i in 0..n {
+            let delta = match rng.u8(..3) {
+                0 if i > 0 => 0,
+                1 => extreme(rng),
+                _ => rng.u64(..span.clamp(1, 10)),
+            };
+            put_varint(buf, delta);
+        }
+    }
+
+    /// Cursors of every tag with fields picked at the edges, at times a
+    /// byte changed, and random bytes.
+    fn forged(rng: &mut fastrand::Rng) -> Vec<u8> {
+        if rng.u8(..10) == 0 {
+            return (0..rng.usize(..48)).map(|_| rng.u8(..)).collect();
+        }
+        let mut b = vec![VERSION];
+        b.extend_from_slice(&ORIGIN.system_id.to_le_bytes());
+        b.extend_from_slice(&ORIGIN.timeline.to_le_bytes());
+        let tag = rng.u8(..3);
+        b.push(tag);
+        match tag {
+            0 => forged_snapshot(rng, &mut b),
+            _ => {
+                if tag == 1 {
+                    forged_snapshot(rng, &mut b);
+                } else {
+                    let micros = match rng.u8(..4) {
+                        0 => rng.i64(..),
+                        1 => PG_MIN_MICROS + rng.i64(-2..2),
+                        2 => [i64::MIN, i64::MAX, 0, -1][rng.usize(..4)],
+                        _ => rng.i64(-250_000 * 31_557_600_000_000..250_000 * 31_557_600_000_000),
+                    };
+                    put_varint(&mut b, zigzag(micros));
+                }
+                forged_snapshot(rng, &mut b);
+                put_varint(&mut b, zigzag(rng.i64(..)));
+            }
+        }
+        if rng.u8(..4) == 0 {
+            let i = rng.usize(13..b.len());
+            b[i] = rng.u8(..);
+        }
+        b
+    }
+
+    fn assert_valid(s: &Snapshot, what: &str) {
+        assert!(s.xmin > 0 && s.xmin <= s.xmax, "{what}: {s:?}");
+        assert!(s.xip.len() <= MAX_XIP, "{what}");
+        assert!(s.xip.windows(2).all(|w| w[0] < w[1]), "{what}: {s:?}");
+        assert!(
+            s.xip.iter().all(|&x| (s.xmin..s.xmax).contains(&x)),
+            "{what}: {s:?}"
+        );
+        assert!(pg_accepts(&s.to_pg()), "{what}: PostgreSQL refuses {s:?}");
+    }
+
+    /// Whatever bytes arrive, a cursor that decodes holds every invariant
+    /// the SQL relies on, and encodes to a text that decodes to itself.
+    /// Seeded: a failure names its case, and `HARK_FUZZ_SEED` explores.
+    #[test]
+    fn every_cursor_that_decodes_is_one_postgresql_takes() {
+        let seed = std::env::var("HARK_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20261206);
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut accepted = [0usize; 3];
+        for case in 0..200_000 {
+            let bytes = forged(&mut rng);
+            let text = URL_SAFE_NO_PAD.encode(&bytes);
+            let Ok(c) = Cursor::decode(&text) else {
+                continue;
+            };
+            let what = format!("seed {seed}, case {case}: {text}");
+            match &c.position {
+                Position::At(s) => {
+                    accepted[0] += 1;
+                    assert_valid(s, &what);
+                }
+                Position::Paging { lower, upper, .. } => {
+                    assert_valid(upper, &what);
+                    match lower {
+                        Lower::Snapshot(l) => {
+                            accepted[1] += 1;
+                            assert_valid(l, &what);
+                        }
+                        Lower::CreatedAfter(t) => {
+                            accepted[2] += 1;
+                            assert!(t.timestamp_micros() >= PG_MIN_MICROS, "{what}");
+                        }
+                    }
+                }
+            }
+            assert_eq!(Cursor::decode(&c.encode()).as_ref(), Ok(&c), "{what}");
+        }
+        // Every tag was tried with cursors that pass, not only refused.
+        assert!(accepted.iter().all(|&n| n > 1000), "{accepted:?}");
+    }
+
+    #[test]
+    fn the_bounds_postgresql_refuses_are_refused_or_read_as_the_next_id() {
+        // xmin 0 is before every transaction: no snapshot ever had it.
+        assert!(Snapshot::new(0, 0, vec![]).is_none());
+        assert!(Snapshot::parse_pg("0:5:").is_none());
+        // An id whose low 32 bits are 0 is never assigned: the bound is
+        // the next one, and a running id at it goes with it.
+        let s = Snapshot::new(1 << 32, (1 << 32) + 5, vec![1 << 32, (1 << 32) + 2]).unwrap();
+        assert_eq!(s.to_pg(), "4294967297:4294967301:4294967298");
+        let s = Snapshot::new(1 << 63, 1 << 63, vec![]).unwrap();
+        assert_eq!(s.to_pg(), "9223372036854775809:9223372036854775809:");
+        let s = Snapshot::new(5, 1 << 32, vec![]).unwrap();
+        assert_eq!((s.xmin, s.xmax), (5, (1 << 32) + 1));
+        assert_eq!(
+            DateTime::from_timestamp_micros(PG_MIN_MICROS)
+                .unwrap()
+                .to_rfc3339(),
+            "-4713-11-24T00:00:00+00:00"
+        );
+        let batch = |lower: Lower, upper: Arc<Snapshot>| {
+            Cursor {
+                origin: ORIGIN,
+                position: Position::Paging {
+                    lower,
+                    upper,
+                    after_id: 1,
+                },
+            }
+            .encode()
+        };
+        let at = |micros| Lower::CreatedAfter(DateTime::from_timestamp_micros(micros).unwrap());
+        assert!(Cursor::decode(&batch(at(PG_MIN_MICROS), snap(5, 9, &[]))).is_ok());
+        assert!(Cursor::decode(&batch(at(PG_MIN_MICROS - 1), snap(5, 9, &[]))).is_err());
     }
 
     #[test]

@@ -1024,7 +1024,31 @@ async fn bad_tokens_are_401() {
     let bobs_claims = URL_SAFE_NO_PAD.encode(claims(json!({"user_id": c.bob})).to_string());
     let tampered = format!("{}.{bobs_claims}.{}", parts[0], parts[2]);
     let expired = hs256(claims(json!({"exp": chrono::Utc::now().timestamp() - 10})));
+    let now = chrono::Utc::now().timestamp();
+    // Already valid: accepted, like the control.
+    let (s, _) = get_json(
+        &c.hark.url("/api/chat/rooms/"),
+        Some(&hs256(claims(json!({"nbf": now - 10})))),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let crit = |header: Value| jwt(HS256, header, claims(json!({})), secret);
     let cases = [
+        (
+            "nbf in the future",
+            hs256(claims(json!({"nbf": now + 600}))),
+            "token_not_valid",
+        ),
+        (
+            "crit",
+            crit(json!({"alg": "HS256", "typ": "JWT", "crit": ["exp"]})),
+            "token_not_valid",
+        ),
+        (
+            "crit naming an extension it defines",
+            crit(json!({"alg": "HS256", "crit": ["b64"], "b64": false})),
+            "token_not_valid",
+        ),
         ("expired", expired, "token_expired"),
         ("wrong secret", wrong_secret, "token_not_valid"),
         ("alg none", alg_none, "token_not_valid"),
@@ -1770,6 +1794,121 @@ async fn without_cors_configured_no_origin_is_allowed() {
 
 // ------------------------------------------------------- one connection
 
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or any request with
+/// two, is a 400 (HTTP/1.0 may omit it); RFC 9110 §10.1.1: an expectation
+/// other than `100-continue` is a 417 — on both connection paths (each
+/// request the first on its connection, then after a request that hands
+/// the connection to hyper), the stream's opening included. JSON errors.
+#[tokio::test]
+async fn one_host_and_no_expectation_but_100_continue_on_both_paths() {
+    let c = chat(&[]).await;
+    let a = token(c.alice);
+    let room = c.room;
+    let send = format!(r#"{{"room_id": {room}, "content": "expected"}}"#);
+    let cases: Vec<(&str, String, u16, Option<&str>)> = vec![
+        (
+            "no Host",
+            "GET /healthz HTTP/1.1\r\n\r\n".into(),
+            400,
+            Some("invalid_host"),
+        ),
+        (
+            "two Hosts",
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n".into(),
+            400,
+            Some("invalid_host"),
+        ),
+        (
+            "two Hosts, HTTP/1.0",
+            "GET /healthz HTTP/1.0\r\nHost: x\r\nHost: x\r\n\r\n".into(),
+            400,
+            Some("invalid_host"),
+        ),
+        (
+            "a Host that is no host",
+            "GET /healthz HTTP/1.1\r\nHost: a@b\r\n\r\n".into(),
+            400,
+            Some("invalid_host"),
+        ),
+        (
+            "a stream without Host",
+            format!("GET /events?room_id={room} HTTP/1.1\r\nAuthorization: Bearer {a}\r\n\r\n"),
+            400,
+            Some("invalid_host"),
+        ),
+        (
+            "a post without Host",
+            format!(
+                "POST /api/chat/messages/ HTTP/1.1\r\nAuthorization: Bearer {a}\r\n\
+                 Content-Length: {}\r\n\r\n{send}",
+                send.len()
+            ),
+            400,
+            Some("invalid_host"),
+        ),
+        (
+            "Expect: 200-ok",
+            format!(
+                "POST /api/chat/messages/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {a}\r\n\
+                 Expect: 200-ok\r\nContent-Length: {}\r\n\r\n{send}",
+                send.len()
+            ),
+            417,
+            Some("expectation_failed"),
+        ),
+        (
+            "Expect: 100-continue and more",
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: 100-continue, x\r\n\r\n".into(),
+            417,
+            Some("expectation_failed"),
+        ),
+        // What stays allowed.
+        (
+            "HTTP/1.0 without Host",
+            "GET /healthz HTTP/1.0\r\n\r\n".into(),
+            200,
+            None,
+        ),
+        (
+            "Expect: 100-continue",
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n".into(),
+            200,
+            None,
+        ),
+        (
+            "an empty Host",
+            "GET /healthz HTTP/1.1\r\nHost:\r\n\r\n".into(),
+            200,
+            None,
+        ),
+    ];
+    for (what, request, want, code) in &cases {
+        for first in [None, Some("PUT /api/chat/messages/")] {
+            let mut raw = Raw::connect(c.hark.addr).await;
+            if let Some(first) = first {
+                raw.send(format!("{first} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                    .await;
+                raw.answer().await;
+            }
+            raw.send(request.as_bytes()).await;
+            let (head, body) = raw.answer().await;
+            assert_eq!(status_of(&head), *want, "{what}, after {first:?}: {head}");
+            if let Some(code) = code {
+                assert_client_error(what, StatusCode::from_u16(*want).unwrap(), &body);
+                assert_eq!(json(&body)["code"], *code, "{what}, after {first:?}");
+            }
+        }
+    }
+    // None of the refused posts was sent.
+    let sent: i64 =
+        c.fx.db
+            .query_one("SELECT count(*) FROM chat_chatmessage", &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(sent, 0);
+}
+
 fn status_of(head: &str) -> u16 {
     head.split(' ')
         .nth(1)
@@ -2294,6 +2433,104 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
     );
 }
 
+/// A client silent for 9 s that then sends its head a byte a second is
+/// cut 10 s after it connected, on either path: the wait for its first
+/// byte counts towards the head's 10 s (it used to add to them: 19 s).
+#[tokio::test]
+async fn the_first_head_must_arrive_within_10_s_of_connecting_on_both_paths() {
+    let c = chat(&[]).await;
+    let trickle = |start: &'static str| {
+        let addr = c.hark.addr;
+        async move {
+            let connected = Instant::now();
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut rd, mut wr) = stream.into_split();
+            let closed = tokio::spawn(async move {
+                let mut got = Vec::new();
+                let _ = rd.read_to_end(&mut got).await;
+                (connected.elapsed(), got)
+            });
+            tokio::time::sleep(Duration::from_secs(9)).await;
+            // Enough for the path to be chosen, then a byte a second of
+            // a head that never ends.
+            let _ = wr.write_all(start.as_bytes()).await;
+            while !closed.is_finished() && connected.elapsed() < Duration::from_secs(30) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = wr.write_all(b"x").await;
+            }
+            let (after, got) = closed.await.unwrap();
+            (start, after, got)
+        }
+    };
+    let (lean, hyper) = tokio::join!(
+        trickle("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "),
+        trickle("PUT /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "),
+    );
+    for (start, after, got) in [lean, hyper] {
+        assert!(
+            got.is_empty(),
+            "{start:?}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        assert!(
+            after >= Duration::from_secs(9) && after < Duration::from_secs(15),
+            "{start:?}: closed {after:?} after connecting"
+        );
+    }
+}
+
+/// One head limit on every path: a head of exactly 64 KiB is served, one
+/// byte more is a 431 — as the first request (hark's own HTTP), behind a
+/// body that grew its read buffer (a read may then bring a whole head
+/// over the limit at once), after a request that handed the connection to
+/// hyper, and as the first request of a connection that is hyper's from
+/// the start.
+#[tokio::test]
+async fn a_head_over_64_kib_is_431_on_every_path() {
+    let c = chat(&[]).await;
+    let head = |method: &str, size: usize| {
+        let start = format!("{method} /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ");
+        let pad = size - start.len() - "\r\n\r\n".len();
+        format!("{start}{}\r\n\r\n", "a".repeat(pad))
+    };
+    const MAX: usize = 64 * 1024;
+    for size in [MAX - 1, MAX, MAX + 1, MAX + 2048, MAX + 40_000] {
+        for (path, first, method, ok) in [
+            ("lean", None, "GET", 200),
+            // Behind a body that grew the read buffer past the limit.
+            ("lean, behind a POST's body", Some("POST"), "GET", 200),
+            ("hyper after a PUT", Some("PUT"), "GET", 200),
+            ("hyper from the start", None, "PUT", 405),
+        ] {
+            let request = head(method, size);
+            assert_eq!(request.len(), size);
+            let mut raw = Raw::connect(c.hark.addr).await;
+            match first {
+                Some("POST") => {
+                    let body = "x".repeat(60_000);
+                    let post = format!(
+                        "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    raw.send(format!("{post}{request}").as_bytes()).await;
+                    let (answer, _) = raw.answer().await;
+                    assert_eq!(status_of(&answer), 405, "{answer}");
+                }
+                Some(first) => {
+                    let first = format!("{first} /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+                    raw.send(first.as_bytes()).await;
+                    raw.answer().await;
+                    raw.send(request.as_bytes()).await;
+                }
+                None => raw.send(request.as_bytes()).await,
+            }
+            let (answer, _) = raw.answer().await;
+            let want = if size <= MAX { ok } else { 431 };
+            assert_eq!(status_of(&answer), want, "{size} bytes, {path}: {answer}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn over_the_connection_limit_is_503_with_retry_after() {
     let c = chat(&[("HARK_MAX_CONNECTIONS", "1"), ("HARK_CORS_ORIGINS", ORIGIN)]).await;
@@ -2459,10 +2696,87 @@ async fn tokens_never_appear_in_the_logs() {
         "{logs}"
     );
     assert!(line("path=/api/chat/rooms/?", "status=401"), "{logs}");
-    assert!(
-        line("path=/healthz?accessToken=REDACTED", "status=200"),
-        "{logs}"
-    );
+    // A key hark does not read is left out, value and all.
+    assert!(line("path=/healthz ", "status=200"), "{logs}");
+}
+
+/// A token put where hark does not look for it — after a `;`, inside an
+/// encoded key, behind another key, in the path, as the method, as the
+/// value of a key hark reads — is kept out of the log too, in both log
+/// formats and on both connection paths (each request the first on its
+/// connection, then after a `PUT`, which hands the connection to hyper).
+#[tokio::test]
+async fn tokens_in_any_encoding_stay_out_of_the_logs_on_both_paths() {
+    let t = token(1);
+    let parts: Vec<&str> = t.split('.').collect();
+    let targets = [
+        (
+            format!("/api/chat/rooms/?x=1;access_token={t}"),
+            "/api/chat/rooms/",
+        ),
+        (
+            format!("/api/chat/rooms/?access_token%3D{t}"),
+            "/api/chat/rooms/",
+        ),
+        (format!("/api/chat/rooms/?x=Bearer:{t}"), "/api/chat/rooms/"),
+        (format!("/api/chat/rooms/{t}/"), "/api/chat/rooms/REDACTED/"),
+        (
+            format!("/api/chat/messages/poll/?room_id=1&since={t}&access_token={t}"),
+            "/api/chat/messages/poll/?room_id=1&since=REDACTED&access_token=REDACTED",
+        ),
+    ];
+    for format in ["text", "json"] {
+        let (hark, _fx) = setup(&[("HARK_LOG_FORMAT", format)]).await;
+        let mut sent = 0;
+        for first in [None, Some("PUT /api/chat/messages/")] {
+            let mut requests: Vec<String> = targets
+                .iter()
+                .map(|(target, _)| format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n"))
+                .collect();
+            // hyper takes any token for a method.
+            requests.push(format!("{t} /healthz HTTP/1.1\r\nHost: x\r\n\r\n"));
+            for request in requests {
+                let mut raw = Raw::connect(hark.addr).await;
+                if let Some(first) = first {
+                    raw.send(format!("{first} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                        .await;
+                    raw.answer().await;
+                }
+                raw.send(request.as_bytes()).await;
+                let (head, _) = raw.answer().await;
+                assert!(
+                    [" 400 ", " 401 ", " 404 ", " 405 "]
+                        .iter()
+                        .any(|s| head.contains(s)),
+                    "{request}: {head}"
+                );
+                sent += 1;
+            }
+        }
+        eventually("every request is logged", || async {
+            hark.logs().matches("hark::request").count() >= sent
+        })
+        .await;
+        let logs = hark.logs();
+        for secret in [t.as_str(), parts[1], parts[2]] {
+            assert!(
+                !logs.contains(secret),
+                "{format}: a token part is logged:\n{logs}"
+            );
+        }
+        for (_, logged) in &targets {
+            let lines = logs
+                .lines()
+                .filter(|l| {
+                    l.contains(&format!("path={logged} "))
+                        || l.contains(&format!("\"path\":\"{logged}\""))
+                })
+                .count();
+            let sent = targets.iter().filter(|(_, l)| l == logged).count();
+            assert_eq!(lines, 2 * sent, "{format}: {logged} on both paths:\n{logs}");
+        }
+        assert!(logs.contains("OTHER"), "{format}: the odd method:\n{logs}");
+    }
 }
 
 /// `HARK_LOG_FORMAT=json`: every line hark logs is one JSON object, a

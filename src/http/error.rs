@@ -31,6 +31,8 @@ pub enum ApiError {
     /// A request head over the size or header-count limit.
     HeadTooLarge,
     UnsupportedMediaType,
+    /// An `Expect` with something other than `100-continue`.
+    ExpectationFailed,
     /// The cursor cannot be continued on this database.
     CursorReset,
     /// The user is over their write limit (`crate::ratelimit`).
@@ -72,6 +74,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::ExpectationFailed => StatusCode::EXPECTATION_FAILED,
             ApiError::CursorReset => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } | ApiError::TooManyStreams(_) => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -100,6 +103,10 @@ impl ApiError {
             ApiError::UnsupportedMediaType => (
                 "unsupported_media_type",
                 "Request body must be JSON (Content-Type: application/json)".into(),
+            ),
+            ApiError::ExpectationFailed => (
+                "expectation_failed",
+                "The only expectation supported is Expect: 100-continue".into(),
             ),
             ApiError::CursorReset => (
                 "cursor_reset",
@@ -182,9 +189,6 @@ impl From<ReadError> for ApiError {
     fn from(e: ReadError) -> Self {
         match e {
             ReadError::CursorReset => ApiError::CursorReset,
-            ReadError::InvalidCursor => {
-                ApiError::bad("invalid_since", "since is not a valid cursor")
-            }
             ReadError::Db(e) => ApiError::Database(e),
         }
     }

@@ -33,7 +33,8 @@
 //!
 //! Limits are hyper's on the other path: the head size and header count,
 //! the header-read timeout (which also closes a connection idle between
-//! requests), the body-read timeout, the send timeout, and an end of input
+//! requests; the first head's counts from the connection's accept, on both
+//! paths), the body-read timeout, the send timeout, and an end of input
 //! while a request is in flight closing the connection (hyper's default, no
 //! half-close).
 
@@ -50,18 +51,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
 
 use super::error::ApiError;
 use super::{events, router, Body, ConnectionKill, Seen};
 use crate::app::App;
 use crate::delivery::park::Park;
 
-/// Longest request head, and most header fields: hyper's limits on the
-/// other path (`max_buf_size` in [`super::serve`], hyper's default count),
-/// so a request is not refused here that hyper would take.
-const MAX_HEAD: usize = 64 * 1024;
-const MAX_HEADERS: usize = 100;
+/// Longest request head (request line, fields and the empty line), and
+/// most header fields: the same on hyper's path (`max_header_size` in
+/// [`super::serve`], hyper's default count), so a head gets the same
+/// answer on either path.
+pub(super) const MAX_HEAD: usize = 64 * 1024;
+pub(super) const MAX_HEADERS: usize = 100;
 /// What a client may send after its request head on a stream (a body,
 /// pipelined requests: read and dropped, the connection closes after the
 /// stream) before it is cut. While a request is in flight, what it may
@@ -99,8 +101,16 @@ pub enum Served {
 }
 
 /// Serves a connection whose first bytes passed [`wants_lean`] until it
-/// ends, asks for an event stream, or has a request for hyper.
-pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) -> Served {
+/// ends, asks for an event stream, or has a request for hyper. The first
+/// request must arrive by `first_deadline`, each later one within
+/// `header_timeout` of the loop's waiting for it.
+pub async fn serve(
+    app: &Arc<App>,
+    stream: TcpStream,
+    header_timeout: Duration,
+    first_deadline: Instant,
+) -> Served {
+    let mut first_deadline = Some(first_deadline);
     let stall = Duration::from_secs(app.config.send_timeout_s);
     let mut shutdown = app.shutdown.clone();
     let mut buf = Vec::new();
@@ -117,7 +127,10 @@ pub async fn serve(app: &Arc<App>, stream: TcpStream, header_timeout: Duration) 
         let (version, mut keep_alive, head_only, seen, answer) = {
             let max_body = app.config.max_body_bytes;
             let (req, head_len, body_len) = match tokio::select! {
-                r = timeout(header_timeout, read_head(&mut conn.rd, &mut buf, max_body)) => {
+                r = timeout_at(
+                    first_deadline.take().unwrap_or_else(|| Instant::now() + header_timeout),
+                    read_head(&mut conn.rd, &mut buf, max_body),
+                ) => {
                     r.unwrap_or_else(|_| late(&buf, max_body))
                 }
                 // Between requests nothing is lost by closing; a request half
@@ -306,7 +319,10 @@ pub async fn serve_stream(app: &Arc<App>, stream: TcpStream, req: Box<Request<()
         req.extensions_mut().insert(park.clone());
     }
     let seen = Seen::new(&req);
-    let result = Box::pin(events::events(app, req)).await;
+    let result = match router::conforms(&req) {
+        Ok(()) => Box::pin(events::events(app, req)).await,
+        Err(e) => Err(e),
+    };
     let resp = seen.finish(app, result);
     respond(
         stream,
@@ -441,6 +457,11 @@ fn parse_head(buf: &[u8], max_body: u64) -> Result<Option<Head>, HeadError> {
     let mut parsed = httparse::Request::new(&mut headers);
     let len = match parsed.parse(buf) {
         Ok(httparse::Status::Partial) => return Ok(None),
+        // A read may bring more than the limit at once: the head's own
+        // length decides, as hyper's `max_header_size` does.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+            return Err(HeadError::Bad(ApiError::HeadTooLarge))
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::Bad(ApiError::HeadTooLarge)),
         Err(e) => return Err(bad(&e.to_string())),

@@ -63,7 +63,9 @@ impl<T> ReqBody for T where
 {
 }
 
-/// Time a client has to send its request head (slowloris guard).
+/// Time a client has to send its request head (slowloris guard): the
+/// first from when its connection is accepted, each later one from when
+/// the connection waits for it.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send a request body once its head arrived.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -237,27 +239,105 @@ pub async fn discard_body<B: ReqBody>(app: &App, req: Request<B>) {
     let _ = tokio::time::timeout(BODY_READ_TIMEOUT, drain).await;
 }
 
-/// The path and query for the log, with every token-bearing parameter
-/// replaced: tokens never reach logs.
-pub fn redact_query(uri: &hyper::Uri) -> String {
+/// Query keys whose values the request log keeps: those hark reads
+/// (`access_token` is logged as present, its value never).
+const LOGGED_KEYS: &[&str] = &[
+    "room_id",
+    "since",
+    "timeout",
+    "limit",
+    "last_event_id",
+    "access_token",
+];
+/// Longest segment of a path hark does not route that the log keeps.
+/// Shorter than any signed JWT (an HS256 signature alone is 43 characters).
+const MAX_LOGGED_SEGMENT: usize = 32;
+const REDACTED: &str = "REDACTED";
+
+/// The request target for the log, which tokens never reach, however a
+/// client puts one in (under another query key, in a key, after a `;`, in
+/// the path). A path hark routes is kept whole: its segments are fixed
+/// words and ids. Another keeps only its short plain segments. The query
+/// keeps only the keys hark reads, each value only when it has the shape
+/// hark reads there — which no token has.
+pub fn loggable_target(uri: &hyper::Uri) -> String {
     let path = uri.path();
-    let Some(q) = uri.query() else {
-        return path.to_string();
+    let mut out = if router::is_route(path) {
+        path.to_string()
+    } else {
+        path.split('/')
+            .map(|seg| {
+                let plain = seg.len() <= MAX_LOGGED_SEGMENT
+                    && seg
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+                if plain {
+                    seg
+                } else {
+                    REDACTED
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/")
     };
-    let mut out = form_urlencoded::Serializer::new(String::new());
+    let Some(q) = uri.query() else {
+        return out;
+    };
+    let mut kept = form_urlencoded::Serializer::new(String::new());
+    let mut any = false;
     for (k, v) in form_urlencoded::parse(q.as_bytes()) {
-        let secret = matches!(k.as_ref(), "access_token" | "token" | "jwt") || has_jwt(&v);
-        out.append_pair(&k, if secret { "REDACTED" } else { &v });
+        let Some(&key) = LOGGED_KEYS.iter().find(|&&key| key == k) else {
+            continue;
+        };
+        let shaped = match key {
+            "room_id" | "timeout" | "limit" => {
+                !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit())
+            }
+            "since" | "last_event_id" => cursor_shaped(&v) || timestamp_shaped(&v),
+            _ => false,
+        };
+        kept.append_pair(key, if shaped { &v } else { REDACTED });
+        any = true;
     }
-    format!("{path}?{}", out.finish())
+    if any {
+        out.push('?');
+        out.push_str(&kept.finish());
+    }
+    out
 }
 
-/// Whether a query value carries something shaped like a JWT (`eyJ…` and
-/// three dot-separated parts): a client that puts its token under another
-/// name (`accessToken`, `auth=Bearer …`) must not get it logged either.
-fn has_jwt(v: &str) -> bool {
-    v.split_whitespace()
-        .any(|w| w.starts_with("eyJ") && w.split('.').count() == 3)
+/// A cursor's alphabet (URL-safe base64): no `.`, so no JWT.
+fn cursor_shaped(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= crate::cursor::MAX_CURSOR_CHARS
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// An ISO-8601 timestamp's characters: digits, separators, `T` and `Z`.
+fn timestamp_shaped(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b"0123456789-:.+ TtZz".contains(&b))
+}
+
+/// The method for the log: hyper takes any token as a method, a JWT too.
+fn loggable_method(method: &hyper::Method) -> &str {
+    use hyper::Method as M;
+    let known = [
+        M::GET,
+        M::HEAD,
+        M::POST,
+        M::PUT,
+        M::DELETE,
+        M::OPTIONS,
+        M::PATCH,
+        M::TRACE,
+        M::CONNECT,
+    ];
+    if known.contains(method) {
+        method.as_str()
+    } else {
+        "OTHER"
+    }
 }
 
 /// Closes the connection a request arrived on (an event stream whose
@@ -277,7 +357,8 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
 pub(crate) struct Seen {
     started: Instant,
     method: hyper::Method,
-    /// The redacted target, when the request log is on.
+    /// The target as [`loggable_target`] gives it, when the request log
+    /// is on.
     target: Option<String>,
     origin: Option<HeaderValue>,
 }
@@ -289,7 +370,7 @@ impl Seen {
         Seen {
             started: Instant::now(),
             method: req.method().clone(),
-            target: log.then(|| redact_query(req.uri())),
+            target: log.then(|| loggable_target(req.uri())),
             origin: req.headers().get(hyper::header::ORIGIN).cloned(),
         }
     }
@@ -311,7 +392,7 @@ impl Seen {
         if let Some(target) = self.target {
             tracing::info!(
                 target: "hark::request",
-                method = %self.method,
+                method = %loggable_method(&self.method),
                 path = %target,
                 status = status.as_u16(),
                 ms = end.saturating_duration_since(self.started).as_secs_f64() * 1000.0,
@@ -331,7 +412,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true)
-        .max_buf_size(64 * 1024);
+        // `max_buf_size` alone is no head limit: a read fills the buffer's
+        // spare room, and heads of up to 128 KiB got through.
+        .max_header_size(lean::MAX_HEAD)
+        .max_buf_size(lean::MAX_HEAD);
     let mut backoff = Duration::from_millis(5);
     loop {
         let (stream, _peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
@@ -350,6 +434,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
             },
             _ = shutdown.wait() => break,
         };
+        let first_deadline = Instant::now() + HEADER_READ_TIMEOUT;
         let _ = stream.set_nodelay(true);
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -358,7 +443,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     app.metrics.connection_opened();
-                    serve_connection(&app, stream, &builder, watcher).await;
+                    serve_connection(&app, stream, first_deadline, &builder, watcher).await;
                     app.metrics.connection_closed();
                     drop(permit);
                 });
@@ -409,15 +494,18 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown)
 
 /// One accepted connection, to the end: on the lean path while its
 /// requests are ones [`lean`] serves (GET, HEAD, OPTIONS, and POSTs with
-/// one Content-Length), hyper's otherwise.
+/// one Content-Length), hyper's otherwise. Its first request head must
+/// arrive by `first_deadline` on either path: the wait for the first byte
+/// counts towards it.
 async fn serve_connection(
     app: &Arc<App>,
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
+    first_deadline: Instant,
     builder: &http1::Builder,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let mut first = [0u8; lean::PEEK_LEN];
-    let peeked = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await;
+    let peeked = tokio::time::timeout_at(first_deadline, stream.peek(&mut first)).await;
     let n = match peeked {
         Ok(Ok(n)) if n > 0 => n,
         // Silence, a reset or end of stream before a byte: nothing to answer.
@@ -429,9 +517,17 @@ async fn serve_connection(
     // async fn and then moved into a box keeps its size in the caller's
     // state too.)
     if !lean::wants_lean(&first[..n]) {
-        return boxed_hyper(app, Replay::new(stream, Vec::new()), builder, watcher).await;
+        // hyper's header timer starts when hyper first reads: the first
+        // head is read here, by the deadline, and handed over whole.
+        let Ok(Some(head)) =
+            tokio::time::timeout_at(first_deadline, read_first_head(&mut stream)).await
+        else {
+            // As hyper does when a head does not arrive: close, silently.
+            return;
+        };
+        return boxed_hyper(app, Replay::new(stream, head), builder, watcher).await;
     }
-    let (stream, req) = match boxed_lean(app, stream).await {
+    let (stream, req) = match boxed_lean(app, stream, first_deadline).await {
         lean::Served::Closed => return,
         lean::Served::Hyper(stream, read) => {
             return boxed_hyper(app, Replay::new(stream, read), builder, watcher).await
@@ -444,8 +540,41 @@ async fn serve_connection(
 fn boxed_lean(
     app: &Arc<App>,
     stream: tokio::net::TcpStream,
+    first_deadline: Instant,
 ) -> std::pin::Pin<Box<impl std::future::Future<Output = lean::Served> + '_>> {
-    Box::pin(lean::serve(app, stream, HEADER_READ_TIMEOUT))
+    Box::pin(lean::serve(
+        app,
+        stream,
+        HEADER_READ_TIMEOUT,
+        first_deadline,
+    ))
+}
+
+/// What a connection sent up to the end of its first request head (or up
+/// to what hyper refuses: a malformed head, one over the size limit); None
+/// when it ended first. Whatever arrived with it is kept for hyper too.
+async fn read_first_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    loop {
+        buf.reserve(2048);
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) if head_read(&buf) => return Some(buf),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Whether `buf` holds a whole request head, or enough for hyper to refuse
+/// it.
+fn head_read(buf: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; lean::MAX_HEADERS];
+    buf.len() >= lean::MAX_HEAD
+        || !matches!(
+            httparse::Request::new(&mut headers).parse(buf),
+            Ok(httparse::Status::Partial)
+        )
 }
 
 fn boxed_hyper<'a>(
@@ -488,7 +617,51 @@ async fn serve_hyper(
 
 #[cfg(test)]
 mod tests {
-    use super::decode_query;
+    use super::{decode_query, loggable_method, loggable_target};
+
+    #[test]
+    fn the_logged_target_keeps_what_hark_reads_and_no_token() {
+        let jwt =
+            "eyJhbGciOiJIUzI1NiJ9.eyJ1c2VyX2lkIjoxfQ.c2lnbmF0dXJlLXNpZ25hdHVyZS1zaWduYXR1cmUtc2k";
+        let cases = [
+            (
+                "/api/chat/messages/poll/?room_id=3&since=AcZ1BLVELBFrAQAAAADcBQAA&timeout=0&limit=5"
+                    .to_string(),
+                "/api/chat/messages/poll/?room_id=3&since=AcZ1BLVELBFrAQAAAADcBQAA&timeout=0&limit=5",
+            ),
+            (
+                "/api/chat/messages/poll/?room_id=3&since=2026-01-15T10:00:00.5%2B02:00".into(),
+                "/api/chat/messages/poll/?room_id=3&since=2026-01-15T10%3A00%3A00.5%2B02%3A00",
+            ),
+            (
+                format!("/events?room_id=1&room_id=2&access_token={jwt}&last_event_id=abc"),
+                "/events?room_id=1&room_id=2&access_token=REDACTED&last_event_id=abc",
+            ),
+            (format!("/api/chat/rooms/?x=1;access_token={jwt}"), "/api/chat/rooms/"),
+            (format!("/api/chat/rooms/?access_token%3D{jwt}"), "/api/chat/rooms/"),
+            (format!("/api/chat/rooms/?x=Bearer:{jwt}"), "/api/chat/rooms/"),
+            (format!("/healthz?accessToken=Bearer%20{jwt}"), "/healthz"),
+            (
+                format!("/api/chat/messages/poll/?room_id={jwt}&since={jwt}&limit=1;{jwt}"),
+                "/api/chat/messages/poll/?room_id=REDACTED&since=REDACTED&limit=REDACTED",
+            ),
+            (
+                format!("/api/chat/rooms/{jwt}/"),
+                "/api/chat/rooms/REDACTED/",
+            ),
+            (
+                format!("/wp-login.php/{}/x%2Fy/.env", &jwt[..40]),
+                "/wp-login.php/REDACTED/REDACTED/.env",
+            ),
+        ];
+        for (target, want) in cases {
+            let uri: hyper::Uri = target.parse().unwrap();
+            assert_eq!(loggable_target(&uri), want, "{target}");
+        }
+        assert_eq!(loggable_method(&hyper::Method::PATCH), "PATCH");
+        let odd = hyper::Method::from_bytes(jwt.as_bytes()).unwrap();
+        assert_eq!(loggable_method(&odd), "OTHER");
+    }
 
     #[test]
     fn the_query_fast_path_decodes_as_form_urlencoded_does() {

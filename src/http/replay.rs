@@ -35,6 +35,10 @@ impl AsyncRead for Replay {
         if !self.read.is_empty() {
             let n = self.read.len().min(buf.remaining());
             buf.put_slice(&self.read.split_to(n));
+            if self.read.is_empty() {
+                // An empty tail still holds the whole allocation.
+                self.read = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)

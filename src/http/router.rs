@@ -1,12 +1,16 @@
 //! `(method, path)` → handler. Every path works with and without its
 //! trailing slash; unknown paths are JSON 404s and wrong methods JSON 405s
-//! with `Allow`; `OPTIONS` answers preflights.
+//! with `Allow`; `OPTIONS` answers preflights. Before any of that, the
+//! request must be one HTTP allows ([`conforms`]), on either connection
+//! path.
 
 use std::future::{ready, Future};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use hyper::{Method, Request, Response};
+use hyper::header::{EXPECT, HOST};
+use hyper::http::uri::Authority;
+use hyper::{Method, Request, Response, Version};
 
 use super::error::ApiError;
 use super::{chat, events, ops, poll, Body, ReqBody};
@@ -69,6 +73,61 @@ fn parse(path: &str) -> Option<Route> {
     })
 }
 
+/// Whether `path` is one hark routes (the request log keeps such paths).
+pub(crate) fn is_route(path: &str) -> bool {
+    parse(path).is_some()
+}
+
+/// What RFC 9112 §3.2 and RFC 9110 §10.1.1 ask of a request before it is
+/// served: one valid `Host` (an HTTP/1.1 request must send it, HTTP/1.0
+/// may omit it), and no expectation but `100-continue`, which hyper
+/// answers. Neither hyper nor hark's own HTTP checks these.
+pub(crate) fn conforms<B>(req: &Request<B>) -> Result<(), ApiError> {
+    let bad_host = |message| Err(ApiError::bad("invalid_host", message));
+    let mut hosts = req.headers().get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() == Version::HTTP_11 => {
+            return bad_host("An HTTP/1.1 request must have a Host header")
+        }
+        (Some(_), Some(_)) => return bad_host("A request must have one Host header, not several"),
+        (Some(host), None) if !valid_host(host.as_bytes()) => {
+            return bad_host("The Host header is not a host and port")
+        }
+        _ => {}
+    }
+    for expect in req.headers().get_all(EXPECT) {
+        let continues = expect.to_str().is_ok_and(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .all(|e| e.eq_ignore_ascii_case("100-continue"))
+        });
+        if !continues {
+            return Err(ApiError::ExpectationFailed);
+        }
+    }
+    Ok(())
+}
+
+/// `uri-host [ ":" port ]`, or empty (a target without an authority).
+fn valid_host(host: &[u8]) -> bool {
+    if host.is_empty() {
+        return true;
+    }
+    // An authority without userinfo starts with its host; `http` takes any
+    // port text, RFC 3986 only digits.
+    let Ok(a) = Authority::try_from(host) else {
+        return false;
+    };
+    let port = a.as_str().get(a.host().len()..).unwrap_or("x");
+    !host.contains(&b'@')
+        && !a.host().is_empty()
+        && (port.is_empty()
+            || port
+                .strip_prefix(':')
+                .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())))
+}
+
 /// A request's answer, to be awaited.
 pub type Answer<'a> = Pin<Box<dyn Future<Output = Result<Response<Body>, ApiError>> + Send + 'a>>;
 
@@ -77,6 +136,9 @@ pub type Answer<'a> = Pin<Box<dyn Future<Output = Result<Response<Body>, ApiErro
 /// handler's nor a routing layer's. Handlers that read no body get the
 /// request without it, so one copy of each serves both connection paths.
 pub fn route<B: ReqBody>(app: &Arc<App>, req: Request<B>) -> Answer<'_> {
+    if let Err(e) = conforms(&req) {
+        return Box::pin(ready(Err(e)));
+    }
     let Some(route) = parse(req.uri().path()) else {
         return Box::pin(ready(Err(ApiError::NotFound("Not found"))));
     };
@@ -129,6 +191,56 @@ mod tests {
         assert!(parse("/api/chat/rooms/99999999999999999999/").is_none());
         assert!(parse("/nope").is_none());
         assert!(parse("/api/chat/rooms//").is_none());
+    }
+
+    #[test]
+    fn a_request_has_one_valid_host_and_expects_only_100_continue() {
+        let req = |version: Version, headers: &[(&str, &str)]| {
+            let mut r = Request::builder().uri("/healthz").version(version);
+            for (k, v) in headers {
+                r = r.header(*k, *v);
+            }
+            r.body(()).unwrap()
+        };
+        let v11 = Version::HTTP_11;
+        for ok in [
+            req(v11, &[("host", "x")]),
+            req(v11, &[("host", "127.0.0.1:8080")]),
+            req(v11, &[("host", "[::1]:80")]),
+            req(v11, &[("host", "")]),
+            req(Version::HTTP_10, &[]),
+            req(v11, &[("host", "x"), ("expect", "100-Continue")]),
+        ] {
+            assert!(conforms(&ok).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            req(v11, &[]),
+            req(v11, &[("host", "x"), ("host", "x")]),
+            req(Version::HTTP_10, &[("host", "x"), ("host", "y")]),
+            req(v11, &[("host", "user@x")]),
+            req(v11, &[("host", "x y")]),
+            req(v11, &[("host", "x:port")]),
+        ] {
+            assert_eq!(
+                conforms(&bad).map_err(|e| e.status()),
+                Err(hyper::StatusCode::BAD_REQUEST),
+                "{bad:?}"
+            );
+        }
+        for bad in [
+            req(v11, &[("host", "x"), ("expect", "200-ok")]),
+            req(v11, &[("host", "x"), ("expect", "100-continue, x")]),
+            req(
+                v11,
+                &[("host", "x"), ("expect", "100-continue"), ("expect", "x")],
+            ),
+        ] {
+            assert_eq!(
+                conforms(&bad).map_err(|e| e.status()),
+                Err(hyper::StatusCode::EXPECTATION_FAILED),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
