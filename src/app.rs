@@ -43,6 +43,8 @@ pub struct App {
     /// Each user's count of open event streams, and its cap.
     pub stream_quota: StreamQuota,
     pub shutdown: Shutdown,
+    /// `GET /openapi.json`, with this process's limits, built at start.
+    pub openapi: bytes::Bytes,
     /// The database identity read at start, until the listener has its own.
     startup_origin: Origin,
 }
@@ -101,6 +103,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
 
 async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartError> {
     let secret = jwt_secret(&config, embedded)?;
+    let openapi = crate::http::openapi::document(&config).map_err(StartError)?;
     let pg = db::pg_config(url, "hark").map_err(StartError)?;
     let pool = db::pool(pg.clone(), config.db_pool_size as usize).map_err(StartError)?;
     let origin = {
@@ -183,6 +186,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
         write_limit,
         stream_quota,
         shutdown: shutdown.clone(),
+        openapi,
         startup_origin: origin,
     });
     let tcp = listen(app.config.bind)

@@ -156,6 +156,17 @@ pub async fn mark_read(app: &App, req: Request<()>, room: i64) -> Result<Respons
     ok_json(StatusCode::OK, &serde_json::json!({"success": true}))
 }
 
+/// A JSON number written with a fraction of zero (`7.0`, `7e0`) as the
+/// whole number it is: JSON Schema's `integer` admits it, and so do DRF's
+/// id fields. Only where every whole number is exact (2^53), so that no
+/// neighbouring id is ever read for it.
+fn whole_float(n: &serde_json::Number) -> Option<i64> {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    n.as_f64()
+        .filter(|f| f.fract() == 0.0 && f.abs() <= EXACT)
+        .map(|f| f as i64)
+}
+
 /// POST /api/chat/messages/
 pub async fn send_message<B: ReqBody>(
     app: &App,
@@ -166,7 +177,11 @@ pub async fn send_message<B: ReqBody>(
     let body = spend_write_then_read(app, user.id, req).await?;
     let invalid_room = || ApiError::bad("invalid_room_id", "room_id must be a positive integer");
     let room = match body.get("room_id").or_else(|| body.get("room")) {
-        Some(Value::Number(n)) => n.as_i64().filter(|&r| r > 0).ok_or_else(invalid_room)?,
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| whole_float(n))
+            .filter(|&r| r > 0)
+            .ok_or_else(invalid_room)?,
         // A string of digits too, as DRF's primary-key fields accept it
         // (form-minded clients send ids as strings).
         Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s
@@ -213,4 +228,23 @@ pub async fn send_message<B: ReqBody>(
         created_at,
     };
     ok_json(StatusCode::CREATED, &msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_float;
+
+    #[test]
+    fn whole_floats_are_ids_and_fractions_are_not() {
+        let n = |s: &str| serde_json::from_str::<serde_json::Number>(s).unwrap();
+        assert_eq!(whole_float(&n("524287.0")), Some(524_287));
+        assert_eq!(whole_float(&n("7e0")), Some(7));
+        assert_eq!(
+            whole_float(&n("9007199254740992.0")),
+            Some(9_007_199_254_740_992)
+        );
+        for bad in ["1.5", "9007199254740994.0", "1e300", "-1e300", "1e-3"] {
+            assert_eq!(whole_float(&n(bad)), None, "{bad}");
+        }
+    }
 }

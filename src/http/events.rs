@@ -47,7 +47,7 @@ use crate::shutdown::Shutdown;
 /// The reconnection delay browsers are told to use.
 const RETRY_MS: u64 = 2000;
 /// Most rooms one stream may name.
-const MAX_ROOMS: usize = 100;
+pub(crate) const MAX_ROOMS: usize = 100;
 
 pub async fn events(app: &Arc<App>, req: Request<()>) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
@@ -79,7 +79,7 @@ pub async fn events(app: &Arc<App>, req: Request<()>) -> Result<Response<Body>, 
     if rooms.len() > MAX_ROOMS {
         return Err(ApiError::bad(
             "invalid_room_id",
-            format!("at most {MAX_ROOMS} room_id values per stream"),
+            format!("at most {MAX_ROOMS} different rooms per stream"),
         ));
     }
     // 404 for a missing room wins over 403 for someone else's.

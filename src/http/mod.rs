@@ -7,6 +7,7 @@ pub mod cors;
 pub mod error;
 pub mod events;
 pub mod lean;
+pub mod openapi;
 pub mod ops;
 pub(crate) mod parked;
 

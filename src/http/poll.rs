@@ -24,6 +24,7 @@ use super::chat::{require_participant, require_still_participant};
 use super::error::ApiError;
 use super::{authenticate, json_response, query_get, query_pairs, Body};
 use crate::app::App;
+use crate::config::Config;
 use crate::cursor::{Cursor, Lower, Origin, Position};
 use crate::db::messages::Read;
 use crate::delivery::park::{Park, PollForm};
@@ -100,6 +101,17 @@ fn whole(
     Ok(v)
 }
 
+/// The `timeout` of a poll that gives none: the configured default,
+/// within the configured maximum.
+pub(crate) fn default_timeout(cfg: &Config) -> u64 {
+    cfg.poll_timeout_default_s.min(cfg.poll_timeout_max_s)
+}
+
+/// The `limit` of a poll that gives none.
+pub(crate) fn default_limit(cfg: &Config) -> u32 {
+    DEFAULT_LIMIT.min(cfg.poll_limit_max)
+}
+
 pub fn parse_room_id(raw: Option<&str>) -> Result<i64, ApiError> {
     let raw = raw.ok_or_else(|| ApiError::bad("invalid_room_id", "room_id is required"))?;
     raw.parse::<i64>()
@@ -135,7 +147,7 @@ pub async fn poll(app: &App, req: Request<()>) -> Result<Response<Body>, ApiErro
         "invalid_timeout",
         0,
         cfg.poll_timeout_max_s,
-        cfg.poll_timeout_default_s.min(cfg.poll_timeout_max_s),
+        default_timeout(cfg),
     )?;
     let limit = whole(
         query_get(&pairs, "limit"),
@@ -143,7 +155,7 @@ pub async fn poll(app: &App, req: Request<()>) -> Result<Response<Body>, ApiErro
         "invalid_limit",
         1,
         u64::from(cfg.poll_limit_max),
-        u64::from(DEFAULT_LIMIT.min(cfg.poll_limit_max)),
+        u64::from(default_limit(cfg)),
     )? as usize;
     Box::pin(require_participant(app, room, user.id)).await?;
     let origin = app.origin();

@@ -2,7 +2,8 @@
 //! trailing slash; unknown paths are JSON 404s and wrong methods JSON 405s
 //! with `Allow`; `OPTIONS` answers preflights. Before any of that, the
 //! request must be one HTTP allows ([`conforms`]), on either connection
-//! path.
+//! path. `docs/openapi.json` describes the same paths and methods; a test
+//! here keeps them together.
 
 use std::future::{ready, Future};
 use std::pin::Pin;
@@ -13,7 +14,7 @@ use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, Version};
 
 use super::error::ApiError;
-use super::{chat, events, ops, poll, Body, ReqBody};
+use super::{chat, events, openapi, ops, poll, Body, ReqBody};
 use crate::app::App;
 
 enum Route {
@@ -21,6 +22,7 @@ enum Route {
     Healthz,
     Readyz,
     Metrics,
+    OpenApi,
     Events,
     Rooms,
     Room(i64),
@@ -46,6 +48,47 @@ impl Route {
     }
 }
 
+/// Every path [`parse`] routes, as `docs/openapi.json` spells it (with
+/// the trailing slash API.md gives it; both forms route). A new route
+/// belongs here, in [`Route::template`] and in the document.
+#[cfg(test)]
+pub(crate) const TEMPLATES: &[&str] = &[
+    "/",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/events",
+    "/api/chat/rooms/",
+    "/api/chat/rooms/{room_id}/",
+    "/api/chat/rooms/{room_id}/typing/",
+    "/api/chat/rooms/{room_id}/read/",
+    "/api/chat/messages/",
+    "/api/chat/messages/poll/",
+];
+
+#[cfg(test)]
+impl Route {
+    /// The entry of [`TEMPLATES`] this route came from. Exhaustive, so a
+    /// new route does not compile its tests without one.
+    fn template(&self) -> &'static str {
+        match self {
+            Route::Index => "/",
+            Route::Healthz => "/healthz",
+            Route::Readyz => "/readyz",
+            Route::Metrics => "/metrics",
+            Route::OpenApi => "/openapi.json",
+            Route::Events => "/events",
+            Route::Rooms => "/api/chat/rooms/",
+            Route::Room(_) => "/api/chat/rooms/{room_id}/",
+            Route::Typing(_) => "/api/chat/rooms/{room_id}/typing/",
+            Route::Read(_) => "/api/chat/rooms/{room_id}/read/",
+            Route::Messages => "/api/chat/messages/",
+            Route::Poll => "/api/chat/messages/poll/",
+        }
+    }
+}
+
 fn parse(path: &str) -> Option<Route> {
     let trimmed = path.strip_suffix('/').unwrap_or(path);
     let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
@@ -62,6 +105,7 @@ fn parse(path: &str) -> Option<Route> {
         ["healthz"] => Route::Healthz,
         ["readyz"] => Route::Readyz,
         ["metrics"] => Route::Metrics,
+        ["openapi.json"] => Route::OpenApi,
         ["events"] => Route::Events,
         ["api", "chat", "rooms"] => Route::Rooms,
         ["api", "chat", "rooms", r] => Route::Room(id(r)?),
@@ -158,6 +202,7 @@ pub fn route<B: ReqBody>(app: &Arc<App>, req: Request<B>) -> Answer<'_> {
         Route::Healthz => Box::pin(ready(Ok(ops::healthz()))),
         Route::Readyz => Box::pin(ops::readyz(app)),
         Route::Metrics => Box::pin(ready(Ok(ops::metrics(app)))),
+        Route::OpenApi => Box::pin(ready(Ok(openapi::openapi(app)))),
         Route::Events => Box::pin(events::events(app, bodiless(req))),
         Route::Rooms => Box::pin(chat::rooms(app, bodiless(req), None)),
         Route::Room(id) => Box::pin(chat::rooms(app, bodiless(req), Some(id))),
@@ -191,6 +236,56 @@ mod tests {
         assert!(parse("/api/chat/rooms/99999999999999999999/").is_none());
         assert!(parse("/nope").is_none());
         assert!(parse("/api/chat/rooms//").is_none());
+    }
+
+    /// The router and `docs/openapi.json` name the same paths, and each
+    /// path the methods its `Allow` lists. OPTIONS is left out of the
+    /// document, as HTTP frameworks answer it on their own (the document's
+    /// description says every path answers it); HEAD is in it.
+    #[test]
+    fn the_router_and_the_openapi_document_agree() {
+        use std::collections::BTreeSet;
+        let doc: serde_json::Value =
+            serde_json::from_str(super::super::openapi::DOCUMENT).expect("docs/openapi.json");
+        let paths = doc["paths"].as_object().expect("paths");
+        let documented: BTreeSet<&str> = paths.keys().map(String::as_str).collect();
+        let routed: BTreeSet<&str> = TEMPLATES.iter().copied().collect();
+        assert_eq!(routed.len(), TEMPLATES.len(), "a template twice");
+        assert_eq!(documented, routed, "paths: document vs router");
+        for &template in TEMPLATES {
+            for path in [
+                template.replace("{room_id}", "7"),
+                template
+                    .replace("{room_id}", "7")
+                    .trim_end_matches('/')
+                    .to_string(),
+            ] {
+                let route = parse(&path).unwrap_or_else(|| panic!("{path} does not route"));
+                assert_eq!(route.template(), template, "{path}");
+            }
+            let route = parse(&template.replace("{room_id}", "7")).expect("routes");
+            let allowed: BTreeSet<String> = route
+                .allow()
+                .split(", ")
+                .filter(|m| *m != "OPTIONS")
+                .map(str::to_lowercase)
+                .collect();
+            let methods: BTreeSet<String> = paths[template]
+                .as_object()
+                .expect("a path item")
+                .keys()
+                .filter(|k| {
+                    [
+                        "get", "put", "post", "delete", "options", "head", "patch", "trace",
+                    ]
+                    .contains(&k.as_str())
+                })
+                .cloned()
+                .collect();
+            assert_eq!(methods, allowed, "methods of {template}: document vs Allow");
+            // The one method the router dispatches on is documented.
+            assert!(methods.contains(&route.method().as_str().to_lowercase()));
+        }
     }
 
     #[test]
