@@ -1,6 +1,8 @@
-//! Start-up and shutdown, and [`App`], the owner of everything a request
-//! handler needs: each part is owned by its module and reached through one
-//! cheap handle here, not through globals.
+//! Start-up, wiring and shutdown: the embedded cluster when there is no
+//! `DATABASE_URL`, the schema, the delivery core, the HTTP edge's shared
+//! state ([`crate::http::shared::Shared`]) and the background tasks, each
+//! part owned by its module and handed over as a cheap handle, not a
+//! global.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,7 +14,6 @@ use tokio::net::TcpListener;
 
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::cursor::Origin;
 use crate::db::embedded::{EmbeddedOptions, EmbeddedPg};
 use crate::db::{self, migrate};
 use crate::delivery::directory::Directory;
@@ -21,40 +22,12 @@ use crate::delivery::listener::Listener;
 use crate::delivery::reader::Reader;
 use crate::delivery::typing::Typing;
 use crate::http::cors::Cors;
+use crate::http::h1::Limits;
+use crate::http::shared::Shared;
 use crate::metrics::Metrics;
 use crate::ratelimit::WriteLimit;
-use crate::shutdown::{self, Shutdown};
+use crate::shutdown;
 use crate::stream_quota::StreamQuota;
-
-/// What handlers share. One per process, behind an `Arc`.
-pub struct App {
-    pub config: Config,
-    pub pool: Pool,
-    pub hub: Hub,
-    /// Pages after a position, from the hub or the database.
-    pub reader: Reader,
-    pub directory: Directory,
-    pub typing: Typing,
-    pub auth: Auth,
-    pub metrics: Arc<Metrics>,
-    pub cors: Cors,
-    /// Each user's budget of writes (send, typing, read marker).
-    pub write_limit: WriteLimit,
-    /// Each user's count of open event streams, and its cap.
-    pub stream_quota: StreamQuota,
-    pub shutdown: Shutdown,
-    /// `GET /openapi.json`, with this process's limits, built at start.
-    pub openapi: bytes::Bytes,
-    /// The database identity read at start, until the listener has its own.
-    startup_origin: Origin,
-}
-
-impl App {
-    /// The identity cursors must carry now.
-    pub fn origin(&self) -> Origin {
-        self.hub.origin().unwrap_or(self.startup_origin)
-    }
-}
 
 /// A start-up failure, said in one sentence for the operator.
 #[derive(Debug)]
@@ -173,7 +146,13 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
     }
 
     let stream_quota = StreamQuota::new(config.max_streams_per_user);
-    let app = Arc::new(App {
+    let limits = Limits {
+        header: crate::http::server::HEADER_READ_TIMEOUT,
+        stall: Duration::from_secs(config.send_timeout_s),
+        max_body: config.max_body_bytes,
+        shutdown: shutdown.clone(),
+    };
+    let app = Arc::new(Shared {
         cors,
         auth: Auth::new(secret.as_bytes()),
         config,
@@ -185,6 +164,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
         metrics,
         write_limit,
         stream_quota,
+        limits,
         shutdown: shutdown.clone(),
         openapi,
         startup_origin: origin,

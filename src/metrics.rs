@@ -14,14 +14,14 @@ const BUCKETS: [f64; 14] = [
 ];
 
 #[derive(Default)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     counts: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
 }
 
 impl Histogram {
-    pub fn observe(&self, d: Duration) {
+    pub(crate) fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
             self.counts[i].fetch_add(1, Relaxed);
@@ -46,7 +46,7 @@ impl Histogram {
 
 /// All of hark's metrics. Shared as `Arc<Metrics>`.
 #[derive(Default)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     pub waiting_polls: AtomicI64,
     pub open_streams: AtomicI64,
     /// Changed only through [`Metrics::connection_opened`] and
@@ -79,20 +79,20 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Metrics> {
+    pub(crate) fn new() -> Arc<Metrics> {
         Arc::new(Metrics::default())
     }
 
-    pub fn connection_opened(&self) {
+    pub(crate) fn connection_opened(&self) {
         let open = self.open_connections.fetch_add(1, Relaxed) + 1;
         self.connections_high_water.fetch_max(open, Relaxed);
     }
 
-    pub fn connection_closed(&self) {
+    pub(crate) fn connection_closed(&self) {
         self.open_connections.fetch_sub(1, Relaxed);
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let gauges: [(&str, &str, &AtomicI64); 3] = [
             (

@@ -35,7 +35,7 @@ type Buckets<C> =
 
 /// The write limit, a cheap handle shared by the handlers and the sweeper.
 /// Generic over the clock only so the tests can move time.
-pub struct WriteLimit<C: Clock = DefaultClock> {
+pub(crate) struct WriteLimit<C: Clock = DefaultClock> {
     /// `None`: the limit is off (`HARK_WRITE_RATE=0`).
     buckets: Option<Arc<Buckets<C>>>,
 }
@@ -50,13 +50,13 @@ impl<C: Clock> Clone for WriteLimit<C> {
 
 /// How long a refused user must wait before a write fits again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryAfter(pub Duration);
+pub(crate) struct RetryAfter(pub Duration);
 
 impl RetryAfter {
     /// For the `Retry-After` header: whole seconds, rounded up (a client
     /// that waits that long is never refused again for the same write),
     /// and at least 1, since `0` would invite an immediate retry.
-    pub fn whole_seconds(self) -> u32 {
+    pub(crate) fn whole_seconds(self) -> u32 {
         let d = self.0;
         let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
         u32::try_from(secs).unwrap_or(u32::MAX).max(1)
@@ -65,13 +65,13 @@ impl RetryAfter {
 
 impl WriteLimit {
     /// `rate` writes per second sustained (0: no limit), bursts of `burst`.
-    pub fn new(rate: u32, burst: u32) -> WriteLimit {
+    pub(crate) fn new(rate: u32, burst: u32) -> WriteLimit {
         WriteLimit::with_clock(rate, burst, DefaultClock::default())
     }
 }
 
 impl<C: Clock> WriteLimit<C> {
-    pub fn with_clock(rate: u32, burst: u32, clock: C) -> WriteLimit<C> {
+    pub(crate) fn with_clock(rate: u32, burst: u32, clock: C) -> WriteLimit<C> {
         let buckets = NonZeroU32::new(rate).map(|rate| {
             // A burst of 0 could never write; config forbids it, and 1 is
             // the smallest bucket that means anything.
@@ -82,12 +82,12 @@ impl<C: Clock> WriteLimit<C> {
         WriteLimit { buckets }
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.buckets.is_some()
     }
 
     /// Spends one write of `user`'s, or says how long until one fits.
-    pub fn check(&self, user: i64) -> Result<(), RetryAfter> {
+    pub(crate) fn check(&self, user: i64) -> Result<(), RetryAfter> {
         let Some(b) = &self.buckets else {
             return Ok(());
         };
@@ -97,7 +97,7 @@ impl<C: Clock> WriteLimit<C> {
 
     /// Drops the buckets that have refilled (a user who comes back starts
     /// from a full bucket either way) and gives their memory back.
-    pub fn forget_idle(&self) {
+    pub(crate) fn forget_idle(&self) {
         if let Some(b) = &self.buckets {
             b.retain_recent();
             b.shrink_to_fit();
@@ -105,12 +105,13 @@ impl<C: Clock> WriteLimit<C> {
     }
 
     /// How many users have a bucket now.
-    pub fn tracked(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn tracked(&self) -> usize {
         self.buckets.as_ref().map_or(0, |b| b.len())
     }
 
     /// Forgets idle users every [`SWEEP_EVERY`] until shutdown.
-    pub async fn run_sweeper(self, mut shutdown: Shutdown) {
+    pub(crate) async fn run_sweeper(self, mut shutdown: Shutdown) {
         if !self.enabled() {
             return;
         }

@@ -8,34 +8,30 @@ use tokio::sync::watch;
 
 /// Fires the signal. Dropping it also fires it, so a crashed owner never
 /// leaves waiters hanging.
-pub struct Trigger(watch::Sender<bool>);
+pub(crate) struct Trigger(watch::Sender<bool>);
 
 /// A cheap, cloneable view of the signal.
 #[derive(Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
+pub(crate) struct Shutdown(watch::Receiver<bool>);
 
-pub fn channel() -> (Trigger, Shutdown) {
+pub(crate) fn channel() -> (Trigger, Shutdown) {
     let (tx, rx) = watch::channel(false);
     (Trigger(tx), Shutdown(rx))
 }
 
 impl Trigger {
-    pub fn fire(&self) {
+    pub(crate) fn fire(&self) {
         self.0.send_replace(true);
-    }
-
-    pub fn subscribe(&self) -> Shutdown {
-        Shutdown(self.0.subscribe())
     }
 }
 
 impl Shutdown {
-    pub fn is_fired(&self) -> bool {
+    pub(crate) fn is_fired(&self) -> bool {
         *self.0.borrow()
     }
 
     /// Resolves once shutdown has begun (at once if it already has).
-    pub async fn wait(&mut self) {
+    pub(crate) async fn wait(&mut self) {
         // An error means the trigger was dropped: treat as fired.
         let _ = self.0.wait_for(|fired| *fired).await;
     }

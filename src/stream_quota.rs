@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-pub struct StreamQuota {
+pub(crate) struct StreamQuota {
     /// 0: no cap, and nothing is counted.
     max: u32,
     open: Mutex<HashMap<i64, u32>>,
@@ -24,25 +24,25 @@ pub struct StreamQuota {
 /// One stream's place in its user's count, until [`Slot::keep`] hands it
 /// to the stream or it is dropped (the request failed before the stream
 /// began) and given back.
-pub struct Slot<'a> {
+pub(crate) struct Slot<'a> {
     quota: &'a StreamQuota,
     user: i64,
 }
 
 impl StreamQuota {
-    pub fn new(max: u32) -> StreamQuota {
+    pub(crate) fn new(max: u32) -> StreamQuota {
         StreamQuota {
             max,
             open: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn max(&self) -> u32 {
+    pub(crate) fn max(&self) -> u32 {
         self.max
     }
 
     /// One more stream for `user`, or None when they have `max` open.
-    pub fn take(&self, user: i64) -> Option<Slot<'_>> {
+    pub(crate) fn take(&self, user: i64) -> Option<Slot<'_>> {
         if self.max > 0 {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             let n = open.entry(user).or_insert(0);
@@ -55,7 +55,7 @@ impl StreamQuota {
     }
 
     /// Gives back a stream [`Slot::keep`] kept, when it ends.
-    pub fn give_back(&self, user: i64) {
+    pub(crate) fn give_back(&self, user: i64) {
         if self.max == 0 {
             return;
         }
@@ -69,13 +69,15 @@ impl StreamQuota {
     }
 
     /// How many streams `user` has open (0 when the cap is off).
-    pub fn open_for(&self, user: i64) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn open_for(&self, user: i64) -> u32 {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         open.get(&user).copied().unwrap_or(0)
     }
 
     /// How many users have a stream open (0 when the cap is off).
-    pub fn users(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn users(&self) -> usize {
         self.open.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
@@ -84,7 +86,7 @@ impl Slot<'_> {
     /// The stream has begun: from now on it gives its place back itself
     /// ([`StreamQuota::give_back`]) when it ends. It holds the app already,
     /// so this costs the stream no memory of its own.
-    pub fn keep(self) {
+    pub(crate) fn keep(self) {
         std::mem::forget(self);
     }
 }

@@ -21,7 +21,7 @@ const CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Watches `hark_open_connections` until shutdown. `min_drop`: how many
 /// connections must have closed since the peak (after the last trim)
 /// before a trim is worth it; 0 never trims.
-pub async fn run(metrics: Arc<Metrics>, min_drop: u32, mut shutdown: Shutdown) {
+pub(crate) async fn run(metrics: Arc<Metrics>, min_drop: u32, mut shutdown: Shutdown) {
     if min_drop == 0 {
         return;
     }

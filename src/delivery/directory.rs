@@ -30,14 +30,14 @@ const REVOCATION_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_se
 
 /// The requester's standing in a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
+pub(crate) enum Access {
     Participant,
     NotParticipant,
     NoSuchRoom,
 }
 
 #[derive(Clone)]
-pub struct Directory {
+pub(crate) struct Directory {
     inner: Arc<Inner>,
 }
 
@@ -56,7 +56,7 @@ struct Cache {
 }
 
 impl Directory {
-    pub fn new(pool: Pool, hub: Hub) -> Directory {
+    pub(crate) fn new(pool: Pool, hub: Hub) -> Directory {
         Directory {
             inner: Arc::new(Inner {
                 pool,
@@ -71,13 +71,13 @@ impl Directory {
     }
 
     /// The user, or None when no such user exists.
-    pub async fn user(&self, id: i64) -> Result<Option<Arc<User>>, DbError> {
+    pub(crate) async fn user(&self, id: i64) -> Result<Option<Arc<User>>, DbError> {
         self.user_from(id, true).await
     }
 
     /// [`Directory::user`] from the database, whatever the cache holds (a
     /// deletion whose NOTIFY has not arrived yet).
-    pub async fn user_fresh(&self, id: i64) -> Result<Option<Arc<User>>, DbError> {
+    pub(crate) async fn user_fresh(&self, id: i64) -> Result<Option<Arc<User>>, DbError> {
         self.user_from(id, false).await
     }
 
@@ -117,13 +117,13 @@ impl Directory {
     }
 
     /// Whether `user` may read and write `room`.
-    pub async fn access(&self, room: i64, user: i64) -> Result<Access, DbError> {
+    pub(crate) async fn access(&self, room: i64, user: i64) -> Result<Access, DbError> {
         self.access_from(room, user, true).await
     }
 
     /// [`Directory::access`] from the database, whatever the cache holds
     /// (a change whose NOTIFY has not arrived yet).
-    pub async fn access_fresh(&self, room: i64, user: i64) -> Result<Access, DbError> {
+    pub(crate) async fn access_fresh(&self, room: i64, user: i64) -> Result<Access, DbError> {
         self.access_from(room, user, false).await
     }
 
@@ -164,7 +164,7 @@ impl Directory {
 
     /// The rooms `user` participates in (not cached: asked once per stream
     /// and after each of its membership changes).
-    pub async fn rooms_of(&self, user: i64) -> Result<Vec<i64>, DbError> {
+    pub(crate) async fn rooms_of(&self, user: i64) -> Result<Vec<i64>, DbError> {
         let client = self.inner.pool.get().await?;
         let st = client
             .prepare_cached(
@@ -183,7 +183,7 @@ impl Directory {
     /// (since its previous catch-up); a day covers any listener outage, and
     /// after a reconnect the cache starts empty anyway. Whichever process
     /// runs first deletes the rows; the others find none.
-    pub async fn run_revocation_sweeper(self, mut shutdown: Shutdown) {
+    pub(crate) async fn run_revocation_sweeper(self, mut shutdown: Shutdown) {
         let mut every = tokio::time::interval(REVOCATION_SWEEP_EVERY);
         loop {
             tokio::select! {
@@ -223,20 +223,20 @@ impl Directory {
         f(&mut c);
     }
 
-    pub fn invalidate_room(&self, room: i64) {
+    pub(crate) fn invalidate_room(&self, room: i64) {
         let mut c = self.cache();
         c.generation += 1;
         c.rooms.remove(&room);
     }
 
-    pub fn invalidate_user(&self, user: i64) {
+    pub(crate) fn invalidate_user(&self, user: i64) {
         let mut c = self.cache();
         c.generation += 1;
         c.users.remove(&user);
     }
 
     /// Forget everything (the listener reconnected: changes may be missed).
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let mut c = self.cache();
         c.generation += 1;
         c.users.clear();

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 /// that it has not delivered yet. A reader that stops reading stops
 /// delivering while catch-ups keep adding; past the bound the hub cuts it
 /// (its connection is closed) and it resumes losslessly with Last-Event-ID.
-pub struct Lag {
+pub(crate) struct Lag {
     pending: AtomicUsize,
     limit: usize,
     cut: AtomicBool,
@@ -23,7 +23,7 @@ pub struct Lag {
 }
 
 impl Lag {
-    pub fn new(limit: usize, close: Option<Arc<Notify>>) -> Arc<Lag> {
+    pub(crate) fn new(limit: usize, close: Option<Arc<Notify>>) -> Arc<Lag> {
         Arc::new(Lag {
             pending: AtomicUsize::new(0),
             limit: limit.max(1),
@@ -33,7 +33,7 @@ impl Lag {
     }
 
     /// The stream wrote `n` messages.
-    pub fn delivered(&self, n: usize) {
+    pub(crate) fn delivered(&self, n: usize) {
         let _ = self
             .pending
             .fetch_update(Relaxed, Relaxed, |p| Some(p.saturating_sub(n)));
@@ -43,16 +43,16 @@ impl Lag {
     /// its position (rows from before it opened, or read from the
     /// database). A catch-up racing this is under-counted by one batch at
     /// most, which only makes the cut later, never wrong.
-    pub fn caught_up(&self) {
+    pub(crate) fn caught_up(&self) {
         self.pending.store(0, Relaxed);
     }
 
-    pub fn is_cut(&self) -> bool {
+    pub(crate) fn is_cut(&self) -> bool {
         self.cut.load(Relaxed)
     }
 
     /// Most messages one page of this stream may carry.
-    pub fn limit(&self) -> usize {
+    pub(crate) fn limit(&self) -> usize {
         self.limit
     }
 

@@ -30,9 +30,9 @@ use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
 /// The NOTIFY channel every trigger and typing write uses.
-pub const CHANNEL: &str = "hark";
+pub(crate) const CHANNEL: &str = "hark";
 /// `application_name` of the LISTEN session, to find it in pg_stat_activity.
-pub const APPLICATION_NAME: &str = "hark-listener";
+pub(crate) const APPLICATION_NAME: &str = "hark-listener";
 
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,7 +43,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// CATCHUP_LIMIT rows (the hub holds what it reads until its rings trim).
 const CATCHUP_BYTES: usize = 32 << 20;
 
-pub struct Listener {
+pub(crate) struct Listener {
     pub pg: tokio_postgres::Config,
     pub hub: Hub,
     pub directory: Directory,
@@ -68,7 +68,7 @@ struct Payload {
 
 impl Listener {
     /// Runs until shutdown.
-    pub async fn run(self, mut shutdown: Shutdown) {
+    pub(crate) async fn run(self, mut shutdown: Shutdown) {
         let mut backoff = BACKOFF_MIN;
         let mut connected_once = false;
         let mut pg = self.pg.clone();

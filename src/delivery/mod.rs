@@ -13,10 +13,10 @@
 //! - [`directory`] caches who exists and who belongs where;
 //! - [`typing`] keeps typing state and sweeps its expiry.
 
-pub mod directory;
-pub mod hub;
-pub mod lag;
-pub mod listener;
-pub mod park;
-pub mod reader;
-pub mod typing;
+pub(crate) mod directory;
+pub(crate) mod hub;
+pub(crate) mod lag;
+pub(crate) mod listener;
+pub(crate) mod park;
+pub(crate) mod reader;
+pub(crate) mod typing;

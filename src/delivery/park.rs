@@ -51,7 +51,7 @@ const SPLIT_ABOVE: usize = 512;
 
 /// Where a park's bytes go: the connection's socket (or its write half),
 /// written without waiting.
-pub trait Wire: Send + Sync {
+pub(crate) trait Wire: Send + Sync {
     /// Writes what the socket takes now: `WouldBlock` when it takes
     /// nothing, an error when it is gone.
     fn try_write(&self, buf: &[u8]) -> std::io::Result<usize>;
@@ -59,7 +59,7 @@ pub trait Wire: Send + Sync {
 
 /// The edge's encoding of what a parked stream or poll is due: given the
 /// rows, it builds the bytes the stream or poll would have written itself.
-pub trait Encode: Send + Sync {
+pub(crate) trait Encode: Send + Sync {
     /// The events for `rows` (ascending id, each due) to a stream parked at
     /// `at`, whose position after them is `head`.
     fn stream_page(
@@ -87,7 +87,7 @@ pub trait Encode: Send + Sync {
 /// polls: every row of the room visible in `head` and not in `lower` is in
 /// `rows`, so one parked at a snapshot between the two is due exactly the
 /// rows it does not see.
-pub struct Delivery {
+pub(crate) struct Delivery {
     pub lower: Arc<Snapshot>,
     pub head: Arc<Snapshot>,
     /// Ascending id.
@@ -101,7 +101,7 @@ pub struct Delivery {
 }
 
 /// A stream or a poll that may be parked.
-pub struct Parked {
+pub(crate) struct Parked {
     pub park: Arc<Park>,
     pub notify: Arc<Notify>,
     /// None for a poll.
@@ -109,12 +109,12 @@ pub struct Parked {
 }
 
 /// One stream's, or one connection's, parking place.
-pub struct Park {
+pub(crate) struct Park {
     state: Mutex<State>,
 }
 
 /// What a waiting poll's own answer would depend on besides the rows.
-pub struct PollForm {
+pub(crate) struct PollForm {
     pub limit: usize,
     /// Opaque here, handed back to [`Encode::poll_answer`] (the edge keeps
     /// the request's `Origin` here, for its CORS headers). Answers are
@@ -148,7 +148,7 @@ struct State {
 impl Park {
     /// A park that writes to `sock`: a stream's socket, or the write half
     /// of a connection serving requests, whose loop keeps the read half.
-    pub fn new(sock: Arc<dyn Wire>) -> Arc<Park> {
+    pub(crate) fn new(sock: Arc<dyn Wire>) -> Arc<Park> {
         Arc::new(Park {
             state: Mutex::new(State {
                 sock: Some(sock),
@@ -164,13 +164,13 @@ impl Park {
 
     /// The stream or poll is about to read and check its access: a change
     /// heard from now on keeps it from parking until it checks again.
-    pub fn checking(&self) {
+    pub(crate) fn checking(&self) {
         self.lock().stale = false;
     }
 
     /// Parks the stream at `at`. False (not parked) when a membership
     /// change is unchecked, a tail is unwritten, or the connection ends.
-    pub fn park(&self, at: &Arc<Snapshot>) -> bool {
+    pub(crate) fn park(&self, at: &Arc<Snapshot>) -> bool {
         let mut st = self.lock();
         if st.stale || !st.rest.is_empty() || st.sock.is_none() {
             return false;
@@ -181,14 +181,14 @@ impl Park {
 
     /// Takes the stream's position back, moved on by whatever was written
     /// while it was parked. None when it was not parked.
-    pub fn unpark(&self) -> Option<Arc<Snapshot>> {
+    pub(crate) fn unpark(&self) -> Option<Arc<Snapshot>> {
         self.lock().at.take()
     }
 
     /// Parks a waiting poll at `at`. False (not parked) when a change of
     /// its user's access is unchecked, the client sent more, the request
     /// was answered already, or the connection ends.
-    pub fn park_poll(&self, at: &Arc<Snapshot>, form: PollForm) -> bool {
+    pub(crate) fn park_poll(&self, at: &Arc<Snapshot>, form: PollForm) -> bool {
         let mut st = self.lock();
         if st.stale || st.input || st.answered.is_some() || !st.rest.is_empty() || st.sock.is_none()
         {
@@ -201,7 +201,7 @@ impl Park {
 
     /// Takes a poll back: from now on only the poll answers. True when
     /// the listener answered it already.
-    pub fn unpark_poll(&self) -> bool {
+    pub(crate) fn unpark_poll(&self) -> bool {
         let mut st = self.lock();
         st.at = None;
         st.poll = None;
@@ -211,7 +211,7 @@ impl Park {
     /// The client sent bytes while its request was in flight. True when
     /// the listener answered that request; otherwise a parked poll is
     /// taken back, and no poll parks until the next request.
-    pub fn input_arrived(&self) -> bool {
+    pub(crate) fn input_arrived(&self) -> bool {
         let mut st = self.lock();
         if st.answered.is_some() {
             return true;
@@ -225,7 +225,7 @@ impl Park {
     /// The request in flight is over; the connection moves to the next.
     /// When the listener answered it: when, and what the socket did not
     /// take of the answer.
-    pub fn finish_request(&self) -> Option<(Instant, Bytes)> {
+    pub(crate) fn finish_request(&self) -> Option<(Instant, Bytes)> {
         let mut st = self.lock();
         st.input = false;
         let at = st.answered.take()?;
@@ -233,23 +233,23 @@ impl Park {
     }
 
     /// A direct write was cut short: the connection must write this first.
-    pub fn take_rest(&self) -> Bytes {
+    pub(crate) fn take_rest(&self) -> Bytes {
         std::mem::take(&mut self.lock().rest)
     }
 
-    pub fn has_rest(&self) -> bool {
+    pub(crate) fn has_rest(&self) -> bool {
         !self.lock().rest.is_empty()
     }
 
     /// The room's membership changed: write nothing until the stream has
     /// checked it (the hub wakes the stream too).
-    pub fn revoke(&self) {
+    pub(crate) fn revoke(&self) {
         self.lock().stale = true;
     }
 
     /// The connection is ending: no more writes, and the socket is the
     /// connection's alone again.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         let mut st = self.lock();
         st.at = None;
         st.poll = None;
@@ -280,7 +280,7 @@ struct Page {
 }
 
 /// What every write of one catch-up shares.
-pub struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     /// The database identity the cursors carry.
     pub origin: Origin,
     pub metrics: &'a Arc<Metrics>,
@@ -294,7 +294,7 @@ pub struct Ctx<'a> {
 /// catch-up order. A large room is split over the runtime's threads: one
 /// thread alone spends as long on the kernel's side of the writes as the
 /// whole runtime does waking each stream's task.
-pub async fn deliver(deliveries: Vec<Delivery>, ctx: &Ctx<'_>) {
+pub(crate) async fn deliver(deliveries: Vec<Delivery>, ctx: &Ctx<'_>) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     for d in deliveries {
         let parts = threads.min(d.parked.len().div_ceil(SPLIT_ABOVE)).max(1);

@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 
 /// Why a page could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     /// The position cannot be continued on this database: it names a
     /// snapshot from its future (a cursor from another cluster, or forged).
     #[error("the cursor cannot be continued on this database")]
@@ -30,14 +30,14 @@ pub enum ReadError {
 /// Where pages come from: the hub's memory when it can answer, else the
 /// database. A cheap handle.
 #[derive(Clone)]
-pub struct Reader {
+pub(crate) struct Reader {
     hub: Hub,
     pool: Pool,
     metrics: Arc<Metrics>,
 }
 
 /// One page after a position.
-pub struct Page {
+pub(crate) struct Page {
     /// Ascending id.
     pub rows: Vec<Arc<StoredMessage>>,
     /// The batch the rows belong to: a row's own cursor is
@@ -63,7 +63,7 @@ pub struct Page {
 
 /// What one page may hold, and for whom.
 #[derive(Clone, Copy)]
-pub struct Want {
+pub(crate) struct Want {
     /// The reader (whose participation a database read checks).
     pub user: i64,
     /// Most rows.
@@ -74,7 +74,7 @@ pub struct Want {
 }
 
 impl Want {
-    pub fn budget(&self) -> Budget {
+    pub(crate) fn budget(&self) -> Budget {
         Budget {
             bytes: self.bytes,
             member: Some(self.user),
@@ -84,7 +84,7 @@ impl Want {
 
 /// Keeps the longest prefix of `rows` whose JSON fits in `bytes`, and at
 /// least one row; true when it dropped any.
-pub fn fit(rows: &mut Vec<Arc<StoredMessage>>, bytes: usize) -> bool {
+pub(crate) fn fit(rows: &mut Vec<Arc<StoredMessage>>, bytes: usize) -> bool {
     let mut total = 0usize;
     let keep = rows
         .iter()
@@ -98,20 +98,12 @@ pub fn fit(rows: &mut Vec<Arc<StoredMessage>>, bytes: usize) -> bool {
     cut
 }
 
-impl Page {
-    /// The cursor position after `rows[i]`.
-    pub fn position_after(&self, i: usize) -> Position {
-        let batch = self.batch.as_ref().map(|(l, u)| (l, u));
-        position_after(batch, &self.next, &self.rows, i)
-    }
-}
-
 /// The cursor position after `rows[i]` of a page of the batch `(lower,
 /// upper]` (ascending id) whose position after its last row is `next`:
 /// inside the batch, past that row's id; after the last, `next`. Every
 /// writer of a page's events uses it, so every event's id is the same
 /// resume point whoever wrote it.
-pub fn position_after(
+pub(crate) fn position_after(
     batch: Option<(&Lower, &Arc<Snapshot>)>,
     next: &Position,
     rows: &[Arc<StoredMessage>],
@@ -128,7 +120,7 @@ pub fn position_after(
 }
 
 impl Reader {
-    pub fn new(hub: Hub, pool: Pool, metrics: Arc<Metrics>) -> Reader {
+    pub(crate) fn new(hub: Hub, pool: Pool, metrics: Arc<Metrics>) -> Reader {
         Reader { hub, pool, metrics }
     }
 
@@ -138,7 +130,7 @@ impl Reader {
     /// `fresh`: the caller answers now rather than waiting (a poll with
     /// `timeout=0`), so "nothing as of the hub's last catch-up" is not good
     /// enough — a NOTIFY may still be on its way — and the database decides.
-    pub async fn next_page(
+    pub(crate) async fn next_page(
         &self,
         rooms: &[i64],
         pos: &Position,
@@ -154,7 +146,7 @@ impl Reader {
     /// [`next_page`] when the hub's memory can answer; None when the database
     /// must. Synchronous, so that a woken poll answers without allocating a
     /// future for the read.
-    pub fn memory_page(
+    pub(crate) fn memory_page(
         &self,
         rooms: &[i64],
         pos: &Position,
@@ -229,7 +221,7 @@ impl Reader {
     }
 
     /// [`next_page`] from the database, when [`memory_page`] said None.
-    pub async fn db_page(
+    pub(crate) async fn db_page(
         &self,
         rooms: &[i64],
         pos: &Position,
@@ -297,7 +289,7 @@ impl Reader {
     }
 
     /// A read on a pooled connection, released before any wait.
-    pub async fn cold(
+    pub(crate) async fn cold(
         &self,
         rooms: &[i64],
         read: Read<'_>,
@@ -312,7 +304,7 @@ impl Reader {
 }
 
 /// [`fit`] for the latest page: keeps the newest rows that fit.
-pub fn fit_newest(rows: &mut Vec<Arc<StoredMessage>>, bytes: usize) {
+pub(crate) fn fit_newest(rows: &mut Vec<Arc<StoredMessage>>, bytes: usize) {
     rows.reverse();
     fit(rows, bytes);
     rows.reverse();
@@ -320,7 +312,7 @@ pub fn fit_newest(rows: &mut Vec<Arc<StoredMessage>>, bytes: usize) {
 
 /// Cuts rows read with `limit + 1` to the page `want` allows; true when
 /// more are due.
-pub fn limit_rows(rows: &mut Vec<Arc<StoredMessage>>, want: Want) -> bool {
+pub(crate) fn limit_rows(rows: &mut Vec<Arc<StoredMessage>>, want: Want) -> bool {
     let more = rows.len() > want.limit;
     rows.truncate(want.limit);
     fit(rows, want.bytes) || more

@@ -23,7 +23,7 @@ use crate::shutdown::Shutdown;
 
 /// Typing writes and the expiry sweeper. Cheap to clone.
 #[derive(Clone)]
-pub struct Typing {
+pub(crate) struct Typing {
     inner: Arc<Inner>,
 }
 
@@ -36,7 +36,7 @@ struct Inner {
 }
 
 impl Typing {
-    pub fn new(pool: Pool, ttl: Duration) -> Typing {
+    pub(crate) fn new(pool: Pool, ttl: Duration) -> Typing {
         Typing {
             inner: Arc::new(Inner {
                 pool,
@@ -48,7 +48,7 @@ impl Typing {
     }
 
     /// Marks or clears `user` typing in `room` (membership already checked).
-    pub async fn set(&self, room: i64, user: i64, on: bool) -> Result<(), DbError> {
+    pub(crate) async fn set(&self, room: i64, user: i64, on: bool) -> Result<(), DbError> {
         let client = self.inner.pool.get().await?;
         if on {
             db::typing::start(&client, room, user, self.inner.ttl).await
@@ -59,7 +59,11 @@ impl Typing {
 
     /// Who is typing in `rooms` now, other than `me` (a new event stream
     /// starts with these).
-    pub async fn current(&self, rooms: &[i64], me: i64) -> Result<Vec<TypingEvent>, DbError> {
+    pub(crate) async fn current(
+        &self,
+        rooms: &[i64],
+        me: i64,
+    ) -> Result<Vec<TypingEvent>, DbError> {
         let client = self.inner.pool.get().await?;
         let typists = db::typing::current(&client, rooms, me).await?;
         Ok(typists
@@ -70,7 +74,7 @@ impl Typing {
 
     /// Called for every typing start heard on the LISTEN connection, from
     /// any process: every process sweeps, the table decides who wins.
-    pub fn expires_at(&self, at: DateTime<Utc>) {
+    pub(crate) fn expires_at(&self, at: DateTime<Utc>) {
         let mut next = self.inner.next.lock().unwrap_or_else(|e| e.into_inner());
         if next.is_none_or(|n| at < n) {
             *next = Some(at);
@@ -81,7 +85,7 @@ impl Typing {
 
     /// Runs until shutdown: sleeps until the earliest known expiry, deletes
     /// what has lapsed (NOTIFYing a stop for each), and looks up the next.
-    pub async fn run_sweeper(self, mut shutdown: Shutdown) {
+    pub(crate) async fn run_sweeper(self, mut shutdown: Shutdown) {
         loop {
             let next = *self.inner.next.lock().unwrap_or_else(|e| e.into_inner());
             let sleep = match next {

@@ -10,14 +10,20 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::{authenticate, discard_body, json_response, query_pairs, read_json, Body, ReqBody};
-use crate::app::App;
+use super::request::{authenticate, discard_body, query_pairs, read_json, ReqBody};
+use super::response::json_response;
+use super::shared::Shared;
+use super::Body;
 use crate::db::{messages, rooms};
 use crate::delivery::directory::Access;
 use crate::message::Message;
 
 /// 404 for an unknown room, 403 for a non-participant.
-pub async fn require_participant(app: &App, room: i64, user: i64) -> Result<(), ApiError> {
+pub(crate) async fn require_participant(
+    app: &Shared,
+    room: i64,
+    user: i64,
+) -> Result<(), ApiError> {
     match app.directory.access(room, user).await? {
         Access::Participant => Ok(()),
         Access::NotParticipant => Err(ApiError::NotParticipant),
@@ -35,8 +41,8 @@ pub async fn require_participant(app: &App, room: i64, user: i64) -> Result<(), 
 /// database, whatever the cache holds: the NOTIFYs that would clear it may
 /// still be on their way). A user who is back in the room by then may read
 /// what the page holds: they are a participant as of a snapshot that sees it.
-pub async fn require_still_participant(
-    app: &App,
+pub(crate) async fn require_still_participant(
+    app: &Shared,
     room: i64,
     user: i64,
     member: Option<bool>,
@@ -59,7 +65,7 @@ pub async fn require_still_participant(
 }
 
 /// Spends one of `user`'s writes, or refuses with 429 and `Retry-After`.
-fn spend_write(app: &App, user: i64) -> Result<(), ApiError> {
+fn spend_write(app: &Shared, user: i64) -> Result<(), ApiError> {
     app.write_limit.check(user).map_err(|wait| {
         app.metrics.rate_limited.fetch_add(1, Relaxed);
         ApiError::RateLimited {
@@ -72,7 +78,7 @@ fn spend_write(app: &App, user: i64) -> Result<(), ApiError> {
 /// and dropped all the same (free on the lean connection, which has read
 /// it already), so that the connection carries the client's next request.
 async fn spend_write_then_read<B: ReqBody>(
-    app: &App,
+    app: &Shared,
     user: i64,
     req: Request<B>,
 ) -> Result<serde_json::Map<String, Value>, ApiError> {
@@ -94,8 +100,8 @@ fn ok_json(status: StatusCode, v: &impl serde::Serialize) -> Result<Response<Bod
 }
 
 /// POST /api/chat/rooms/{id}/typing/
-pub async fn typing<B: ReqBody>(
-    app: &App,
+pub(crate) async fn typing<B: ReqBody>(
+    app: &Shared,
     req: Request<B>,
     room: i64,
 ) -> Result<Response<Body>, ApiError> {
@@ -123,8 +129,8 @@ pub async fn typing<B: ReqBody>(
 }
 
 /// GET /api/chat/rooms/ and /api/chat/rooms/{id}/
-pub async fn rooms(
-    app: &App,
+pub(crate) async fn rooms(
+    app: &Shared,
     req: Request<()>,
     only: Option<i64>,
 ) -> Result<Response<Body>, ApiError> {
@@ -146,7 +152,11 @@ pub async fn rooms(
 }
 
 /// POST /api/chat/rooms/{id}/read/
-pub async fn mark_read(app: &App, req: Request<()>, room: i64) -> Result<Response<Body>, ApiError> {
+pub(crate) async fn mark_read(
+    app: &Shared,
+    req: Request<()>,
+    room: i64,
+) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let user = authenticate(app, &req, &pairs).await?;
     spend_write(app, user.id)?;
@@ -168,8 +178,8 @@ fn whole_float(n: &serde_json::Number) -> Option<i64> {
 }
 
 /// POST /api/chat/messages/
-pub async fn send_message<B: ReqBody>(
-    app: &App,
+pub(crate) async fn send_message<B: ReqBody>(
+    app: &Shared,
     req: Request<B>,
 ) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);

@@ -8,11 +8,12 @@ use hyper::header::{
 };
 use hyper::{Response, StatusCode};
 
-use super::{full, Body};
+use super::response::full;
+use super::Body;
 
 /// The allowed origins (`HARK_CORS_ORIGINS`).
 #[derive(Clone)]
-pub struct Cors {
+pub(crate) struct Cors {
     any: bool,
     origins: Vec<String>,
 }
@@ -20,7 +21,7 @@ pub struct Cors {
 impl Cors {
     /// `None`: no cross-origin access. `*`: any origin. Otherwise a
     /// comma-separated list compared exactly (scheme, host and port).
-    pub fn new(spec: Option<&str>) -> Cors {
+    pub(crate) fn new(spec: Option<&str>) -> Cors {
         let spec = spec.unwrap_or("").trim();
         Cors {
             any: spec == "*",
@@ -45,7 +46,7 @@ impl Cors {
     }
 
     /// Adds the CORS headers a response to `origin` should carry.
-    pub fn apply(&self, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
+    pub(crate) fn apply(&self, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
         if !self.any && !self.origins.is_empty() {
             headers.append(VARY, HeaderValue::from_static("Origin"));
         }
@@ -61,7 +62,11 @@ impl Cors {
     /// The answer to `OPTIONS` on a known path: a preflight when the
     /// browser asks for one (the origin headers are added by `apply`),
     /// otherwise the methods the path allows.
-    pub fn preflight(&self, allow: &'static str, origin: Option<&HeaderValue>) -> Response<Body> {
+    pub(crate) fn preflight(
+        &self,
+        allow: &'static str,
+        origin: Option<&HeaderValue>,
+    ) -> Response<Body> {
         let mut resp = Response::new(full(""));
         *resp.status_mut() = StatusCode::NO_CONTENT;
         let h = resp.headers_mut();

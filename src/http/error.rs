@@ -10,13 +10,14 @@ use std::borrow::Cow;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 
-use super::{json_response, Body};
+use super::response::json_response;
+use super::Body;
 use crate::auth::AuthError;
 use crate::db::DbError;
 use crate::delivery::reader::ReadError;
 
 #[derive(Debug)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     BadRequest {
         code: &'static str,
         message: Cow<'static, str>,
@@ -52,7 +53,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    pub fn bad(code: &'static str, message: impl Into<Cow<'static, str>>) -> ApiError {
+    pub(crate) fn bad(code: &'static str, message: impl Into<Cow<'static, str>>) -> ApiError {
         ApiError::BadRequest {
             code,
             message: message.into(),
@@ -60,11 +61,11 @@ impl ApiError {
     }
 
     /// A request body that did not arrive within its time limit.
-    pub fn body_timeout() -> ApiError {
+    pub(crate) fn body_timeout() -> ApiError {
         ApiError::bad("body_timeout", "The request body did not arrive in time")
     }
 
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) | ApiError::UnknownUser => StatusCode::UNAUTHORIZED,
@@ -139,7 +140,7 @@ impl ApiError {
         }
     }
 
-    pub fn into_response(self) -> Response<Body> {
+    pub(crate) fn into_response(self) -> Response<Body> {
         let status = self.status();
         match &self {
             ApiError::Database(e) => tracing::error!(error = %e, "database error"),

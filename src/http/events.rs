@@ -30,9 +30,10 @@ use tokio::time::{Instant, Sleep};
 use super::chat::require_participant;
 use super::error::ApiError;
 use super::poll::parse_room_id;
+use super::request::{authenticate_until, query_get, query_pairs};
+use super::shared::Shared;
 use super::sse;
-use super::{authenticate_until, query_get, query_pairs, Body, ConnectionKill};
-use crate::app::App;
+use super::{Body, ConnectionKill};
 use crate::cursor::{Cursor, Lower, Origin, Position, Snapshot};
 use crate::db::messages;
 use crate::db::DbError;
@@ -49,7 +50,10 @@ const RETRY_MS: u64 = 2000;
 /// Most rooms one stream may name.
 pub(crate) const MAX_ROOMS: usize = 100;
 
-pub async fn events(app: &Arc<App>, req: Request<()>) -> Result<Response<Body>, ApiError> {
+pub(crate) async fn events(
+    app: &Arc<Shared>,
+    req: Request<()>,
+) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let (user, token_exp) = authenticate_until(app, &req, &pairs).await?;
     let slot = app.stream_quota.take(user.id).ok_or_else(|| {
@@ -224,7 +228,7 @@ fn push_typing(out: &mut BytesMut, ev: &TypingEvent) {
 
 /// One open stream: its position and what it is waiting on.
 struct EventStream {
-    app: Arc<App>,
+    app: Arc<Shared>,
     user: Arc<User>,
     /// Following every room of the user (no `room_id` given).
     follow: bool,

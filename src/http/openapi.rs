@@ -10,8 +10,9 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::Response;
 use serde_json::{json, Value};
 
-use super::{full, poll, Body};
-use crate::app::App;
+use super::response::full;
+use super::shared::Shared;
+use super::{poll, Body};
 use crate::config::Config;
 
 /// `docs/openapi.json` as it is in the repository.
@@ -19,7 +20,7 @@ pub(crate) const DOCUMENT: &str = include_str!("../../docs/openapi.json");
 
 /// The document with `config`'s limits in it, serialised. An error means
 /// the compiled-in file lost a place a limit goes (a unit test keeps it).
-pub fn document(config: &Config) -> Result<Bytes, String> {
+pub(crate) fn document(config: &Config) -> Result<Bytes, String> {
     let mut doc: Value = serde_json::from_str(DOCUMENT)
         .map_err(|e| format!("docs/openapi.json does not parse: {e}"))?;
     let timeout_default = poll::default_timeout(config);
@@ -81,7 +82,7 @@ pub fn document(config: &Config) -> Result<Bytes, String> {
 /// The document built at start. It changes only when hark restarts (with
 /// other limits, or upgraded), so caches may keep it briefly; it names no
 /// user, so shared caches too.
-pub fn openapi(app: &App) -> Response<Body> {
+pub(crate) fn openapi(app: &Shared) -> Response<Body> {
     let mut resp = Response::new(full(app.openapi.clone()));
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

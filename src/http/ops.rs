@@ -5,13 +5,14 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 
 use super::error::ApiError;
-use super::{full, json_response, Body};
-use crate::app::App;
+use super::response::{full, json_response};
+use super::shared::Shared;
+use super::Body;
 
 /// The page at `/`, compiled into the binary (no build step).
 const INDEX_HTML: &str = include_str!("../../static/index.html");
 
-pub fn index() -> Response<Body> {
+pub(crate) fn index() -> Response<Body> {
     let mut resp = Response::new(full(INDEX_HTML));
     let h = resp.headers_mut();
     h.insert(
@@ -23,13 +24,13 @@ pub fn index() -> Response<Body> {
 }
 
 /// 200 while the process runs.
-pub fn healthz() -> Response<Body> {
+pub(crate) fn healthz() -> Response<Body> {
     json_response(StatusCode::OK, r#"{"status":"ok"}"#)
 }
 
 /// 200 when the pool can reach the database and the LISTEN connection is
 /// up; 503 otherwise (with what is down).
-pub async fn readyz(app: &App) -> Result<Response<Body>, ApiError> {
+pub(crate) async fn readyz(app: &Shared) -> Result<Response<Body>, ApiError> {
     let db = match tokio::time::timeout(std::time::Duration::from_secs(2), app.pool.get()).await {
         Ok(Ok(client)) => client.simple_query("SELECT 1").await.is_ok(),
         _ => false,
@@ -56,7 +57,7 @@ pub async fn readyz(app: &App) -> Result<Response<Body>, ApiError> {
     Ok(resp)
 }
 
-pub fn metrics(app: &App) -> Response<Body> {
+pub(crate) fn metrics(app: &Shared) -> Response<Body> {
     let mut resp = Response::new(full(app.metrics.render()));
     resp.headers_mut().insert(
         CONTENT_TYPE,

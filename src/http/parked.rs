@@ -11,7 +11,8 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 
 use super::cors::Cors;
-use super::{events, lean, poll};
+use super::h1::codec;
+use super::{events, poll};
 use crate::cursor::{Cursor, Lower, Origin, Position, Snapshot};
 use crate::delivery::park::{Encode, Wire};
 use crate::message::StoredMessage;
@@ -47,7 +48,7 @@ impl Encode for Frames {
         let next = Position::At(head.clone());
         let mut out = BytesMut::new();
         events::push_messages(&mut out, origin, Some((&lower, head)), &next, rows);
-        lean::frame_chunk(&out)
+        codec::frame_chunk(&out)
     }
 
     fn poll_answer(
@@ -58,8 +59,10 @@ impl Encode for Frames {
         has_more: bool,
         variant: Option<&Bytes>,
     ) -> Option<Bytes> {
-        let answer = poll::answer(rows, &Cursor::at(origin, head.clone()), has_more);
+        let mut answer = poll::answer(rows, &Cursor::at(origin, head.clone()), has_more);
         let request_origin = variant.and_then(|v| HeaderValue::from_maybe_shared(v.clone()).ok());
-        lean::answer_bytes(answer, &self.cors, request_origin.as_ref()).map(Bytes::from)
+        self.cors
+            .apply(request_origin.as_ref(), answer.headers_mut());
+        codec::answer_bytes(answer).map(Bytes::from)
     }
 }

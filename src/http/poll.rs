@@ -22,8 +22,10 @@ use tokio::time::Instant;
 
 use super::chat::{require_participant, require_still_participant};
 use super::error::ApiError;
-use super::{authenticate, json_response, query_get, query_pairs, Body};
-use crate::app::App;
+use super::request::{authenticate, query_get, query_pairs};
+use super::response::json_response;
+use super::shared::Shared;
+use super::Body;
 use crate::config::Config;
 use crate::cursor::{Cursor, Lower, Origin, Position};
 use crate::db::messages::Read;
@@ -35,7 +37,7 @@ const DEFAULT_LIMIT: u32 = 100;
 
 /// Where a poll starts, from `since`.
 #[derive(Debug)]
-pub enum Since {
+pub(crate) enum Since {
     /// No `since`: the latest messages, at once.
     Latest,
     /// An ISO timestamp (the seed frontend): created after it.
@@ -45,7 +47,7 @@ pub enum Since {
 
 /// Parses `since`: empty is absent; an ISO-8601 timestamp with `Z` or an
 /// offset (a `+` that arrived as a space is read as `+`); else a cursor.
-pub fn parse_since(raw: Option<&str>) -> Result<Since, ApiError> {
+pub(crate) fn parse_since(raw: Option<&str>) -> Result<Since, ApiError> {
     let Some(raw) = raw.filter(|s| !s.is_empty()) else {
         return Ok(Since::Latest);
     };
@@ -112,7 +114,7 @@ pub(crate) fn default_limit(cfg: &Config) -> u32 {
     DEFAULT_LIMIT.min(cfg.poll_limit_max)
 }
 
-pub fn parse_room_id(raw: Option<&str>) -> Result<i64, ApiError> {
+pub(crate) fn parse_room_id(raw: Option<&str>) -> Result<i64, ApiError> {
     let raw = raw.ok_or_else(|| ApiError::bad("invalid_room_id", "room_id is required"))?;
     raw.parse::<i64>()
         .ok()
@@ -121,14 +123,14 @@ pub fn parse_room_id(raw: Option<&str>) -> Result<i64, ApiError> {
 }
 
 /// The cursor's database must be this one.
-pub fn check_origin(cursor: &Cursor, origin: Origin) -> Result<(), ApiError> {
+pub(crate) fn check_origin(cursor: &Cursor, origin: Origin) -> Result<(), ApiError> {
     if cursor.origin != origin {
         return Err(ApiError::CursorReset);
     }
     Ok(())
 }
 
-pub async fn poll(app: &App, req: Request<()>) -> Result<Response<Body>, ApiError> {
+pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body>, ApiError> {
     let pairs = query_pairs(&req);
     let user = Box::pin(authenticate(app, &req, &pairs)).await?;
     let park = req.extensions().get::<Arc<Park>>().cloned();
@@ -330,10 +332,10 @@ pub(crate) fn answer(
 
 /// Counts this poll in `hark_waiting_polls` while it lives, unless its
 /// park answered it (which counted it out then).
-struct WaitingGauge<'a>(&'a App, Option<&'a Park>);
+struct WaitingGauge<'a>(&'a Shared, Option<&'a Park>);
 
 impl<'a> WaitingGauge<'a> {
-    fn new(app: &'a App, park: Option<&'a Park>) -> Self {
+    fn new(app: &'a Shared, park: Option<&'a Park>) -> Self {
         app.metrics.waiting_polls.fetch_add(1, Relaxed);
         WaitingGauge(app, park)
     }

@@ -12,13 +12,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// The bytes already read, then the socket; writes go to the socket.
-pub struct Replay {
+pub(crate) struct Replay {
     read: Bytes,
     stream: TcpStream,
 }
 
 impl Replay {
-    pub fn new(stream: TcpStream, read: Vec<u8>) -> Replay {
+    pub(crate) fn new(stream: TcpStream, read: Vec<u8>) -> Replay {
         Replay {
             read: read.into(),
             stream,

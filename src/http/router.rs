@@ -5,8 +5,7 @@
 //! path. `docs/openapi.json` describes the same paths and methods; a test
 //! here keeps them together.
 
-use std::future::{ready, Future};
-use std::pin::Pin;
+use std::future::ready;
 use std::sync::Arc;
 
 use hyper::header::{EXPECT, HOST};
@@ -14,112 +13,75 @@ use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, Version};
 
 use super::error::ApiError;
-use super::{chat, events, openapi, ops, poll, Body, ReqBody};
-use crate::app::App;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::StatusCode;
+use tokio::time::Instant;
 
-enum Route {
-    Index,
-    Healthz,
-    Readyz,
-    Metrics,
-    OpenApi,
-    Events,
-    Rooms,
-    Room(i64),
-    Typing(i64),
-    Read(i64),
-    Messages,
-    Poll,
-}
+use super::h1::{Kind, Limits, Pending, Refusal, Service};
+use super::log::Seen;
+use super::request::ReqBody;
+use super::routes::{parse, Route};
+use super::shared::Shared;
+use super::{chat, events, openapi, ops, poll, Body};
 
-impl Route {
-    fn allow(&self) -> &'static str {
-        match self {
-            Route::Typing(_) | Route::Read(_) | Route::Messages => "POST, OPTIONS",
-            _ => "GET, HEAD, OPTIONS",
-        }
-    }
-
-    fn method(&self) -> Method {
-        match self {
-            Route::Typing(_) | Route::Read(_) | Route::Messages => Method::POST,
-            _ => Method::GET,
-        }
+/// What the transport must know of a request's route: an event stream
+/// ends its connection, a long poll may be answered by the listener.
+pub(crate) fn kind<B>(req: &Request<B>) -> Kind {
+    match (req.method(), parse(req.uri().path())) {
+        (&Method::GET, Some(Route::Events)) => Kind::Stream,
+        (&Method::GET, Some(Route::Poll)) => Kind::MayPark,
+        _ => Kind::Answer,
     }
 }
 
-/// Every path [`parse`] routes, as `docs/openapi.json` spells it (with
-/// the trailing slash API.md gives it; both forms route). A new route
-/// belongs here, in [`Route::template`] and in the document.
-#[cfg(test)]
-pub(crate) const TEMPLATES: &[&str] = &[
-    "/",
-    "/healthz",
-    "/readyz",
-    "/metrics",
-    "/openapi.json",
-    "/events",
-    "/api/chat/rooms/",
-    "/api/chat/rooms/{room_id}/",
-    "/api/chat/rooms/{room_id}/typing/",
-    "/api/chat/rooms/{room_id}/read/",
-    "/api/chat/messages/",
-    "/api/chat/messages/poll/",
-];
+/// hark's answers behind its own HTTP/1.1 ([`super::h1`]): the router,
+/// with the request log, CORS and errors as responses around it.
+impl Service for Arc<Shared> {
+    type Seen = Seen;
+    type Error = ApiError;
 
-#[cfg(test)]
-impl Route {
-    /// The entry of [`TEMPLATES`] this route came from. Exhaustive, so a
-    /// new route does not compile its tests without one.
-    fn template(&self) -> &'static str {
-        match self {
-            Route::Index => "/",
-            Route::Healthz => "/healthz",
-            Route::Readyz => "/readyz",
-            Route::Metrics => "/metrics",
-            Route::OpenApi => "/openapi.json",
-            Route::Events => "/events",
-            Route::Rooms => "/api/chat/rooms/",
-            Route::Room(_) => "/api/chat/rooms/{room_id}/",
-            Route::Typing(_) => "/api/chat/rooms/{room_id}/typing/",
-            Route::Read(_) => "/api/chat/rooms/{room_id}/read/",
-            Route::Messages => "/api/chat/messages/",
-            Route::Poll => "/api/chat/messages/poll/",
-        }
+    fn limits(&self) -> &Limits {
+        &self.limits
     }
-}
 
-fn parse(path: &str) -> Option<Route> {
-    let trimmed = path.strip_suffix('/').unwrap_or(path);
-    let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
-    let id = |s: &str| -> Option<i64> {
-        // Django's <int:…> converter: digits only, so `/rooms/abc/` is a 404.
-        if s.is_empty() || s.len() > 18 || !s.bytes().all(|b| b.is_ascii_digit()) {
-            None
-        } else {
-            s.parse().ok()
+    fn kind(&self, req: &Request<()>) -> Kind {
+        kind(req)
+    }
+
+    fn begin<B>(&self, req: &Request<B>) -> Seen {
+        Seen::new(req)
+    }
+
+    fn call(&self, req: Request<Full<Bytes>>) -> Answer<'_> {
+        route(self, req)
+    }
+
+    fn call_stream(&self, req: Request<()>) -> Answer<'_> {
+        if let Err(e) = conforms(&req) {
+            return Box::pin(ready(Err(e)));
         }
-    };
-    Some(match segments.as_slice() {
-        [] | [""] => Route::Index,
-        ["healthz"] => Route::Healthz,
-        ["readyz"] => Route::Readyz,
-        ["metrics"] => Route::Metrics,
-        ["openapi.json"] => Route::OpenApi,
-        ["events"] => Route::Events,
-        ["api", "chat", "rooms"] => Route::Rooms,
-        ["api", "chat", "rooms", r] => Route::Room(id(r)?),
-        ["api", "chat", "rooms", r, "typing"] => Route::Typing(id(r)?),
-        ["api", "chat", "rooms", r, "read"] => Route::Read(id(r)?),
-        ["api", "chat", "messages"] => Route::Messages,
-        ["api", "chat", "messages", "poll"] => Route::Poll,
-        _ => return None,
-    })
-}
+        Box::pin(events::events(self, req))
+    }
 
-/// Whether `path` is one hark routes (the request log keeps such paths).
-pub(crate) fn is_route(path: &str) -> bool {
-    parse(path).is_some()
+    fn finish(&self, seen: Seen, result: Result<Response<Body>, ApiError>) -> Response<Body> {
+        seen.finish(self, result)
+    }
+
+    fn done(&self, seen: Seen, status: StatusCode, at: Instant) {
+        seen.done(status, at);
+    }
+
+    fn refuse(&self, why: Refusal) -> Response<Body> {
+        match why {
+            Refusal::HeadTooLarge => ApiError::HeadTooLarge,
+            Refusal::Malformed(what) => {
+                ApiError::bad("invalid_request", format!("Malformed request: {what}"))
+            }
+            Refusal::BodyTimeout => ApiError::body_timeout(),
+        }
+        .into_response()
+    }
 }
 
 /// What RFC 9112 §3.2 and RFC 9110 §10.1.1 ask of a request before it is
@@ -173,13 +135,13 @@ fn valid_host(host: &[u8]) -> bool {
 }
 
 /// A request's answer, to be awaited.
-pub type Answer<'a> = Pin<Box<dyn Future<Output = Result<Response<Body>, ApiError>> + Send + 'a>>;
+pub(crate) type Answer<'a> = Pending<'a, ApiError>;
 
 /// The handler's future for `req`, boxed on its own: a waiting poll or an
 /// open stream then holds only its handler's state, neither the largest
 /// handler's nor a routing layer's. Handlers that read no body get the
 /// request without it, so one copy of each serves both connection paths.
-pub fn route<B: ReqBody>(app: &Arc<App>, req: Request<B>) -> Answer<'_> {
+pub(crate) fn route<B: ReqBody>(app: &Arc<Shared>, req: Request<B>) -> Answer<'_> {
     if let Err(e) = conforms(&req) {
         return Box::pin(ready(Err(e)));
     }
@@ -215,6 +177,7 @@ pub fn route<B: ReqBody>(app: &Arc<App>, req: Request<B>) -> Answer<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::routes::TEMPLATES;
     use super::*;
 
     #[test]
@@ -339,23 +302,33 @@ mod tests {
     }
 
     #[test]
-    fn the_lean_connection_knows_the_stream_path_as_routing_does() {
+    fn a_get_of_the_stream_streams_and_a_get_of_the_poll_may_park() {
+        let kind_of = |method: Method, p: &str| {
+            let req = Request::builder().method(method).uri(p).body(()).unwrap();
+            kind(&req)
+        };
+        for p in ["/events", "/events/", "/events?room_id=1"] {
+            assert_eq!(kind_of(Method::GET, p), Kind::Stream, "{p}");
+            assert_eq!(kind_of(Method::HEAD, p), Kind::Answer, "{p}");
+        }
         for p in [
-            "/events",
-            "/events/",
+            "/api/chat/messages/poll/",
+            "/api/chat/messages/poll?room_id=1",
+        ] {
+            assert_eq!(kind_of(Method::GET, p), Kind::MayPark, "{p}");
+            assert_eq!(kind_of(Method::POST, p), Kind::Answer, "{p}");
+        }
+        for p in [
             "/events//",
             "//events",
             "/events/1",
             "/eventsx",
             "/",
-            "/api/chat/messages/poll/",
+            "/api/chat/rooms/",
         ] {
-            let uri: hyper::Uri = p.parse().unwrap();
-            assert_eq!(
-                matches!(parse(p), Some(Route::Events)),
-                super::super::lean::is_events(&uri),
-                "{p}"
-            );
+            assert_eq!(kind_of(Method::GET, p), Kind::Answer, "{p}");
         }
+        // Deeper than any route: not routed, and no panic.
+        assert!(parse("/a/b/c/d/e/f/g/h").is_none());
     }
 }

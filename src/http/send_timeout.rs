@@ -18,7 +18,7 @@ use std::time::Duration;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use tokio::time::Sleep;
 
-pub struct SendTimeout<T> {
+pub(crate) struct SendTimeout<T> {
     inner: T,
     limit: Duration,
     /// Armed at the first write that could not proceed; disarmed by any
@@ -27,7 +27,7 @@ pub struct SendTimeout<T> {
 }
 
 impl<T> SendTimeout<T> {
-    pub fn new(inner: T, limit: Duration) -> Self {
+    pub(crate) fn new(inner: T, limit: Duration) -> Self {
         SendTimeout {
             inner,
             limit,

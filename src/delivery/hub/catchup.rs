@@ -14,7 +14,7 @@ use crate::delivery::park::{Delivery, Parked};
 use crate::message::StoredMessage;
 
 /// What a catch-up read.
-pub struct Caught {
+pub(crate) struct Caught {
     pub head: Arc<Snapshot>,
     /// Every row of the plan's rooms new relative to its lower snapshot and
     /// visible in `head`, ascending id (at most CATCHUP_LIMIT + 1 of them),
@@ -28,7 +28,7 @@ pub struct Caught {
 }
 
 /// What a catch-up must read.
-pub struct CatchupPlan {
+pub(crate) struct CatchupPlan {
     /// None before the first catch-up: only a snapshot is needed.
     pub lower: Option<Arc<Snapshot>>,
     pub rooms: Vec<i64>,
@@ -38,7 +38,7 @@ pub struct CatchupPlan {
 impl Hub {
     /// The listener (re)connected to a database with this identity. A
     /// different identity (failover, restore) invalidates every ring.
-    pub fn connected(&self, origin: Origin) {
+    pub(crate) fn connected(&self, origin: Origin) {
         let mut st = self.state();
         if st.origin.is_some_and(|o| o != origin) {
             tracing::warn!(
@@ -61,12 +61,12 @@ impl Hub {
         self.inner.catchup.notify_one();
     }
 
-    pub fn disconnected(&self) {
+    pub(crate) fn disconnected(&self) {
         self.state().listener_up = false;
     }
 
     /// A message NOTIFY for `room`.
-    pub fn message_notified(&self, room: i64) {
+    pub(crate) fn message_notified(&self, room: i64) {
         let mut st = self.state();
         let Some(r) = st.rooms.get_mut(&room) else {
             return;
@@ -80,7 +80,7 @@ impl Hub {
     /// Resolves when a catch-up is due; returns its plan (and marks it
     /// running). Bursts of notifications during a catch-up coalesce into
     /// the next one.
-    pub async fn next_catchup(&self) -> CatchupPlan {
+    pub(crate) async fn next_catchup(&self) -> CatchupPlan {
         loop {
             {
                 let mut st = self.state();
@@ -100,7 +100,7 @@ impl Hub {
     }
 
     /// A catch-up failed (connection lost): it will be redone.
-    pub fn catchup_failed(&self) {
+    pub(crate) fn catchup_failed(&self) {
         let mut st = self.state();
         st.catchup_running = false;
         st.catchup_due = true;
@@ -114,7 +114,7 @@ impl Hub {
     /// polls of rooms that got rows: those are returned, for the caller to
     /// write to or wake.
     #[must_use]
-    pub fn finish_catchup(&self, plan: CatchupPlan, caught: Caught) -> Vec<Delivery> {
+    pub(crate) fn finish_catchup(&self, plan: CatchupPlan, caught: Caught) -> Vec<Delivery> {
         let Caught {
             head,
             rows,

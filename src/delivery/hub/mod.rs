@@ -57,19 +57,19 @@ mod subscription;
 #[cfg(test)]
 mod tests;
 
-pub use catchup::{CatchupPlan, Caught};
-pub use subscription::Subscription;
+pub(crate) use catchup::Caught;
+pub(crate) use subscription::Subscription;
 
 /// Most rows one catch-up may return before the hub gives up on memory and
 /// sends every waiter to the database (overload, or a long listener outage).
-pub const CATCHUP_LIMIT: usize = 10_000;
+pub(crate) const CATCHUP_LIMIT: usize = 10_000;
 /// Typing events kept per room for streams that are between two reads.
 const TYPING_RING: usize = 64;
 /// How long a room nobody watches stays live (see the module docs).
-pub const LINGER: Duration = Duration::from_secs(60);
+pub(crate) const LINGER: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
-pub struct Hub {
+pub(crate) struct Hub {
     inner: Arc<Inner>,
 }
 
@@ -144,7 +144,7 @@ struct Entry {
 
 /// The answer of [`Hub::read`].
 #[derive(Debug)]
-pub enum HubRead {
+pub(crate) enum HubRead {
     /// The hub cannot tell for this cursor; read the database.
     Unknown,
     /// Nothing is due as of the hub's head: wait.
@@ -164,7 +164,7 @@ pub enum HubRead {
 }
 
 impl Hub {
-    pub fn new(ring_capacity: usize, metrics: Arc<Metrics>) -> Hub {
+    pub(crate) fn new(ring_capacity: usize, metrics: Arc<Metrics>) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
@@ -186,7 +186,7 @@ impl Hub {
     /// batch `(lower, u]` past `after_id` is wanted (a paging cursor). The
     /// caller must hold a [`Subscription`] for `rooms` taken before this
     /// call, so nothing slips between read and wait.
-    pub fn read(
+    pub(crate) fn read(
         &self,
         rooms: &[i64],
         lower: &Snapshot,
@@ -250,23 +250,23 @@ impl Hub {
     }
 
     /// The database identity cursors must carry, once the listener knows it.
-    pub fn origin(&self) -> Option<Origin> {
+    pub(crate) fn origin(&self) -> Option<Origin> {
         self.state().origin
     }
 
     /// Records a snapshot read on the cold path: cursors up to it are not
     /// from the future.
-    pub fn observe(&self, snapshot: &Snapshot) {
+    pub(crate) fn observe(&self, snapshot: &Snapshot) {
         let mut st = self.state();
         st.known_xmax = st.known_xmax.max(snapshot.xmax);
     }
 
-    pub fn listener_up(&self) -> bool {
+    pub(crate) fn listener_up(&self) -> bool {
         self.state().listener_up
     }
 
     /// A typing NOTIFY: kept for the room's streams and woken to them.
-    pub fn typing(&self, ev: TypingEvent) {
+    pub(crate) fn typing(&self, ev: TypingEvent) {
         let mut st = self.state();
         // Moved under the lock, before the event is kept and its streams
         // are woken: a stream that reads the old value is woken after.
@@ -292,12 +292,12 @@ impl Hub {
     }
 
     /// The newest typing sequence number: a stream starts after it.
-    pub fn typing_seq(&self) -> u64 {
+    pub(crate) fn typing_seq(&self) -> u64 {
         self.inner.typing_seq.load(Acquire)
     }
 
     /// Typing events of `rooms` after `seq`, oldest first.
-    pub fn typing_since(&self, rooms: &[i64], seq: u64) -> (Vec<Arc<TypingEvent>>, u64) {
+    pub(crate) fn typing_since(&self, rooms: &[i64], seq: u64) -> (Vec<Arc<TypingEvent>>, u64) {
         let st = self.state();
         let mut out: Vec<(u64, Arc<TypingEvent>)> = Vec::new();
         for room in rooms {
@@ -315,7 +315,7 @@ impl Hub {
     /// a room gone) are woken to check their access, and nothing is written
     /// to their parks until they have; streams that follow the user's rooms
     /// are woken to take the new set.
-    pub fn membership_changed(&self, room: i64, user: Option<i64>) {
+    pub(crate) fn membership_changed(&self, room: i64, user: Option<i64>) {
         let mut st = self.state();
         let mut wake: Vec<Arc<Notify>> = Vec::new();
         revoke(&mut st, room, user, &mut wake);
@@ -327,7 +327,7 @@ impl Hub {
 
     /// Wakes every event stream (shutdown: a stream waits only for its
     /// subscription, and looks at the shutdown signal when woken).
-    pub fn wake_streams(&self) {
+    pub(crate) fn wake_streams(&self) {
         let st = self.state();
         let wake: Vec<Arc<Notify>> = st
             .rooms
@@ -348,7 +348,7 @@ impl Hub {
     }
 
     /// Counts `user`'s membership changes seen while a stream follows them.
-    pub fn user_epoch(&self, user: i64) -> u64 {
+    pub(crate) fn user_epoch(&self, user: i64) -> u64 {
         self.state().users.get(&user).map_or(0, |(e, _)| *e)
     }
 

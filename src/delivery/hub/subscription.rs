@@ -15,7 +15,12 @@ impl Hub {
     /// Registers `user`'s interest in `rooms`. The returned guard
     /// unregisters on drop (a client that hangs up frees its place at once).
     /// Streams pass their [`Lag`]; polls pass None.
-    pub fn subscribe(&self, rooms: &[i64], user: i64, lag: Option<Arc<Lag>>) -> Subscription {
+    pub(crate) fn subscribe(
+        &self,
+        rooms: &[i64],
+        user: i64,
+        lag: Option<Arc<Lag>>,
+    ) -> Subscription {
         let notify = Arc::new(Notify::new());
         let mut st = self.state();
         st.next_key += 1;
@@ -50,7 +55,7 @@ impl Hub {
 }
 
 /// A registration in the hub; unregisters on drop.
-pub struct Subscription {
+pub(crate) struct Subscription {
     hub: Hub,
     key: u64,
     rooms: Vec<i64>,
@@ -62,18 +67,14 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    pub fn rooms(&self) -> &[i64] {
-        &self.rooms
-    }
-
     /// Resolves after the next wake-up for this subscriber (at once if one
     /// happened since the last call).
-    pub async fn notified(&self) {
+    pub(crate) async fn notified(&self) {
         self.notify.notified().await;
     }
 
     /// Also wake this subscriber when its user's memberships change.
-    pub fn follow_user(&mut self) {
+    pub(crate) fn follow_user(&mut self) {
         let mut st = self.hub.state();
         st.users
             .entry(self.user)
@@ -86,7 +87,7 @@ impl Subscription {
 
     /// Lets catch-ups write to this stream (or poll) while it is parked.
     /// Only for one that keeps its one room ([`crate::delivery::park`]).
-    pub fn allow_parking(&self, park: &Arc<Park>) {
+    pub(crate) fn allow_parking(&self, park: &Arc<Park>) {
         let mut st = self.hub.state();
         for room in &self.rooms {
             if let Some(s) = st
@@ -100,7 +101,7 @@ impl Subscription {
     }
 
     /// Replaces the room set (a stream following its user's rooms).
-    pub fn set_rooms(&mut self, rooms: &[i64]) {
+    pub(crate) fn set_rooms(&mut self, rooms: &[i64]) {
         let mut st = self.hub.state();
         for room in &self.rooms {
             if !rooms.contains(room) {

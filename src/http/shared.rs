@@ -1,0 +1,53 @@
+//! The state every handler of the HTTP edge shares.
+
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+
+use super::cors::Cors;
+use super::h1::Limits;
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::cursor::Origin;
+use crate::delivery::directory::Directory;
+use crate::delivery::hub::Hub;
+use crate::delivery::reader::Reader;
+use crate::delivery::typing::Typing;
+use crate::metrics::Metrics;
+use crate::ratelimit::WriteLimit;
+use crate::shutdown::Shutdown;
+use crate::stream_quota::StreamQuota;
+
+/// What the handlers share, one per process behind an `Arc`: handles to
+/// the delivery core, the database pool, and the edge's own settings.
+/// `app.rs` builds it.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub pool: Pool,
+    pub hub: Hub,
+    /// Pages after a position, from the hub or the database.
+    pub reader: Reader,
+    pub directory: Directory,
+    pub typing: Typing,
+    pub auth: Auth,
+    pub metrics: Arc<Metrics>,
+    pub cors: Cors,
+    /// Each user's budget of writes (send, typing, read marker).
+    pub write_limit: WriteLimit,
+    /// Each user's count of open event streams, and its cap.
+    pub stream_quota: StreamQuota,
+    /// hark's own HTTP/1.1's limits.
+    pub limits: Limits,
+    pub shutdown: Shutdown,
+    /// `GET /openapi.json`, with this process's limits, built at start.
+    pub openapi: bytes::Bytes,
+    /// The database identity read at start, until the listener has its own.
+    pub startup_origin: Origin,
+}
+
+impl Shared {
+    /// The identity cursors must carry now.
+    pub(crate) fn origin(&self) -> Origin {
+        self.hub.origin().unwrap_or(self.startup_origin)
+    }
+}
