@@ -51,6 +51,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use tokio::process::{Child, ChildStdin};
 use tokio_postgres::NoTls;
 
@@ -259,7 +261,10 @@ impl EmbeddedPg {
             "embedded PostgreSQL did not shut down within {} s; killing it",
             STOP_TIMEOUT.as_secs()
         );
-        send_signal(self.postmaster_pid, libc::SIGKILL);
+        // A pid of 0 (never reported) or below would signal a whole group.
+        if self.postmaster_pid > 0 {
+            let _ = kill(Pid::from_raw(self.postmaster_pid), Signal::SIGKILL);
+        }
         if let Ok(waited) = tokio::time::timeout(Duration::from_secs(5), watchdog.wait()).await {
             waited.map_err(io_err("waiting for postgres to stop"))?;
         } else {
@@ -279,16 +284,6 @@ impl Drop for EmbeddedPg {
         // server and cleans up on its own, so nothing here blocks. The
         // unwaited child is reaped by tokio.
         drop(self.lifeline.take());
-    }
-}
-
-fn send_signal(pid: i32, signal: libc::c_int) {
-    if pid > 0 {
-        // SAFETY: kill has no memory-safety preconditions; pid > 0 targets
-        // exactly one process.
-        unsafe {
-            libc::kill(pid, signal);
-        }
     }
 }
 

@@ -3,12 +3,13 @@
 //! `postgres` system user through `setpriv`, and the files the cluster
 //! needs are given to that user.
 
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use nix::unistd::{geteuid, User};
 use tokio::process::Command;
 
 use super::bindir::is_executable;
@@ -25,8 +26,7 @@ pub(super) struct Runner {
 
 impl Runner {
     pub(super) fn detect() -> Result<Runner, EmbeddedError> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let euid = unsafe { libc::geteuid() };
+        let euid = geteuid().as_raw();
         if euid != 0 {
             return Ok(Runner {
                 drop_to: None,
@@ -132,36 +132,11 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// `(uid, gid)` of a user account.
+/// `(uid, gid)` of a user account; `None` also when the lookup fails, as
+/// for a missing account: either way there is no one to run as.
 fn lookup_user(name: &str) -> Option<(u32, u32)> {
-    let cname = CString::new(name).ok()?;
-    let mut buf: Vec<libc::c_char> = vec![0; 4096];
-    loop {
-        // SAFETY: an all-zero passwd (null pointers, zero ids) is a valid
-        // value for getpwnam_r to overwrite.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the duration of the call and
-        // `buf.len()` is the size of `buf`; the strings getpwnam_r stores in
-        // `buf` are not used, only the ids copied out of `pwd`.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                cname.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < (1 << 20) {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 || result.is_null() {
-            return None;
-        }
-        return Some((pwd.pw_uid, pwd.pw_gid));
-    }
+    let user = User::from_name(name).ok().flatten()?;
+    Some((user.uid.as_raw(), user.gid.as_raw()))
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {

@@ -4,10 +4,13 @@
 //! Before starting, such a server is stopped — unless another live hark
 //! still owns it.
 
-use std::io;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
 
 use super::runner::Runner;
 use super::tail::output_tail;
@@ -82,9 +85,9 @@ pub(super) async fn stop_stale_server(
 }
 
 fn process_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    // No signal only checks that the process exists; EPERM means it does
+    // but belongs to someone else (as root's child, say, the postgres user).
+    matches!(kill(Pid::from_raw(pid), None), Ok(()) | Err(Errno::EPERM))
 }
 
 fn proc_comm(pid: i32) -> Option<String> {
