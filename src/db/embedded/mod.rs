@@ -45,7 +45,6 @@ mod watchdog;
 
 pub use bindir::find_bindir;
 
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -79,66 +78,51 @@ pub struct EmbeddedOptions {
 }
 
 /// Why the embedded cluster could not be set up, started, stopped or used.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
     /// No PostgreSQL server binaries were found.
+    #[error(
+        "PostgreSQL is not installed: install it (e.g. `apt-get install postgresql`) \
+         or set DATABASE_URL to an existing database."
+    )]
     NotInstalled,
     /// Running as root, but there is no `postgres` account to run the
     /// server as (PostgreSQL refuses to run as root).
+    #[error(
+        "PostgreSQL refuses to run as root and there is no `postgres` system user to run \
+         it as: create one (e.g. `useradd --system postgres`), run hark as an \
+         unprivileged user, or set DATABASE_URL to an existing database."
+    )]
     NoPostgresUser,
     /// The data directory holds something other than a cluster.
+    #[error(
+        "{} is not empty but holds no PostgreSQL cluster (no PG_VERSION): \
+         point the data directory at a new or empty directory",
+        .0.display()
+    )]
     DataDirNotEmpty(PathBuf),
     /// A filesystem or process operation failed; the string says which.
-    Io(String, io::Error),
+    #[error("{0}: {1}")]
+    Io(String, #[source] io::Error),
     /// `initdb` failed; the tail of its output.
+    #[error("initdb failed:\n{0}")]
     Init(String),
     /// The server did not come up; the reason and the tail of its log.
+    #[error("embedded PostgreSQL did not start: {0}")]
     Start(String),
     /// The server did not shut down cleanly.
+    #[error("embedded PostgreSQL did not stop cleanly: {0}")]
     Stop(String),
     /// A statement against the running cluster failed.
-    Db(tokio_postgres::Error),
+    #[error("embedded PostgreSQL: {}", server_message(.0))]
+    Db(#[source] tokio_postgres::Error),
 }
 
-impl fmt::Display for EmbeddedError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            EmbeddedError::NotInstalled => f.write_str(
-                "PostgreSQL is not installed: install it (e.g. `apt-get install postgresql`) \
-                 or set DATABASE_URL to an existing database.",
-            ),
-            EmbeddedError::NoPostgresUser => f.write_str(
-                "PostgreSQL refuses to run as root and there is no `postgres` system user to run \
-                 it as: create one (e.g. `useradd --system postgres`), run hark as an \
-                 unprivileged user, or set DATABASE_URL to an existing database.",
-            ),
-            EmbeddedError::DataDirNotEmpty(dir) => write!(
-                f,
-                "{} is not empty but holds no PostgreSQL cluster (no PG_VERSION): \
-                 point the data directory at a new or empty directory",
-                dir.display()
-            ),
-            EmbeddedError::Io(context, e) => write!(f, "{context}: {e}"),
-            EmbeddedError::Init(tail) => write!(f, "initdb failed:\n{tail}"),
-            EmbeddedError::Start(why) => write!(f, "embedded PostgreSQL did not start: {why}"),
-            EmbeddedError::Stop(why) => {
-                write!(f, "embedded PostgreSQL did not stop cleanly: {why}")
-            }
-            EmbeddedError::Db(e) => match e.as_db_error() {
-                Some(db) => write!(f, "embedded PostgreSQL: {}", db.message()),
-                None => write!(f, "embedded PostgreSQL: {e}"),
-            },
-        }
-    }
-}
-
-impl std::error::Error for EmbeddedError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            EmbeddedError::Io(_, e) => Some(e),
-            EmbeddedError::Db(e) => Some(e),
-            _ => None,
-        }
+/// The server's own words when it answered; the client's otherwise.
+fn server_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => e.to_string(),
     }
 }
 
@@ -326,6 +310,26 @@ fn conn_value(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_say_what_to_do_and_keep_their_source() {
+        use std::error::Error as _;
+        assert_eq!(
+            EmbeddedError::NotInstalled.to_string(),
+            "PostgreSQL is not installed: install it (e.g. `apt-get install postgresql`) \
+             or set DATABASE_URL to an existing database."
+        );
+        assert_eq!(
+            EmbeddedError::DataDirNotEmpty(PathBuf::from("/srv/x")).to_string(),
+            "/srv/x is not empty but holds no PostgreSQL cluster (no PG_VERSION): \
+             point the data directory at a new or empty directory"
+        );
+        let io = io::Error::from(io::ErrorKind::PermissionDenied);
+        let e = io_err("creating /srv/x")(io);
+        assert_eq!(e.to_string(), "creating /srv/x: permission denied");
+        assert!(e.source().is_some_and(|s| s.is::<io::Error>()));
+        assert!(EmbeddedError::Init("boom".into()).source().is_none());
+    }
 
     #[test]
     fn connection_values_are_quoted_only_when_needed() {
