@@ -1,6 +1,6 @@
 //! The embedded cluster against a real PostgreSQL: start, serve, stop,
-//! clean up, and reuse. Skipped (with a note) where PostgreSQL is not
-//! installed.
+//! clean up, and reuse; and a server error as `DbError` shows it. Skipped
+//! (with a note) where PostgreSQL is not installed.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -199,4 +199,33 @@ async fn a_foreign_non_empty_directory_is_refused() {
         dir.join("notes.txt").exists(),
         "an ephemeral start must not delete what is not its own"
     );
+}
+
+/// A query the server rejects becomes `DbError::Query`, which operators
+/// see with its SQLSTATE and which keeps the server's error as its source.
+#[tokio::test]
+async fn a_query_error_keeps_its_sqlstate_and_source() {
+    use std::error::Error as _;
+    if !installed() {
+        return;
+    }
+    let dir = fresh_dir("dberr");
+    let _guard = RemoveOnDrop(dir.clone());
+
+    let pg = EmbeddedPg::start(options(&dir, true))
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}"));
+    let client = connect(&pg, "postgres").await;
+    let e = client.batch_execute("SELEC 1").await.expect_err("not SQL");
+    let err = hark::db::DbError::from(e);
+    assert!(matches!(err, hark::db::DbError::Query(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .starts_with("database error: 42601: syntax error"),
+        "{err}"
+    );
+    let source = err.source().expect("the server's error is kept");
+    assert!(source.downcast_ref::<tokio_postgres::Error>().is_some());
+    drop(client);
+    pg.stop().await.unwrap_or_else(|e| panic!("stop: {e}"));
 }

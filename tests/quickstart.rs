@@ -58,10 +58,8 @@ fn token_of(line: &str) -> String {
 }
 
 async fn sigterm(mut child: Child) {
-    // SAFETY: signalling our own child.
-    unsafe {
-        libc::kill(child.id().unwrap() as i32, libc::SIGTERM);
-    }
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("hark stopped")

@@ -22,6 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hark::db::embedded::{EmbeddedOptions, EmbeddedPg};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{sysconf, Pid, SysconfVar};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -49,21 +52,13 @@ pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// Raises this process's soft RLIMIT_NOFILE to the hard limit; returns it.
 pub fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
     };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            if lim.rlim_cur < lim.rlim_max {
-                lim.rlim_cur = lim.rlim_max;
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            }
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        }
+    if soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
-    lim.rlim_cur
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(soft, _)| soft)
 }
 
 /// The load generator's runtime: `BENCH_WORKERS` worker threads (default
@@ -423,11 +418,13 @@ impl Hark {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to
-        // SIGKILL the child when this (spawning) thread dies.
+        // SAFETY: pre_exec runs between fork and exec, where only
+        // async-signal-safe calls are allowed; set_pdeathsig is one prctl
+        // system call (no allocation, no locks), which only asks the kernel
+        // to SIGKILL the child when this (spawning) thread dies.
         unsafe {
             cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
                 Ok(())
             });
         }
@@ -485,21 +482,14 @@ impl Hark {
         if let Some(mut child) = self.child.take() {
             let _ = child.start_kill();
             // Reap it; the runtime may be gone, so do it synchronously.
-            let mut status = 0;
-            // SAFETY: waiting for our own child.
-            unsafe {
-                libc::waitpid(self.pid as i32, &mut status, 0);
-            }
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(self.pid as i32), None);
         }
     }
 
     /// SIGTERM, then wait (bounded) for the exit; SIGKILL if it hangs.
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: a signal to our own child.
-            unsafe {
-                libc::kill(self.pid as i32, libc::SIGTERM);
-            }
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
             match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
                 Ok(Ok(status)) if !status.success() => {
                     eprintln!("warning: hark exited with {status}")
@@ -534,9 +524,17 @@ pub fn cpu_time_of(pid: u32) -> Result<Duration> {
     let rest = stat.rsplit_once(')').ok_or_else(|| err("bad stat"))?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Ok(Duration::from_micros(ticks * 1_000_000 / hz.max(1)))
+    let hz = clock_ticks_per_second();
+    Ok(Duration::from_micros(ticks * 1_000_000 / hz))
+}
+
+/// The unit of the CPU times in `/proc/<pid>/stat` (`USER_HZ`).
+fn clock_ticks_per_second() -> u64 {
+    // sysconf does not fail for it on Linux; 100 is Linux's USER_HZ.
+    match sysconf(SysconfVar::CLK_TCK) {
+        Ok(Some(hz)) if hz > 0 => hz as u64,
+        _ => 100,
+    }
 }
 
 /// This process's CPU time (the load generator's).
@@ -1737,8 +1735,7 @@ pub fn descendants_cpu(root: u32, exclude: &[u32]) -> Duration {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Duration::ZERO;
     };
-    // SAFETY: sysconf has no preconditions.
-    let hz = (unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64).max(1);
+    let hz = clock_ticks_per_second();
     for e in dir.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;

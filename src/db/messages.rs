@@ -266,7 +266,7 @@ fn decode(rows: Vec<Row>) -> Result<Fetched, DbError> {
         .ok_or_else(|| DbError::Unavailable("snapshot query returned no row".into()))?;
     let head_text: String = first.try_get(0)?;
     let head = Snapshot::parse_pg(&head_text)
-        .ok_or_else(|| DbError::Unavailable(format!("unparsable snapshot {head_text:?}")))?;
+        .ok_or_else(|| DbError::Unavailable(format!("unparsable snapshot {head_text:?}").into()))?;
     let beyond = optional::<bool>(first, "beyond")?.unwrap_or(false);
     let member_of: i64 = first.try_get("member_of")?;
     let revoked_rooms = optional::<Vec<i64>>(first, "revoked_rooms")?.unwrap_or_default();
@@ -298,7 +298,7 @@ fn decode(rows: Vec<Row>) -> Result<Fetched, DbError> {
         };
         let txid = txid
             .parse()
-            .map_err(|_| DbError::Unavailable(format!("unparsable xid8 {txid:?}")))?;
+            .map_err(|_| DbError::Unavailable(format!("unparsable xid8 {txid:?}").into()))?;
         out.push(Arc::new(StoredMessage::new(&msg, txid)));
     }
     Ok(Fetched {
@@ -320,7 +320,7 @@ pub async fn current_snapshot(client: &impl Prepared) -> Result<Arc<Snapshot>, D
     let text: String = row.try_get(0)?;
     Snapshot::parse_pg(&text)
         .map(Arc::new)
-        .ok_or_else(|| DbError::Unavailable(format!("unparsable snapshot {text:?}")))
+        .ok_or_else(|| DbError::Unavailable(format!("unparsable snapshot {text:?}").into()))
 }
 
 /// Inserts a message, moves the room's `updated_at` and clears the sender's

@@ -2,7 +2,7 @@
 //! embedded cluster, and the queries on messages and rooms.
 //!
 //! Pooled connections serve requests; the LISTEN connection is separate and
-//! belongs to [`crate::listener`], because pooled connections drop
+//! belongs to [`crate::delivery::listener`], because pooled connections drop
 //! notifications and deadpool's recycling runs `UNLISTEN *`.
 
 pub mod embedded;
@@ -23,27 +23,26 @@ use crate::cursor::Origin;
 
 /// A database failure, kept apart from client errors: it maps to 503 when
 /// the database is unreachable and to 500 otherwise, never to a 4xx.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// No connection could be had in time (pool exhausted or server down).
-    Unavailable(String),
+    /// Holds the failure itself — a [`tokio_postgres::Error`] or a pool
+    /// error, for `source()` and `downcast_ref` — or, where nothing failed
+    /// but a wait or a check, its description (`"…".into()`).
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The server answered with an error.
-    Query(tokio_postgres::Error),
+    #[error("database error: {}", describe_query_error(.0))]
+    Query(#[source] tokio_postgres::Error),
 }
 
-impl std::fmt::Display for DbError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DbError::Unavailable(why) => write!(f, "database unavailable: {why}"),
-            DbError::Query(e) => match e.as_db_error() {
-                Some(db) => write!(f, "database error: {}: {}", db.code().code(), db.message()),
-                None => write!(f, "database error: {e}"),
-            },
-        }
+/// Operators grep logs for the SQLSTATE, so it leads when there is one.
+fn describe_query_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
     }
 }
-
-impl std::error::Error for DbError {}
 
 impl From<tokio_postgres::Error> for DbError {
     fn from(e: tokio_postgres::Error) -> Self {
@@ -56,7 +55,7 @@ impl From<tokio_postgres::Error> for DbError {
             .code()
             .is_some_and(|c| matches!(&c.code()[..2], "08" | "53" | "57"));
         if e.is_closed() || io || away {
-            DbError::Unavailable(e.to_string())
+            DbError::Unavailable(Box::new(e))
         } else {
             DbError::Query(e)
         }
@@ -67,7 +66,7 @@ impl From<deadpool_postgres::PoolError> for DbError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
             deadpool_postgres::PoolError::Backend(e) => e.into(),
-            other => DbError::Unavailable(other.to_string()),
+            other => DbError::Unavailable(Box::new(other)),
         }
     }
 }
@@ -196,5 +195,58 @@ impl Prepared for CachingClient {
 
     fn pg(&self) -> &tokio_postgres::Client {
         &self.client
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    /// A connection to a socket directory that does not exist: a real
+    /// tokio-postgres failure, with no server needed.
+    fn refused_config() -> tokio_postgres::Config {
+        let dir = std::env::temp_dir().join(format!("hark-no-such-dir-{}", std::process::id()));
+        pg_config(
+            &format!("host={} user=nobody dbname=nothing", dir.display()),
+            "test",
+        )
+        .expect("valid")
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_keeps_its_source() {
+        let Err(e) = refused_config().connect(NoTls).await else {
+            panic!("nothing listens there");
+        };
+        let why = e.to_string();
+        let err = DbError::from(e);
+        assert!(matches!(err, DbError::Unavailable(_)), "{err:?}");
+        assert_eq!(err.to_string(), format!("database unavailable: {why}"));
+        let source = err.source().expect("the failure is kept");
+        assert!(source.downcast_ref::<tokio_postgres::Error>().is_some());
+        // And its own cause, the I/O error, is still reachable.
+        assert!(source.source().is_some());
+    }
+
+    #[tokio::test]
+    async fn pool_failures_keep_their_source() {
+        let pool = pool(refused_config(), 1).expect("pool");
+        let err = DbError::from(pool.get().await.expect_err("nothing listens there"));
+        assert!(matches!(err, DbError::Unavailable(_)), "{err:?}");
+        assert!(err
+            .source()
+            .and_then(|s| s.downcast_ref::<tokio_postgres::Error>())
+            .is_some());
+
+        pool.close();
+        let err = DbError::from(pool.get().await.expect_err("closed"));
+        assert!(matches!(err, DbError::Unavailable(_)), "{err:?}");
+        let source = err.source().expect("the pool error is kept");
+        assert!(source
+            .downcast_ref::<deadpool_postgres::PoolError>()
+            .is_some());
+        assert_eq!(err.to_string(), format!("database unavailable: {source}"));
     }
 }

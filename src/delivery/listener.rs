@@ -123,10 +123,10 @@ impl Listener {
                         tracing::debug!(notice = %n.message(), "listener notice");
                     }
                     Ok(_) => {}
-                    Err(e) => return e.to_string(),
+                    Err(e) => return DbError::Unavailable(Box::new(e)),
                 }
             }
-            "connection closed".to_string()
+            DbError::Unavailable("connection closed".into())
         });
         let client = CachingClient::new(client);
         use crate::db::Prepared;
@@ -199,8 +199,7 @@ impl Listener {
                     }
                 }
                 why = &mut driver => {
-                    let why = why.unwrap_or_else(|e| e.to_string());
-                    return Err(DbError::Unavailable(why));
+                    return Err(why.unwrap_or_else(|e| DbError::Unavailable(Box::new(e))));
                 }
                 _ = shutdown.wait() => {
                     driver.abort();

@@ -22,6 +22,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_postgres::NoTls;
@@ -207,10 +209,7 @@ impl Hark {
         let started = std::time::Instant::now();
         if let Some(mut child) = self.child.take() {
             if let Some(pid) = child.id() {
-                // SAFETY: sending a signal to our own child.
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGTERM);
-                }
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
             }
             let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
                 .await
