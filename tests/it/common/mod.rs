@@ -8,7 +8,10 @@
 //! process, so when the test binary exits — passing, failing or aborting —
 //! PostgreSQL stops and its temporary directory is removed.
 
-#![allow(dead_code)]
+
+
+pub mod sse;
+pub mod webdriver;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

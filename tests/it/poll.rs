@@ -2,11 +2,10 @@
 //! waking on a plain SQL insert, timeouts, parameters, disconnects,
 //! shutdown, and the database cost of a wake-up.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use hark::cursor::{Cursor, Position};
 use hyper::{Method, StatusCode};
 

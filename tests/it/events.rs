@@ -9,17 +9,14 @@
 //! The client is `common/sse.rs`: a raw TCP SSE client that reads only when
 //! asked, so a test can stop reading.
 
-mod common;
-#[path = "common/sse.rs"]
-mod sse;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hark::cursor::{Cursor, Position, Snapshot};
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
-use sse::{open, Next, Opts, Sse};
+use crate::common::sse::{open, Next, Opts, Sse};
 
 /// A generous bound for anything the server should do "at once".
 const T: Duration = Duration::from_secs(10);

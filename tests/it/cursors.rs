@@ -9,20 +9,17 @@
 //! The cases come from a fixed seed, so a run is repeatable; set
 //! `HARK_FUZZ_SEED` to explore further.
 
-mod common;
-#[path = "common/sse.rs"]
-mod sse;
 
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::*;
+use crate::common::*;
 use hark::cursor::{Cursor, Lower, Position, Snapshot, PG_MIN_MICROS};
 use hark::db::messages::{self, Read};
 use hark::db::CachingClient;
 use hyper::StatusCode;
-use sse::{open, Next, Opts, Sse};
+use crate::common::sse::{open, Next, Opts, Sse};
 
 /// A first request that hark's own HTTP leaves to hyper: what follows it
 /// on the connection is served by hyper.

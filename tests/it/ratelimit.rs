@@ -6,11 +6,10 @@
 //! own HTTP and on hyper's); waiting `Retry-After` is enough; other users
 //! and reads are not limited; a rate of 0 turns it off.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 

@@ -10,16 +10,13 @@
 //! Needs `chromium` and `chromedriver` (`.ci/run` installs them): without
 //! them this test fails, it does not skip.
 
-mod common;
-#[path = "common/webdriver.rs"]
-mod webdriver;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
-use webdriver::Browser;
+use crate::common::webdriver::Browser;
 
 /// Bound for anything the page should do "soon".
 const SOON: Duration = Duration::from_secs(20);

@@ -2,12 +2,11 @@
 //! PostgreSQL under its data directory, seeds a demo and prints a token per
 //! demo user; the next start reuses the cluster, the secret and the demo.
 
-mod common;
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};

@@ -2,16 +2,13 @@
 //! written through one reaches streams and polls on the other, typing
 //! included, and expiry's stop goes out once, not once per process.
 
-mod common;
-#[path = "common/sse.rs"]
-mod sse;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hyper::StatusCode;
 use serde_json::{json, Value};
-use sse::{open, Sse};
+use crate::common::sse::{open, Sse};
 
 const T: Duration = Duration::from_secs(10);
 

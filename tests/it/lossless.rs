@@ -9,7 +9,6 @@
 //! commits out of order, so these tests would fail if hark's cursor were
 //! an id.
 
-mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
+use crate::common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;

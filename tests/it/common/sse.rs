@@ -7,7 +7,7 @@
 //! test can hold the socket without reading (a slow reader), and it tells
 //! a clean end of the body from a dropped connection.
 
-#![allow(dead_code)]
+
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -3,11 +3,10 @@
 //! keys, an extra column hark does not know) and rows written before hark
 //! ever ran. hark must add only what it needs and serve it.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hyper::StatusCode;
 use serde_json::{json, Value};
 

@@ -8,7 +8,7 @@
 //! deletes the session with a blocking request so Chromium does not
 //! outlive the test.
 
-#![allow(dead_code)]
+
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

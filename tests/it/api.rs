@@ -3,13 +3,12 @@
 //! bodies, routing, operations endpoints, CORS, error bodies and the request
 //! log. (The long poll's waiting and `/events` have their own files.)
 
-mod common;
 
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::*;
+use crate::common::*;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
