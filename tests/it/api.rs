@@ -3,12 +3,11 @@
 //! bodies, routing, operations endpoints, CORS, error bodies and the request
 //! log. (The long poll's waiting and `/events` have their own files.)
 
-
 use std::time::{Duration, Instant};
 
+use crate::kit::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use crate::common::*;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -2841,7 +2840,7 @@ fn a_bad_log_setting_is_refused_at_start() {
 
 #[test]
 fn help_lists_every_setting_with_its_default() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hark"))
+    let out = std::process::Command::new(HARK)
         .arg("--help")
         .env_clear()
         .output()

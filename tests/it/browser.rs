@@ -10,13 +10,12 @@
 //! Needs `chromium` and `chromedriver` (`.ci/run` installs them): without
 //! them this test fails, it does not skip.
 
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::common::*;
+use crate::kit::webdriver::Browser;
+use crate::kit::*;
 use serde_json::{json, Value};
-use crate::common::webdriver::Browser;
 
 /// Bound for anything the page should do "soon".
 const SOON: Duration = Duration::from_secs(20);
@@ -81,7 +80,7 @@ return {
 
 fn target_dir() -> PathBuf {
     // target/<profile>/hark → target
-    PathBuf::from(env!("CARGO_BIN_EXE_hark"))
+    PathBuf::from(HARK)
         .parent()
         .and_then(|p| p.parent())
         .map(PathBuf::from)

@@ -2,13 +2,12 @@
 //! written through one reaches streams and polls on the other, typing
 //! included, and expiry's stop goes out once, not once per process.
 
-
 use std::time::Duration;
 
-use crate::common::*;
+use crate::kit::sse::{open, Sse};
+use crate::kit::*;
 use hyper::StatusCode;
 use serde_json::{json, Value};
-use crate::common::sse::{open, Sse};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -26,9 +25,9 @@ struct Two {
 /// applies the schema at start), and a room of three.
 async fn two(env: &[(&str, &str)]) -> Two {
     let db = fresh_db().await;
-    let a = Hark::start(&db, env).await;
+    let a = start_hark(&db, env).await;
     a.wait_ready().await;
-    let b = Hark::start(&db, env).await;
+    let b = start_hark(&db, env).await;
     b.wait_ready().await;
     let fx = Fixture::new(&db).await;
     let alice = fx.user("alice").await;

@@ -9,14 +9,13 @@
 //! The client is `common/sse.rs`: a raw TCP SSE client that reads only when
 //! asked, so a test can stop reading.
 
-
 use std::time::Duration;
 
-use crate::common::*;
+use crate::kit::sse::{open, Next, Opts, Sse};
+use crate::kit::*;
 use hark::cursor::{Cursor, Position, Snapshot};
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
-use crate::common::sse::{open, Next, Opts, Sse};
 
 /// A generous bound for anything the server should do "at once".
 const T: Duration = Duration::from_secs(10);

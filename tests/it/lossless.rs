@@ -9,14 +9,13 @@
 //! commits out of order, so these tests would fail if hark's cursor were
 //! an id.
 
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::kit::*;
 use bytes::Bytes;
-use crate::common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;

@@ -5,7 +5,7 @@
 //! PostgreSQL cluster (a fresh database per test) and the helpers in
 //! `common`.
 
-mod common;
+mod kit;
 
 mod api;
 mod browser;

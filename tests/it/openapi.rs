@@ -8,15 +8,14 @@
 //! the limits the served document states are the ones the server enforces,
 //! from both sides of each bound.
 
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::common::*;
+use crate::kit::sse::{open, Opts, Sse};
+use crate::kit::*;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
-use crate::common::sse::{open, Opts, Sse};
 use tokio::process::Command;
 
 /// Small limits, so that the served document differs from the file in

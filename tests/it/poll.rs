@@ -2,10 +2,9 @@
 //! waking on a plain SQL insert, timeouts, parameters, disconnects,
 //! shutdown, and the database cost of a wake-up.
 
-
 use std::time::{Duration, Instant};
 
-use crate::common::*;
+use crate::kit::*;
 use hark::cursor::{Cursor, Position};
 use hyper::{Method, StatusCode};
 

@@ -6,10 +6,9 @@
 //! own HTTP and on hyper's); waiting `Retry-After` is enough; other users
 //! and reads are not limited; a rate of 0 turns it off.
 
-
 use std::time::{Duration, Instant};
 
-use crate::common::*;
+use crate::kit::*;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 

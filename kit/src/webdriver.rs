@@ -8,8 +8,6 @@
 //! deletes the session with a blocking request so Chromium does not
 //! outlive the test.
 
-
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
