@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use crate::kit::*;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use futures::StreamExt;
+use http_body_util::Empty;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -132,40 +133,22 @@ async fn streamer(
             }
         };
         connections += 1;
-        let mut body = resp.into_body();
-        let mut pending: Vec<u8> = Vec::new();
+        let mut events = sse::events(resp.into_body());
         while seen.len() < expected {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let data = match tokio::time::timeout(left, body.frame()).await {
-                Ok(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => data,
-                    Err(_) => continue,
-                },
+            let ev = match tokio::time::timeout(left, events.next()).await {
+                Ok(Some(Ok(ev))) => ev,
                 // The stream ended or broke: reconnect from `last_id`.
                 _ => break,
             };
-            pending.extend_from_slice(&data);
-            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-                let block: Vec<u8> = pending.drain(..end + 2).collect();
-                let block = String::from_utf8(block).expect("UTF-8 event");
-                let (mut event, mut id, mut payload) = ("", None, "");
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event: ") {
-                        event = v;
-                    } else if let Some(v) = line.strip_prefix("id: ") {
-                        id = Some(v);
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        payload = v;
-                    }
-                }
-                assert_ne!(event, "reset", "hark refused its own cursor: {block}");
-                if event == "message" {
-                    let m = json(payload.as_bytes());
-                    *seen.entry(m["id"].as_i64().unwrap()).or_default() += 1;
-                }
-                if let Some(id) = id {
-                    last_id = id.to_string();
-                }
+            let event = ev.event.as_deref().unwrap_or("");
+            assert_ne!(event, "reset", "hark refused its own cursor: {ev:?}");
+            if event == "message" {
+                let m = json(ev.data.as_deref().unwrap_or("").as_bytes());
+                *seen.entry(m["id"].as_i64().unwrap()).or_default() += 1;
+            }
+            if let Some(id) = ev.id {
+                last_id = id;
             }
         }
     }

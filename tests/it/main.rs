@@ -2,8 +2,8 @@
 //!
 //! Every module runs the real `hark` binary over real HTTP (or hark's
 //! library against a real PostgreSQL); they share the process's private
-//! PostgreSQL cluster (a fresh database per test) and the helpers in
-//! `common`.
+//! PostgreSQL cluster (a fresh database per test) and the kit: `kit.rs`
+//! over the `hark_kit` crate (`kit/`), which the benchmarks use too.
 
 mod kit;
 
