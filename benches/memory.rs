@@ -36,9 +36,9 @@ async fn run() -> Result<()> {
         } else {
             &[("HARK_TRIM_AFTER_CONNECTIONS", "0")]
         };
-        let mut hark = Hark::start(&pg.conn, "memory", env).await?;
+        let mut hark = start_hark(&pg.conn, "memory", env).await?;
         let r = measure(&hark, &pg.conn, polls, cycles, parallel, trim).await;
-        hark.stop().await;
+        stop_hark(&mut hark).await;
         r
     }
     .await;
@@ -65,11 +65,11 @@ async fn measure(
     parallel: usize,
     trim: bool,
 ) -> Result<()> {
-    let fx = Fixture::new(db).await?;
+    let fx = Fixture::new(db).await;
     let w = Writer::start(db, true).await?;
-    let reader = fx.user("reader").await?;
-    let writer = fx.user("writer").await?;
-    let room = fx.room("memory", &[reader, writer]).await?;
+    let reader = fx.user("reader").await;
+    let writer = fx.user("writer").await;
+    let room = fx.room("memory", &[reader, writer]).await;
     let token = token(reader);
     let mut mc = MetricsClient::new(hark.addr);
 

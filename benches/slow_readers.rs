@@ -38,10 +38,10 @@ async fn run() -> Result<()> {
     let pg = Pg::start(&[]).await?;
     let result = async {
         // hark applies the schema.
-        let mut hark = Hark::start(&pg.conn, "slow_readers", &[]).await?;
-        let fx = Fixture::new(&pg.conn).await?;
-        let reader = fx.user("reader").await?;
-        let room = fx.room("slow", &[reader]).await?;
+        let mut hark = start_hark(&pg.conn, "slow_readers", &[]).await?;
+        let fx = Fixture::new(&pg.conn).await;
+        let reader = fx.user("reader").await;
+        let room = fx.room("slow", &[reader]).await;
         let token = token(reader);
         // A cursor from before every message, for the resumed streams.
         let mut c = Conn::connect(hark.addr).await?;
@@ -82,7 +82,7 @@ async fn run() -> Result<()> {
             ],
             &rows,
         );
-        hark.stop().await;
+        stop_hark(&mut hark).await;
         Ok(())
     }
     .await;

@@ -37,9 +37,9 @@ async fn run() -> Result<()> {
     let parallel: usize = env_num("SSE_FANOUT_PARALLEL", 128);
     let pg = Pg::start(&[]).await?;
     let result = async {
-        let mut hark = Hark::start(&pg.conn, "sse_fanout", &[]).await?;
+        let mut hark = start_hark(&pg.conn, "sse_fanout", &[]).await?;
         let r = fan_out(&hark, &pg.conn, want, rounds, gap, parallel).await;
-        hark.stop().await;
+        stop_hark(&mut hark).await;
         r
     }
     .await;
@@ -73,11 +73,11 @@ async fn fan_out(
     gap: Duration,
     parallel: usize,
 ) -> Result<()> {
-    let fx = Fixture::new(db).await?;
+    let fx = Fixture::new(db).await;
     let w = Writer::start(db, true).await?;
-    let reader = fx.user("reader").await?;
-    let writer = fx.user("writer").await?;
-    let room = fx.room("sse-fanout", &[reader, writer]).await?;
+    let reader = fx.user("reader").await;
+    let writer = fx.user("writer").await;
+    let room = fx.room("sse-fanout", &[reader, writer]).await;
     let token = token(reader);
     let mut mc = MetricsClient::new(hark.addr);
 

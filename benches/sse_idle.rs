@@ -85,7 +85,7 @@ async fn run() -> Result<()> {
         let mut per_stream: Vec<(u64, usize, f64)> = Vec::new();
         for (i, &ping) in pings.iter().enumerate() {
             let ping_s = ping.to_string();
-            let mut hark = Hark::start(
+            let mut hark = start_hark(
                 &pg.conn,
                 &format!("sse_idle-ping{ping}"),
                 &[("HARK_PING_INTERVAL_MS", ping_s.as_str())],
@@ -93,11 +93,11 @@ async fn run() -> Result<()> {
             .await?;
             if i == 0 {
                 // hark has created the tables.
-                let fx = Fixture::new(&pg.conn).await?;
-                let reader = fx.user("reader").await?;
-                let writer = fx.user("writer").await?;
+                let fx = Fixture::new(&pg.conn).await;
+                let reader = fx.user("reader").await;
+                let writer = fx.user("writer").await;
                 for r in 0..s.rooms {
-                    rooms.push(fx.room(&format!("idle-{r}"), &[reader, writer]).await?);
+                    rooms.push(fx.room(&format!("idle-{r}"), &[reader, writer]).await);
                 }
                 token = common::token(reader);
             }
@@ -114,18 +114,18 @@ async fn run() -> Result<()> {
                 &mut per_stream,
             )
             .await;
-            hark.stop().await;
+            stop_hark(&mut hark).await;
             n = n.max(r?);
         }
         if s.conn_only {
-            let mut hark = Hark::start(&pg.conn, "sse_idle-connections", &[]).await?;
+            let mut hark = start_hark(&pg.conn, "sse_idle-connections", &[]).await?;
             // Connections that send nothing are closed after hark's 10 s
             // header-read timeout, and opening 19,900 of them took 9.3 s on
             // one host and longer than that in the runs after it; half as
             // many give the same cost per connection.
             let conns = n.min(10_000);
             let r = connections_only(&hark, &s, conns, &rooms, &token, &mut mem_rows).await;
-            hark.stop().await;
+            stop_hark(&mut hark).await;
             r?;
         }
         println!();

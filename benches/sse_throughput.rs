@@ -90,9 +90,9 @@ async fn run() -> Result<()> {
         admin
             .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             .await?;
-        let mut hark = Hark::start(&pg.conn, "sse_throughput", &[]).await?;
+        let mut hark = start_hark(&pg.conn, "sse_throughput", &[]).await?;
         let r = measure(&hark, &pg.conn, &admin, &s).await;
-        hark.stop().await;
+        stop_hark(&mut hark).await;
         r
     }
     .await;
@@ -278,19 +278,20 @@ async fn measure(
     admin: &tokio_postgres::Client,
     s: &Settings,
 ) -> Result<()> {
-    let fx = Fixture::new(db).await?;
-    let reader = fx.user("reader").await?;
-    let writer = fx.user("writer").await?;
+    let fx = Fixture::new(db).await;
+    let reader = fx.user("reader").await;
+    let writer = fx.user("writer").await;
     let mut rooms = Vec::with_capacity(s.rooms);
     for i in 0..s.rooms {
-        rooms.push(fx.room(&format!("tp-{i}"), &[reader, writer]).await?);
+        rooms.push(fx.room(&format!("tp-{i}"), &[reader, writer]).await);
     }
     if s.history > 0 {
         // Older messages in the same rooms, as a chat database has.
         let t = Instant::now();
         let per_room = (s.history / s.rooms as i64).max(1);
         for &room in &rooms {
-            fx.insert_many(room, writer, per_room).await?;
+            fx.insert_many_around(room, writer, per_room, BENCH_TEXT.0, BENCH_TEXT.1)
+                .await;
         }
         if s.analyze {
             admin.batch_execute("ANALYZE chat_chatmessage").await?;

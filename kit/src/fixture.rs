@@ -121,6 +121,27 @@ impl Fixture {
         ids.sort_unstable();
         ids
     }
+
+    /// `n` messages in one statement, each `prefix`, its number and
+    /// `suffix` (say, to make them as long as a chat line); returns how
+    /// many, not their ids (a benchmark's history can be large).
+    pub async fn insert_many_around(
+        &self,
+        room: i64,
+        sender: i64,
+        n: i64,
+        prefix: &str,
+        suffix: &str,
+    ) -> u64 {
+        self.db
+            .execute(
+                "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) \
+                 SELECT $1, $2, $3 || g || $5, now() FROM generate_series(1, $4::int8) g",
+                &[&room, &sender, &prefix, &n, &suffix],
+            )
+            .await
+            .expect("insert messages")
+    }
 }
 
 /// Terminates the LISTEN backend(s) of hark processes on `db`'s database,
