@@ -125,6 +125,7 @@ async fn measure(hark: &Hark, db: &str) -> Result<()> {
                 "the request is not answered from memory (last try: from_memory +{memory}, cold +{cold})"
             )));
         }
+        // A bounded wait (above) on what the metrics announce.
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     drop(c);

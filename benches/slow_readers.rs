@@ -98,6 +98,8 @@ async fn scenario(
     clients: usize,
     hold: Duration,
 ) -> Result<Vec<String>> {
+    // A quiet second before the idle reading (memory settles; nothing
+    // announces that).
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = hark.rss()?;
     let mut socks: Vec<TcpStream> = Vec::new();
@@ -113,9 +115,11 @@ async fn scenario(
     let until = tokio::time::Instant::now() + hold;
     while tokio::time::Instant::now() < until {
         peak = peak.max(hark.rss()?);
+        // Sampling: RSS every 100 ms while the clients hold.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(socks);
+    // The measurement's schedule: RSS 1 s and 15 s after the close.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after_1s = hark.rss()?;
     tokio::time::sleep(Duration::from_secs(14)).await;

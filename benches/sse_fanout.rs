@@ -150,6 +150,7 @@ async fn fan_out(
     let mut failures = 0usize;
     for round in 0..rounds {
         if round > 0 {
+            // Pacing: rounds SSE_FANOUT_GAP_MS apart.
             tokio::time::sleep(gap).await;
         }
         let open = mc.get("hark_open_streams").await?;

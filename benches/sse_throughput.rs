@@ -171,6 +171,7 @@ async fn paced_write(
                 let mut k = 1u32;
                 while sent < total {
                     let due_at = tick * k;
+                    // Pacing: the send rate.
                     tokio::time::sleep_until(tstart + due_at).await;
                     let due = ((rate * start.elapsed().as_secs_f64()) as u64).min(total);
                     k += 1;

@@ -156,6 +156,26 @@ pub fn parse_head(buf: &[u8]) -> io::Result<Option<Head>> {
     }
 }
 
+/// Waits (bounded: 10 s) until the server has read everything sent on
+/// `stream` so far: its socket has no unread bytes (the kernel tells, in
+/// `/proc/net/tcp`). What a test waits for before it sends the next piece
+/// of a request, so that the server surely had the piece alone.
+pub async fn wait_peer_read(stream: &TcpStream) {
+    let (local, peer) = (
+        stream.local_addr().expect("local address"),
+        stream.peer_addr().expect("peer address"),
+    );
+    let read = crate::within(Duration::from_secs(10), || async move {
+        crate::procfs::tcp_queues(peer, local).is_some_and(|(_, unread)| unread == 0)
+    })
+    .await;
+    assert!(
+        read,
+        "the server did not read what {local} sent within 10 s: {:?}",
+        crate::procfs::tcp_queues(peer, local)
+    );
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(hay, needle)
 }
@@ -180,6 +200,16 @@ impl Raw {
 
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("send");
+    }
+
+    /// Waits (bounded) until the server has read all that was sent.
+    pub async fn wait_read(&self) {
+        wait_peer_read(&self.stream).await;
+    }
+
+    /// This end's address (the server's peer).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.stream.local_addr().expect("local address")
     }
 
     /// The next answer: its head (lower-cased) and body. Panics if the

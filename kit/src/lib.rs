@@ -33,7 +33,9 @@ pub mod webdriver;
 use std::time::Duration;
 
 pub use fixture::{kill_listener, Fixture};
-pub use http::{get_json, json, post_json, request, try_request, Conn, Headers, Raw, Resp};
+pub use http::{
+    get_json, json, post_json, request, try_request, wait_peer_read, Conn, Headers, Raw, Resp,
+};
 pub use metrics::MetricsClient;
 pub use pg::{connect, fresh_db};
 pub use process::{Hark, Launch, Log};
@@ -73,21 +75,36 @@ where
 }
 
 /// Polls `check` every 25 ms until it holds (true) or `limit` passes
-/// (false). The one polling loop of the kit: what the server announces
-/// only through state (a metric, `/readyz`, a row, a process gone) is
-/// waited for here, never slept on.
+/// (false). What the server announces only through state (a metric,
+/// `/readyz`, a row, a socket read, a process gone) is waited for here,
+/// never slept on.
 pub async fn within<F, Fut>(limit: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    wait_for(limit, || {
+        let f = check();
+        async move { f.await.then_some(()) }
+    })
+    .await
+    .is_some()
+}
+
+/// Polls `probe` every 25 ms until it gives something, for at most
+/// `limit`: the one polling loop of the kit.
+pub async fn wait_for<T, F, Fut>(limit: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if check().await {
-            return true;
+        if let Some(v) = probe().await {
+            return Some(v);
         }
         if tokio::time::Instant::now() >= deadline {
-            return false;
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

@@ -74,6 +74,8 @@ impl MetricsClient {
                     timeout.as_secs_f64()
                 )));
             }
+            // The poll interval of this bounded wait: finer than the kit's
+            // `wait_for`, as connection set-up waits on it batch by batch.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -280,6 +280,12 @@ impl Hark {
         }
     }
 
+    /// Polls /metrics until `name` is at least `min`, for at most
+    /// `limit`; returns whether it got there.
+    pub async fn metric_reaches(&self, name: &str, min: f64, limit: Duration) -> bool {
+        crate::within(limit, || async { self.metric(name).await >= min }).await
+    }
+
     /// A metric's value from /metrics (its name with labels, as printed).
     pub async fn metric(&self, name: &str) -> f64 {
         let (_, _, body) = crate::request(Method::GET, &self.url("/metrics"), None, None).await;

@@ -1,5 +1,6 @@
 //! What /proc tells about a process: CPU time, memory, threads.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use nix::unistd::{sysconf, SysconfVar};
@@ -47,4 +48,33 @@ pub fn status_kib(pid: u32, key: &str) -> Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| err(format!("no {key} in /proc/{pid}/status")))
+}
+
+/// The send and receive queues (bytes) of the TCP socket whose own end is
+/// `local` and whose peer is `remote`, from `/proc/net/tcp`: what it has
+/// sent that the peer has not taken yet, and what it has received that
+/// its process has not read yet. None if there is no such socket (IPv4
+/// only).
+pub fn tcp_queues(local: SocketAddr, remote: SocketAddr) -> Option<(u64, u64)> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => Some(format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(a.ip().octets()),
+            a.port()
+        )),
+        SocketAddr::V6(_) => None,
+    };
+    let (l, r) = (hex(local)?, hex(remote)?);
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 5 || f[1] != l || f[2] != r {
+            return None;
+        }
+        let (tx, rx) = f[4].split_once(':')?;
+        Some((
+            u64::from_str_radix(tx, 16).ok()?,
+            u64::from_str_radix(rx, 16).ok()?,
+        ))
+    })
 }

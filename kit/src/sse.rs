@@ -533,9 +533,9 @@ impl Sse {
             .split_at(opts.split_at.unwrap_or(0).min(req.len()));
         if !a.is_empty() {
             stream.write_all(a).await.expect("send request");
-            // The point of a split request: the server has the first part
-            // alone for a while, as from a slow client.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // The point of a split request: the server has read the first
+            // part alone, as from a slow client.
+            crate::http::wait_peer_read(&stream).await;
         }
         stream.write_all(b).await.expect("send request");
         let mut sse = Sse {
@@ -748,6 +748,11 @@ impl Sse {
     /// True once the server's end (clean or not) has been read.
     pub fn closed(&self) -> bool {
         self.eof || self.body_done
+    }
+
+    /// This end's address while the connection is open.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.stream.as_ref().and_then(|s| s.local_addr().ok())
     }
 
     /// Closes the connection from this side.

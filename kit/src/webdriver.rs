@@ -279,6 +279,7 @@ impl Browser {
                     "not true within {timeout:?} (last answer: {last:?}): {script}"
                 ));
             }
+            // Polling the page: it announces nothing to WebDriver.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -434,6 +435,7 @@ async fn wait_driver_ready(
         if Instant::now() >= deadline {
             return Err(format!("chromedriver on {addr} not ready within 15 s"));
         }
+        // Polling /status (bounded above): chromedriver's way to say ready.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -380,6 +380,7 @@ async fn a_repeated_true_extends_the_window() {
     let first_true = Instant::now();
     set_typing(&c.hark, c.room, c.alice, true).await;
     let first = expiry().await;
+    // The point: time passes between two starts (the window is 2 s).
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let second_true = Instant::now();
     set_typing(&c.hark, c.room, c.alice, true).await;
@@ -390,6 +391,7 @@ async fn a_repeated_true_extends_the_window() {
     );
     // Past the first window and inside the second, still typing. (Only
     // asserted when this machine kept to the schedule: no tight timing.)
+    // The point again: time passes.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let room = room_as(&c.hark, c.room, c.bob).await;
     if first_true.elapsed() > Duration::from_millis(2100)
@@ -1129,6 +1131,7 @@ async fn a_token_works_once_its_user_is_created() {
     for _ in 0..3 {
         let (s, _) = get(&c.hark, "/api/chat/rooms/", later).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
+        // Pacing: asked again later, as a client retrying would.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     c.fx.db
@@ -2229,10 +2232,10 @@ async fn a_post_body_is_read_by_its_length_and_an_unfinished_one_sends_nothing()
     let (head, body) = post("in pieces");
     let mut raw = Raw::connect(c.hark.addr).await;
     raw.send(head.as_bytes()).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw.wait_read().await;
     let (first, rest) = body.split_at(10);
     raw.send(first.as_bytes()).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw.wait_read().await;
     raw.send(format!("{rest}GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .await;
     let (h, created) = raw.answer().await;
@@ -2378,7 +2381,9 @@ async fn an_idle_connection_does_not_hold_up_shutdown() {
 async fn held_connection(
     h: &Hark,
 ) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>> {
-    for _ in 0..200 {
+    // The slot of an earlier connection may not be free yet, and /metrics
+    // would need a slot of its own to say so: try until one is served.
+    wait_for(Duration::from_secs(10), || async {
         let stream = tokio::net::TcpStream::connect(h.addr)
             .await
             .expect("connect");
@@ -2391,15 +2396,13 @@ async fn held_connection(
             .header("host", "hark")
             .body(http_body_util::Full::default())
             .unwrap();
-        if let Ok(resp) = sender.send_request(req).await {
-            if resp.status() == StatusCode::OK {
-                return sender;
-            }
+        match sender.send_request(req).await {
+            Ok(resp) if resp.status() == StatusCode::OK => Some(sender),
+            _ => None,
         }
-        // The slot of an earlier connection is not free yet.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("never got a connection slot");
+    })
+    .await
+    .expect("never got a connection slot")
 }
 
 /// An idle keep-alive connection gives its slot back: once a response is
@@ -2448,11 +2451,13 @@ async fn the_first_head_must_arrive_within_10_s_of_connecting_on_both_paths() {
                 let _ = rd.read_to_end(&mut got).await;
                 (connected.elapsed(), got)
             });
+            // The point: a client silent for 9 s.
             tokio::time::sleep(Duration::from_secs(9)).await;
             // Enough for the path to be chosen, then a byte a second of
             // a head that never ends.
             let _ = wr.write_all(start.as_bytes()).await;
             while !closed.is_finished() && connected.elapsed() < Duration::from_secs(30) {
+                // The point: a byte a second.
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let _ = wr.write_all(b"x").await;
             }

@@ -167,17 +167,13 @@ async fn wait_typing(
     what: &str,
     check: impl Fn(&[i64]) -> bool,
 ) {
-    let deadline = Instant::now() + SOON;
-    loop {
+    let held = within(SOON, || async {
+        check(&typing_ids(hark, room, as_user).await)
+    })
+    .await;
+    if !held {
         let ids = typing_ids(hark, room, as_user).await;
-        if check(&ids) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: typing_users still {ids:?} after {SOON:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        panic!("{what}: typing_users still {ids:?} after {SOON:?}");
     }
 }
 

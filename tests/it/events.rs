@@ -439,13 +439,14 @@ async fn a_typing_start_heard_late_is_not_repeated() {
     if hark.metric("hark_notifications_total").await >= all_heard {
         eprintln!("note: hark heard the start before the stream opened; the race was not hit");
     }
-    for _ in 0..1200 {
-        if hark.metric("hark_notifications_total").await >= all_heard {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(hark.metric("hark_notifications_total").await >= all_heard);
+    assert!(
+        hark.metric_reaches(
+            "hark_notifications_total",
+            all_heard,
+            Duration::from_secs(30)
+        )
+        .await
+    );
     // Now the start has been heard (and any repeat of it queued): a marker
     // inserted now ends what the stream has to say about it.
     let marker = fx.insert(room, carol, "marker").await;
@@ -1400,13 +1401,9 @@ async fn slow_reader_is_cut_and_resumes(first: Option<&'static str>) {
     }
     if !cut {
         // The last batches may still be in the hub's catch-up.
-        for _ in 0..200 {
-            if hark.metric("hark_streams_cut_slow_total").await >= 1.0 {
-                cut = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        cut = hark
+            .metric_reaches("hark_streams_cut_slow_total", 1.0, Duration::from_secs(5))
+            .await;
     }
     assert!(
         cut,
@@ -1503,6 +1500,8 @@ async fn stalled_reader_is_closed(first: Option<&'static str>) {
     let mut closed = false;
     for _ in 0..100 {
         fx.insert_many(room, bob, 50, &filler).await;
+        // Pacing: batches spread out until the send timeout closes the
+        // stream (the loop stops at once when it does).
         tokio::time::sleep(Duration::from_millis(50)).await;
         if hark.metric("hark_open_streams").await == 0.0 {
             closed = true;
@@ -1676,7 +1675,7 @@ async fn lean_stream_path_refuses_bad_heads_clearly() {
     tokio::io::AsyncWriteExt::write_all(&mut raw, b"GET /events?room_id=1 HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_peer_read(&raw).await;
     drop(raw);
     hark.wait_for_metric("hark_open_connections", 1.0).await;
 }
@@ -1797,9 +1796,14 @@ async fn sigterm_exits_within_5_s_with_a_reader_that_stopped_reading() {
     for _ in 0..20 {
         fx.insert_many(room, bob, 50, &filler).await;
     }
-    // Nothing announces a full socket: give hark a moment to write what
-    // fits (not needed for correctness, only to make the case real).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The case is real once hark's writes back up: its socket holds
+    // bytes the reader has not taken.
+    let reader = s.local_addr().expect("open");
+    let backed_up = within(Duration::from_secs(10), || async {
+        procfs::tcp_queues(hark.addr, reader).is_some_and(|(unsent, _)| unsent > 0)
+    })
+    .await;
+    assert!(backed_up, "hark's socket never backed up");
     assert_eq!(hark.metric("hark_open_streams").await, 1.0);
     let took = hark.stop().await;
     eprintln!("exit with a stuck reader took {took:?}");

@@ -39,6 +39,7 @@ async fn writer(conn: String, room: i64, sender: i64, count: usize, seed: u64) {
         )
         .await
         .unwrap();
+        // The point: commits land out of id order.
         tokio::time::sleep(Duration::from_micros(rng.u64(0..3000))).await;
         db.batch_execute("COMMIT").await.unwrap();
     }
@@ -74,9 +75,10 @@ async fn poller(
                 }
                 cursor = body["cursor"].as_str().unwrap().to_string();
             }
-            // 503 while the database or hark is coming back; transport errors while restarting.
+            // 503 while the database or hark is coming back; transport
+            // errors while restarting: retry once it is ready again.
             Ok((StatusCode::SERVICE_UNAVAILABLE, _, _)) | Err(_) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                ready_again(&base).await;
             }
             Ok((status, _, body)) => {
                 panic!("poll answered {status}: {}", String::from_utf8_lossy(&body))
@@ -128,7 +130,7 @@ async fn streamer(
             }
             // hark restarting, or the database coming back.
             _ => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                ready_again(&base).await;
                 continue;
             }
         };
@@ -158,6 +160,19 @@ async fn streamer(
         seen.len()
     );
     (seen, connections)
+}
+
+/// Waits (bounded) until hark at `base` answers /readyz with 200: after
+/// a restart or while the database comes back.
+async fn ready_again(base: &str) {
+    let url = format!("{base}/readyz");
+    within(Duration::from_secs(30), || async {
+        matches!(
+            try_request(Method::GET, &url, None, None, &[]).await,
+            Ok((StatusCode::OK, _, _))
+        )
+    })
+    .await;
 }
 
 /// Fails the test unless `seen` holds every id of `all` exactly once.
@@ -199,6 +214,7 @@ async fn naive_id_reader(conn: String, room: i64, stop: Arc<AtomicBool>) -> Vec<
         if done {
             return got;
         }
+        // Pacing: a reader polling the table in a tight loop.
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -260,20 +276,32 @@ async fn run(disturb: Disturb) {
         })
         .collect();
 
+    // Each disturbance comes mid-run: once the writers have committed a
+    // given part of the workload (not after a guessed time).
+    let committed = |part: usize| {
+        let fx = &fx;
+        async move {
+            let want = (MESSAGES * part / 5) as i64;
+            eventually("the writers make progress", || async {
+                fx.message_count(room).await >= want
+            })
+            .await;
+        }
+    };
     match disturb {
         Disturb::None => {}
         Disturb::KillListener => {
-            for _ in 0..3 {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+            for part in 1..=3 {
+                committed(part).await;
                 // Wait until the previous kill's replacement is connected.
                 let killed = kill_listener(&fx.db).await;
                 assert_eq!(killed, 1, "exactly one LISTEN connection per process");
             }
         }
         Disturb::RestartHark => {
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            committed(1).await;
             hark.restart().await;
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            committed(2).await;
             hark.restart().await;
         }
     }
