@@ -34,16 +34,8 @@ async fn run() -> Result<()> {
         .collect::<Result<_>>()?;
     let messages: usize = env_num("DB_COST_MESSAGES", 20);
     let parallel: usize = env_num("DB_COST_CONNECT_BATCH", 64);
-    let pg = Pg::start(&[
-        ("shared_preload_libraries", "pg_stat_statements"),
-        ("pg_stat_statements.track", "top"),
-    ])
-    .await?;
+    let (pg, admin) = start_counting_statements().await?;
     let result = async {
-        let admin = connect_db(&pg.conn).await?;
-        admin
-            .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            .await?;
         let mut hark = start_hark(&pg.conn, "db_cost", &[]).await?;
         let r = measure(&hark, &pg.conn, &admin, &pollers, messages, parallel).await;
         stop_hark(&mut hark).await;

@@ -190,11 +190,7 @@ async fn fan_out(
     println!(
         "worst p99 over {rounds} rounds: {} ms (target < 100 ms: {})",
         ms(worst_p99),
-        if worst_p99 < Duration::from_millis(100) {
-            "met"
-        } else {
-            "MISSED"
-        }
+        met(worst_p99 < Duration::from_millis(100))
     );
     println!(
         "(\"server\" columns: hark_delivery_latency_seconds, from the NOTIFY reaching hark to the response handed to hyper; CPU: user+system time during the round, 10 ms ticks, of hark and of this load generator)"

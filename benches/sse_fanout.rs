@@ -282,11 +282,7 @@ async fn fan_out(
         ms(pct(&all, 99.0)),
         ms(all[all.len() - 1]),
         ms(worst_p99),
-        if worst_p99 < Duration::from_millis(100) {
-            "met"
-        } else {
-            "MISSED"
-        }
+        met(worst_p99 < Duration::from_millis(100))
     );
     println!(
         "(\"server\": hark_delivery_latency_seconds delta, NOTIFY reaching hark -> event handed to hyper; p50/p99 are histogram bucket bounds. CPU: user+system during the round, 10 ms ticks; \"bench\" includes the writer thread; \"other\" = rest of the machine)"

@@ -176,7 +176,7 @@ async fn run() -> Result<()> {
             println!(
                 "ping {ping} ms, wave {wave}: {} KiB per stream vs idle (target < 8 KiB: {})",
                 kib(*b),
-                if *b < 8.0 * 1024.0 { "met" } else { "MISSED" }
+                met(*b < 8.0 * 1024.0)
             );
         }
         println!(
@@ -187,17 +187,6 @@ async fn run() -> Result<()> {
     .await;
     pg.stop().await;
     result
-}
-
-/// RSS, sampled 5 times 50 ms apart (the median).
-async fn rss(hark: &Hark) -> Result<u64> {
-    let mut v = Vec::new();
-    for _ in 0..5 {
-        v.push(hark.rss()?);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    v.sort_unstable();
-    Ok(v[2])
 }
 
 #[derive(Default)]
@@ -339,7 +328,7 @@ async fn measure(
         return Err(err("no file descriptors left for streams"));
     }
 
-    let idle = rss(hark).await?;
+    let idle = rss_median(hark).await?;
     println!(
         "hark (ping {ping} ms) idle RSS after warm-up: {} MiB, {} fds open",
         mib(idle),
@@ -350,12 +339,12 @@ async fn measure(
     cpu_rows.push(cpu_row(ping, 0, &w));
 
     for wave in 1..=waves {
-        let before = rss(hark).await?;
+        let before = rss_median(hark).await?;
         let t = Instant::now();
         let streams = open_streams(&mut mc, n, s.parallel, 0, target).await?;
         let open_s = t.elapsed().as_secs_f64();
         let tasks = spawn_readers(streams, &counters);
-        let with_n = rss(hark).await?;
+        let with_n = rss_median(hark).await?;
         let sockstat = tcp_sockstat();
         println!(
             "ping {ping} ms, wave {wave}: {n} streams open in {open_s:.1} s; RSS {} MiB, {} threads, {} fds; load generator RSS {} MiB; {sockstat}",
@@ -391,7 +380,7 @@ async fn measure(
         })
         .await?;
         let close_s = t.elapsed().as_secs_f64();
-        let after = rss(hark).await?;
+        let after = rss_median(hark).await?;
         let d = |a: u64, b: u64| (a as f64 - b as f64) / n as f64;
         per_stream.push((ping, wave, d(with_n, idle)));
         mem_rows.push(vec![
@@ -433,11 +422,11 @@ async fn connections_only(
         v <= 1.0
     })
     .await?;
-    let idle = rss(hark).await?;
+    let idle = rss_median(hark).await?;
     let t = Instant::now();
     let conns = connect_many(&mut mc, n, 64, 1).await?;
     let open_s = t.elapsed().as_secs_f64();
-    let with_n = rss(hark).await?;
+    let with_n = rss_median(hark).await?;
     let sockstat = tcp_sockstat();
     if open_s > 8.0 {
         eprintln!("warning: connecting took {open_s:.1} s; hark's 10 s header-read timeout may close some");
@@ -449,7 +438,7 @@ async fn connections_only(
     })
     .await?;
     let close_s = t.elapsed().as_secs_f64();
-    let after = rss(hark).await?;
+    let after = rss_median(hark).await?;
     let d = |a: u64, b: u64| (a as f64 - b as f64) / n as f64;
     mem_rows.push(vec![
         "15000".into(),

@@ -176,8 +176,71 @@ impl Pg {
     }
 }
 
+/// A cluster with pg_stat_statements loaded (and created in the bench
+/// database), for benchmarks that count hark's statements.
+pub async fn start_counting_statements() -> Result<(Pg, tokio_postgres::Client)> {
+    let pg = Pg::start(&[
+        ("shared_preload_libraries", "pg_stat_statements"),
+        ("pg_stat_statements.track", "top"),
+    ])
+    .await?;
+    let admin = connect_db(&pg.conn).await?;
+    admin
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await?;
+    Ok((pg, admin))
+}
+
 pub async fn connect_db(conn: &str) -> Result<tokio_postgres::Client> {
     hark_kit::pg::try_connect(conn).await
+}
+
+/// Runs `body` on a thread of its own with a current-thread runtime, at
+/// real-time priority (SCHED_FIFO) so that the instant a COMMIT returns
+/// is taken at once even when both cores are saturated (as root; without
+/// the right, the thread keeps normal priority). `body` is told whether
+/// it got the priority.
+pub fn writer_thread<F, Fut>(name: &str, body: F) -> io::Result<()>
+where
+    F: FnOnce(bool) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("writer runtime");
+            let param = libc::sched_param { sched_priority: 10 };
+            // SAFETY: sets this thread's own scheduling policy.
+            let rt_prio = unsafe {
+                libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param)
+            } == 0;
+            rt.block_on(body(rt_prio));
+        })?;
+    Ok(())
+}
+
+/// RSS, sampled 5 times 50 ms apart (the median).
+pub async fn rss_median(hark: &Hark) -> Result<u64> {
+    let mut v = Vec::new();
+    for _ in 0..5 {
+        v.push(hark.rss()?);
+        // Sampling: 50 ms apart.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    v.sort_unstable();
+    Ok(v[2])
+}
+
+/// "met" or "MISSED", for a target.
+pub fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
 }
 
 /// A writer on a thread and runtime of its own, so that the instant its
@@ -203,52 +266,36 @@ impl Writer {
         )>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<()>>();
         let conn = conn.to_string();
-        std::thread::Builder::new()
-            .name("bench-writer".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("writer runtime");
-                // Real-time priority, so that the instant COMMIT returns is
-                // taken at once even when both cores are saturated (as root;
-                // without the right, the thread keeps normal priority).
-                let param = libc::sched_param { sched_priority: 10 };
-                // SAFETY: sets this thread's own scheduling policy.
-                let rt_prio = unsafe {
-                    libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param)
-                } == 0;
-                rt.block_on(async move {
-                    if !rt_prio {
-                        eprintln!("note: the writer thread could not get SCHED_FIFO priority");
+        writer_thread("bench-writer", move |rt_prio| async move {
+            if !rt_prio {
+                eprintln!("note: the writer thread could not get SCHED_FIFO priority");
+            }
+            let mut client = match connect_db(&conn).await {
+                Ok(c) => {
+                    let _ = ready_tx.send(Ok(()));
+                    c
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while let Some((room, sender, content, reply)) = rx.recv().await {
+                const INSERT: &str = "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) VALUES ($1, $2, $3, now())";
+                let r = async {
+                    if explicit_tx {
+                        let tx = client.transaction().await?;
+                        tx.execute(INSERT, &[&room, &sender, &content]).await?;
+                        tx.commit().await?;
+                    } else {
+                        client.execute(INSERT, &[&room, &sender, &content]).await?;
                     }
-                    let mut client = match connect_db(&conn).await {
-                        Ok(c) => {
-                            let _ = ready_tx.send(Ok(()));
-                            c
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    while let Some((room, sender, content, reply)) = rx.recv().await {
-                        const INSERT: &str = "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) VALUES ($1, $2, $3, now())";
-                        let r = async {
-                            if explicit_tx {
-                                let tx = client.transaction().await?;
-                                tx.execute(INSERT, &[&room, &sender, &content]).await?;
-                                tx.commit().await?;
-                            } else {
-                                client.execute(INSERT, &[&room, &sender, &content]).await?;
-                            }
-                            Ok::<Instant, BoxError>(Instant::now())
-                        }
-                        .await;
-                        let _ = reply.send(r);
-                    }
-                });
-            })?;
+                    Ok::<Instant, BoxError>(Instant::now())
+                }
+                .await;
+                let _ = reply.send(r);
+            }
+        })?;
         ready_rx.await.map_err(|_| err("writer thread died"))??;
         Ok(Writer { tx })
     }

@@ -66,6 +66,15 @@ impl Fixture {
             .collect()
     }
 
+    /// How many rows `table` has.
+    pub async fn count(&self, table: &str) -> i64 {
+        self.db
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("count {table}: {e}"))
+            .get(0)
+    }
+
     /// How many messages `room` has (committed ones).
     pub async fn message_count(&self, room: i64) -> i64 {
         self.db

@@ -16,29 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A hark with three users: `alice` and `bob` share `room`; `carol` exists
 /// but is in no room.
-struct Chat {
-    hark: Hark,
-    fx: Fixture,
-    alice: i64,
-    bob: i64,
-    carol: i64,
-    room: i64,
-}
-
 async fn chat(env: &[(&str, &str)]) -> Chat {
-    let (hark, fx) = setup(env).await;
-    let alice = fx.user("alice").await;
-    let bob = fx.user("bob").await;
-    let carol = fx.user("carol").await;
-    let room = fx.room("general", &[alice, bob]).await;
-    Chat {
-        hark,
-        fx,
-        alice,
-        bob,
-        carol,
-        room,
-    }
+    Chat::start(env, "general", false).await
 }
 
 async fn get(h: &Hark, path: &str, user: i64) -> (StatusCode, Value) {
@@ -353,12 +332,7 @@ async fn typing_expires_after_the_window() {
     .await;
     // And the sweeper removes the row (the stop goes out once).
     eventually("the lapsed row is swept", || async {
-        let n: i64 =
-            c.fx.db
-                .query_one("SELECT count(*) FROM hark_typing", &[])
-                .await
-                .unwrap()
-                .get(0);
+        let n = c.fx.count("hark_typing").await;
         n == 0
     })
     .await;
@@ -633,12 +607,7 @@ async fn room_detail_and_read_are_404_for_unknown_rooms_and_403_for_outsiders() 
     let read = c.hark.url(&format!("/api/chat/rooms/{}/read/", c.room));
     let (s, _, b) = request(Method::POST, &read, Some(&token(c.carol)), Some("{}")).await;
     assert_error(s, &b, StatusCode::FORBIDDEN, "not_a_participant");
-    let n: i64 =
-        c.fx.db
-            .query_one("SELECT count(*) FROM hark_read_marker", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let n = c.fx.count("hark_read_marker").await;
     assert_eq!(n, 0, "an outsider's read left a marker");
 }
 
@@ -797,12 +766,7 @@ async fn sending_to_an_unknown_room_is_404_and_to_a_strangers_room_403() {
     let (s, _, b) = request(Method::POST, &url, Some(&token(c.carol)), Some(&body)).await;
     let v = assert_error(s, &b, StatusCode::FORBIDDEN, "not_a_participant");
     assert_eq!(v["error"], "Not a participant");
-    let n: i64 =
-        c.fx.db
-            .query_one("SELECT count(*) FROM chat_chatmessage", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let n = c.fx.count("chat_chatmessage").await;
     assert_eq!(n, 0);
 }
 
@@ -835,12 +799,7 @@ async fn invalid_content_is_400() {
     )
     .await;
     assert_error(s, &b, StatusCode::BAD_REQUEST, "invalid_content");
-    let n: i64 =
-        c.fx.db
-            .query_one("SELECT count(*) FROM chat_chatmessage", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let n = c.fx.count("chat_chatmessage").await;
     assert_eq!(n, 0, "a refused message was stored");
 }
 
@@ -1353,12 +1312,7 @@ async fn the_body_limit_is_configurable_and_holds_without_content_length() {
     req.push_str("0\r\n\r\n");
     let resp = raw_http(&c.hark, req.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
-    let n: i64 =
-        c.fx.db
-            .query_one("SELECT count(*) FROM chat_chatmessage", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let n = c.fx.count("chat_chatmessage").await;
     assert_eq!(n, 1);
 }
 
@@ -1901,12 +1855,7 @@ async fn one_host_and_no_expectation_but_100_continue_on_both_paths() {
         }
     }
     // None of the refused posts was sent.
-    let sent: i64 =
-        c.fx.db
-            .query_one("SELECT count(*) FROM chat_chatmessage", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let sent = c.fx.count("chat_chatmessage").await;
     assert_eq!(sent, 0);
 }
 
@@ -2221,12 +2170,7 @@ async fn a_post_body_is_read_by_its_length_and_an_unfinished_one_sends_nothing()
         );
         (head, body)
     };
-    let count = || async {
-        let row =
-            c.fx.db
-                .query_one("SELECT count(*) FROM chat_chatmessage", &[]);
-        row.await.unwrap().get::<_, i64>(0)
-    };
+    let count = || c.fx.count("chat_chatmessage");
 
     // In pieces, with a GET right behind the body.
     let (head, body) = post("in pieces");

@@ -30,10 +30,7 @@ async fn two(env: &[(&str, &str)]) -> Two {
     let b = start_hark(&db, env).await;
     b.wait_ready().await;
     let fx = Fixture::new(&db).await;
-    let alice = fx.user("alice").await;
-    let bob = fx.user("bob").await;
-    let carol = fx.user("carol").await;
-    let room = fx.room("r", &[alice, bob, carol]).await;
+    let (alice, bob, carol, room) = three_users(&fx, "r", true).await;
     Two {
         a,
         b,
@@ -74,27 +71,6 @@ fn user_json(id: i64, name: &str) -> Value {
     let mut first = name.to_string();
     first[..1].make_ascii_uppercase();
     json!({"id": id, "username": name, "first_name": first, "last_name": "Test"})
-}
-
-async fn post_message(hark: &Hark, room: i64, token: &str, content: &str) -> Value {
-    let (s, body) = post_json(
-        &hark.url("/api/chat/messages/"),
-        Some(token),
-        &json!({"room_id": room, "content": content}).to_string(),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED, "{body}");
-    body
-}
-
-async fn set_typing(hark: &Hark, room: i64, token: &str, on: bool) {
-    let (s, body) = post_json(
-        &hark.url(&format!("/api/chat/rooms/{room}/typing/")),
-        Some(token),
-        &json!({ "is_typing": on }).to_string(),
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
 }
 
 #[tokio::test]

@@ -103,31 +103,6 @@ fn user_json(id: i64, name: &str) -> Value {
     json!({"id": id, "username": name, "first_name": first, "last_name": "Test"})
 }
 
-async fn set_typing(hark: &Hark, room: i64, token: &str, on: bool) {
-    let (s, body) = post_json(
-        &hark.url(&format!("/api/chat/rooms/{room}/typing/")),
-        Some(token),
-        &json!({ "is_typing": on }).to_string(),
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
-    assert_eq!(
-        body,
-        json!({"success": true, "message": "Typing status updated"})
-    );
-}
-
-async fn post_message(hark: &Hark, room: i64, token: &str, content: &str) -> Value {
-    let (s, body) = post_json(
-        &hark.url("/api/chat/messages/"),
-        Some(token),
-        &json!({"room_id": room, "content": content}).to_string(),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED, "{body}");
-    body
-}
-
 /// The `n` message ids due after `since`, by long polls that follow their
 /// cursor; then a `timeout=0` poll must find nothing more.
 async fn poll_ids(hark: &Hark, room: i64, since: &str, token: &str, n: usize) -> Vec<i64> {
@@ -168,29 +143,11 @@ fn enc(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-struct Room3 {
-    hark: Hark,
-    fx: Fixture,
-    alice: i64,
-    bob: i64,
-    carol: i64,
-    room: i64,
-}
+/// hark with alice, bob and carol in one room.
+type Room3 = Chat;
 
 async fn room_of_three(env: &[(&str, &str)]) -> Room3 {
-    let (hark, fx) = setup(env).await;
-    let alice = fx.user("alice").await;
-    let bob = fx.user("bob").await;
-    let carol = fx.user("carol").await;
-    let room = fx.room("r", &[alice, bob, carol]).await;
-    Room3 {
-        hark,
-        fx,
-        alice,
-        bob,
-        carol,
-        room,
-    }
+    Chat::start(env, "r", true).await
 }
 
 // ---- opening -------------------------------------------------------------

@@ -33,6 +33,72 @@ pub async fn setup(env: &[(&str, &str)]) -> (Hark, Fixture) {
     (hark, fx)
 }
 
+/// Three users, `alice`, `bob` and `carol`, and a room `name` of alice,
+/// bob and (`with_carol`) carol: (alice, bob, carol, room).
+pub async fn three_users(fx: &Fixture, name: &str, with_carol: bool) -> (i64, i64, i64, i64) {
+    let alice = fx.user("alice").await;
+    let bob = fx.user("bob").await;
+    let carol = fx.user("carol").await;
+    let members = [alice, bob, carol];
+    let room = fx
+        .room(name, &members[..if with_carol { 3 } else { 2 }])
+        .await;
+    (alice, bob, carol, room)
+}
+
+/// hark on a fresh database with [`three_users`].
+pub struct Chat {
+    pub hark: Hark,
+    pub fx: Fixture,
+    pub alice: i64,
+    pub bob: i64,
+    pub carol: i64,
+    pub room: i64,
+}
+
+impl Chat {
+    pub async fn start(env: &[(&str, &str)], name: &str, with_carol: bool) -> Chat {
+        let (hark, fx) = setup(env).await;
+        let (alice, bob, carol, room) = three_users(&fx, name, with_carol).await;
+        Chat {
+            hark,
+            fx,
+            alice,
+            bob,
+            carol,
+            room,
+        }
+    }
+}
+
+/// Sends a message as the holder of `token`; asserts the 201 and returns
+/// the message.
+pub async fn post_message(hark: &Hark, room: i64, token: &str, content: &str) -> serde_json::Value {
+    let (s, body) = post_json(
+        &hark.url("/api/chat/messages/"),
+        Some(token),
+        &serde_json::json!({"room_id": room, "content": content}).to_string(),
+    )
+    .await;
+    assert_eq!(s, hyper::StatusCode::CREATED, "{body}");
+    body
+}
+
+/// Starts or stops typing as the holder of `token`; asserts the answer.
+pub async fn set_typing(hark: &Hark, room: i64, token: &str, on: bool) {
+    let (s, body) = post_json(
+        &hark.url(&format!("/api/chat/rooms/{room}/typing/")),
+        Some(token),
+        &serde_json::json!({ "is_typing": on }).to_string(),
+    )
+    .await;
+    assert_eq!(s, hyper::StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"success": true, "message": "Typing status updated"})
+    );
+}
+
 /// The poll URL for a room and optional cursor.
 pub fn poll_url(hark: &Hark, room: i64, since: Option<&str>, extra: &str) -> String {
     hark.url(&poll_path(room, since, extra))
