@@ -1,5 +1,5 @@
 //! The page at `/` in a real browser: headless Chromium driven through
-//! chromedriver (W3C WebDriver over HTTP, see `common/webdriver.rs`).
+//! chromedriver (W3C WebDriver over HTTP, see `kit/src/webdriver.rs`).
 //!
 //! Alice opens the page; messages inserted with plain SQL appear; Bob's
 //! typing shows and hides; what Alice types and sends reaches the server;
@@ -475,7 +475,7 @@ async fn the_page_reloads_on_reset_and_asks_again_for_a_refused_token() {
 }
 
 /// Answers the page's sends and typing POSTs as hark does over the write
-/// limit (tests/ratelimit.rs checks hark's side), and lets the rest
+/// limit (tests/it/ratelimit.rs checks hark's side), and lets the rest
 /// through. The real limit cannot refuse a browser's click reliably: at
 /// its slowest it refills a write a second.
 const STUB_429: &str = r#"

@@ -6,7 +6,7 @@
 //! slow-reader cut with a lossless resume (and no cut for a reader that
 //! keeps up), shutdown, and the open-streams gauge.
 //!
-//! The client is `common/sse.rs`: a raw TCP SSE client that reads only when
+//! The client is the kit's `sse::Sse` (`kit/src/sse.rs`): a raw TCP SSE client that reads only when
 //! asked, so a test can stop reading.
 
 use std::time::Duration;
