@@ -42,7 +42,10 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 fn module_of(src: &Path, file: &Path) -> Module {
-    let rel = file.strip_prefix(src).expect("under src").with_extension("");
+    let rel = file
+        .strip_prefix(src)
+        .expect("under src")
+        .with_extension("");
     let mut m: Module = rel
         .components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
@@ -176,8 +179,10 @@ fn graph() -> BTreeMap<Module, BTreeSet<Module>> {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut all = Vec::new();
     files(&src, &mut all);
-    let modules: BTreeMap<Module, PathBuf> =
-        all.iter().map(|f| (module_of(&src, f), f.clone())).collect();
+    let modules: BTreeMap<Module, PathBuf> = all
+        .iter()
+        .map(|f| (module_of(&src, f), f.clone()))
+        .collect();
     let mut edges = BTreeMap::new();
     for (m, file) in &modules {
         let text = std::fs::read_to_string(file).expect("read a source file");
