@@ -250,3 +250,44 @@ async fn serve_hyper(
         _ = kill.notified() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::shared::Shared;
+
+    async fn loopback() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(l.local_addr().unwrap());
+        let (client, server) = tokio::join!(client, l.accept());
+        (server.unwrap().0, client.unwrap())
+    }
+
+    /// What the memory per idle stream and per waiting poll relies on
+    /// (DESIGN §7): a connection's task holds an open stream's state and
+    /// no more (the request loop and hyper's connection are boxed, and
+    /// freed before a stream starts), and a waiting poll's request loop
+    /// fits jemalloc's 768-byte size class. Unboxing either, or a large
+    /// local kept across an await, fails here.
+    #[tokio::test]
+    async fn connection_tasks_stay_within_their_measured_sizes() {
+        let app = Shared::for_tests();
+        let builder = http1::Builder::new();
+        let graceful = GracefulShutdown::new();
+        let (s1, _c1) = loopback().await;
+        let task = serve_connection(&app, s1, Instant::now(), &builder, graceful.watcher());
+        let (s2, _c2) = loopback().await;
+        let request_loop = boxed_lean(&app, s2, Instant::now());
+        let (s3, _c3) = loopback().await;
+        let req = Box::new(Request::get("/events").body(()).unwrap());
+        let stream = h1::serve_stream(&app, s3, req);
+        let sizes = (
+            std::mem::size_of_val(&task),
+            std::mem::size_of_val(&*request_loop),
+            std::mem::size_of_val(&stream),
+        );
+        assert!(sizes.0 <= 1536, "connection task: {sizes:?}");
+        assert!(sizes.1 <= 768, "request loop: {sizes:?}");
+        assert!(sizes.2 <= 1280, "stream: {sizes:?}");
+    }
+}
