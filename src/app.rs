@@ -175,6 +175,7 @@ async fn serve(
         header: crate::http::server::HEADER_READ_TIMEOUT,
         stall: Duration::from_secs(config.send_timeout_s),
         max_body: config.max_body_bytes,
+        parking: config.direct_writes,
         shutdown: shutdown.clone(),
     };
     let app = Arc::new(Shared {

@@ -77,6 +77,7 @@ impl Shared {
                 header: std::time::Duration::from_secs(10),
                 stall: std::time::Duration::from_secs(60),
                 max_body: config.max_body_bytes,
+                parking: config.direct_writes,
                 shutdown: shutdown.clone(),
             },
             shutdown,

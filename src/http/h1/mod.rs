@@ -107,6 +107,8 @@ pub(crate) struct Limits {
     pub(crate) stall: Duration,
     /// Largest request body served here; larger ones are hyper's (413).
     pub(crate) max_body: u64,
+    /// Whether streams and polls may park (`HARK_DIRECT_WRITES`).
+    pub(crate) parking: bool,
     pub(crate) shutdown: Shutdown,
 }
 
