@@ -3,13 +3,14 @@
 //! The poll registers with the hub *before* it reads anything, then loops:
 //! answer from the hub's memory if it can, else read the database (the
 //! cold path); if nothing is due, wait — holding no database connection —
-//! until the hub wakes it, the timeout passes, the client goes away (hyper
-//! drops this future, and the subscription guard unregisters) or shutdown
-//! begins (answer with the cursor at once).
+//! until the hub wakes it, the timeout passes, the client goes away (the
+//! connection drops this future, and the subscription guard unregisters)
+//! or shutdown begins (answer with the cursor at once). After each read it
+//! checks that its user may still read the room.
 //!
-//! On a lean keep-alive connection a waiting poll parks ([`super::park`]):
-//! the listener may write its answer instead, and the poll, once it wakes,
-//! only takes note.
+//! On a keep-alive connection of hark's own HTTP/1.1 a waiting poll parks
+//! ([`crate::delivery::park`]): the listener may write its answer instead,
+//! and the poll, once it wakes, only takes note.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;

@@ -133,9 +133,10 @@ pub(crate) async fn serve(app: Arc<Shared>, listener: TcpListener, mut shutdown:
     }
 }
 
-/// One accepted connection, to the end: on the lean path while its
-/// requests are ones [`lean`] serves (GET, HEAD, OPTIONS, and POSTs with
-/// one Content-Length), hyper's otherwise. Its first request head must
+/// One accepted connection, to the end: on hark's own HTTP/1.1
+/// ([`h1`]) while its requests are ones the codec serves (GET, HEAD, POST
+/// and OPTIONS with no body or one plain Content-Length), hyper's
+/// otherwise. Its first request head must
 /// arrive by `first_deadline` on either path: the wait for the first byte
 /// counts towards it.
 async fn serve_connection(
@@ -247,8 +248,9 @@ mod tests {
     }
 
     /// What the memory per idle stream and per waiting poll relies on
-    /// (DESIGN §7): a connection's task is its only allocation beside the
-    /// socket, and it holds the largest of the request loop, hyper's
+    /// (DESIGN §7): a connection's task (beside the socket, and the boxed
+    /// handler future and subscription of a request in flight) holds the
+    /// largest of the request loop, hyper's
     /// connection and a stream, not their sum (measured: 1,424 bytes; the
     /// loop alone 736, a stream 1,152). A local kept across an await, or a
     /// state that grows, fails here.

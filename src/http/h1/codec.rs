@@ -23,7 +23,7 @@ use super::{Body, Refusal};
 
 /// Longest request head (request line, fields and the empty line), and
 /// most header fields: the same on hyper's path (`max_header_size` in
-/// [`super::serve`], hyper's default count), so a head gets the same
+/// `http::server::serve`, hyper's default count), so a head gets the same
 /// answer on either path.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
@@ -70,8 +70,9 @@ pub(crate) enum Head {
 }
 
 /// The request at the start of `buf`, or None when its head is not
-/// complete yet. A body is served here only when one Content-Length of at
-/// most `max_body` frames it, on a `POST`.
+/// complete yet. A body is served here only when one plain Content-Length
+/// of at most `max_body` frames it (a body on a GET, HEAD or OPTIONS is
+/// read past and left unused).
 pub(crate) fn parse_head(buf: &[u8], max_body: u64) -> Result<Option<Head>, Refusal> {
     let bad = |what: &str| Refusal::Malformed(what.to_string());
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -106,7 +107,8 @@ pub(crate) fn parse_head(buf: &[u8], max_body: u64) -> Result<Option<Head>, Refu
         // but read past, as its length says.
         Some(n) if n <= max_body => n as usize,
         // Anything else has rules hyper knows: a chunked body, a length
-        // that is bad, repeated or too large (413), `Expect`.
+        // that is bad, repeated or too large (a handler that reads a body
+        // answers 413 there), `Expect`.
         _ => return Ok(Some(Head::Hyper)),
     };
     let mut req = Request::new(());
