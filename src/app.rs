@@ -14,8 +14,8 @@ use tokio::net::TcpListener;
 
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::db::embedded::{EmbeddedOptions, EmbeddedPg};
-use crate::db::{self, migrate};
+use crate::db::embedded::{EmbeddedError, EmbeddedOptions, EmbeddedPg};
+use crate::db::{self, migrate, DbError};
 use crate::delivery::directory::Directory;
 use crate::delivery::hub::Hub;
 use crate::delivery::listener::Listener;
@@ -30,23 +30,48 @@ use crate::shutdown;
 use crate::stream_quota::StreamQuota;
 
 /// A start-up failure, said in one sentence for the operator.
-#[derive(Debug)]
-pub struct StartError(pub String);
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for StartError {}
-
-fn err(e: impl std::fmt::Display) -> StartError {
-    StartError(e.to_string())
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}{hint}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+        /// What to do about it, when hark can tell.
+        hint: &'static str,
+    },
+    /// A setting that cannot work.
+    #[error("{0}")]
+    Setting(String),
+    #[error(transparent)]
+    Embedded(#[from] EmbeddedError),
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[source] DbError),
+    #[error("cannot apply the schema: {0}")]
+    Schema(#[source] DbError),
+    #[error("cannot seed the demo: {0}")]
+    Seed(#[source] DbError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs hark until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    // The port first: a clash is the likeliest start-up failure of a
+    // first try, and should not wait for a database to start.
+    let tcp = listen(config.bind).map_err(|source| StartError::Listen {
+        addr: config.bind,
+        hint: if source.kind() == std::io::ErrorKind::AddrInUse {
+            " (another process has it: set HARK_BIND to another address, e.g. HARK_BIND=127.0.0.1:8081)"
+        } else {
+            ""
+        },
+        source,
+    })?;
     raise_fd_limit();
     let mut embedded = None;
     let url = match &config.database_url {
@@ -57,15 +82,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 ephemeral: false,
                 settings: Vec::new(),
             })
-            .await
-            .map_err(err)?;
-            pg.ensure_database("hark").await.map_err(err)?;
+            .await?;
+            pg.ensure_database("hark").await?;
             let url = pg.connection_string("hark");
             embedded = Some(pg);
             url
         }
     };
-    let result = serve(config, &url, embedded.is_some()).await;
+    let result = serve(config, tcp, &url, embedded.is_some()).await;
     if let Some(pg) = embedded {
         if let Err(e) = pg.stop().await {
             tracing::warn!(error = %e, "embedded PostgreSQL did not stop cleanly");
@@ -74,27 +98,28 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     result
 }
 
-async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartError> {
+async fn serve(
+    config: Config,
+    tcp: TcpListener,
+    url: &str,
+    embedded: bool,
+) -> Result<(), StartError> {
     let secret = jwt_secret(&config, embedded)?;
-    let openapi = crate::http::openapi::document(&config).map_err(StartError)?;
-    let pg = db::pg_config(url, "hark").map_err(StartError)?;
-    let pool = db::pool(pg.clone(), config.db_pool_size as usize).map_err(StartError)?;
+    let openapi = crate::http::openapi::document(&config).map_err(StartError::Setting)?;
+    let pg = db::pg_config(url, "hark").map_err(StartError::Setting)?;
+    let pool = db::pool(pg.clone(), config.db_pool_size as usize).map_err(StartError::Setting)?;
     let origin = {
-        let mut client = pool.get().await.map_err(|e| {
-            StartError(format!(
-                "cannot connect to the database: {}",
-                db::DbError::from(e)
-            ))
-        })?;
+        let mut client = pool
+            .get()
+            .await
+            .map_err(|e| StartError::Connect(e.into()))?;
         migrate::migrate(&mut client)
             .await
-            .map_err(|e| StartError(format!("cannot apply the schema: {e}")))?;
+            .map_err(StartError::Schema)?;
         db::origin(&client).await
     };
     let demo = if embedded {
-        seed_demo(&pool)
-            .await
-            .map_err(|e| StartError(format!("cannot seed the demo: {e}")))?
+        seed_demo(&pool).await.map_err(StartError::Seed)?
     } else {
         Vec::new()
     };
@@ -150,6 +175,7 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
         header: crate::http::server::HEADER_READ_TIMEOUT,
         stall: Duration::from_secs(config.send_timeout_s),
         max_body: config.max_body_bytes,
+        parking: config.direct_writes,
         shutdown: shutdown.clone(),
     };
     let app = Arc::new(Shared {
@@ -169,9 +195,10 @@ async fn serve(config: Config, url: &str, embedded: bool) -> Result<(), StartErr
         openapi,
         startup_origin: origin,
     });
-    let tcp = listen(app.config.bind)
-        .map_err(|e| StartError(format!("cannot listen on {}: {e}", app.config.bind)))?;
-    let addr = tcp.local_addr().map_err(err)?;
+    let addr = tcp.local_addr().map_err(|source| StartError::Io {
+        what: "cannot read the listening address".into(),
+        source,
+    })?;
     announce(addr, &secret, &demo);
     let server = tokio::spawn(crate::http::serve(app.clone(), tcp, shutdown));
 
@@ -207,13 +234,14 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 fn jwt_secret(config: &Config, embedded: bool) -> Result<String, StartError> {
     if let Some(s) = &config.jwt_secret {
         if s.is_empty() {
-            return Err(err("HARK_JWT_SECRET is empty"));
+            return Err(StartError::Setting("HARK_JWT_SECRET is empty".into()));
         }
         return Ok(s.clone());
     }
     if !embedded {
-        return Err(err(
-            "HARK_JWT_SECRET is required with DATABASE_URL: set it to the Django SIMPLE_JWT signing key",
+        return Err(StartError::Setting(
+            "HARK_JWT_SECRET is required with DATABASE_URL: set it to the Django SIMPLE_JWT signing key"
+                .into(),
         ));
     }
     let path = config.data_dir.join("jwt-secret");
@@ -221,14 +249,21 @@ fn jwt_secret(config: &Config, embedded: bool) -> Result<String, StartError> {
         Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(StartError(format!("cannot read {}: {e}", path.display()))),
+        Err(source) => {
+            return Err(StartError::Io {
+                what: format!("cannot read {}", path.display()),
+                source,
+            })
+        }
     }
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw)
-        .map_err(|e| StartError(format!("no randomness for the secret: {e}")))?;
+        .map_err(|e| StartError::Setting(format!("no randomness for the secret: {e}")))?;
     let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    write_private(&path, &secret)
-        .map_err(|e| StartError(format!("cannot write {}: {e}", path.display())))?;
+    write_private(&path, &secret).map_err(|source| StartError::Io {
+        what: format!("cannot write {}", path.display()),
+        source,
+    })?;
     Ok(secret)
 }
 

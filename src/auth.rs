@@ -8,7 +8,7 @@
 //! may be a number or a string of digits; `token_type`, when present, must
 //! be `access`.
 //! Tokens are never logged: the request log keeps only what has the shape
-//! of what hark reads (see [`crate::http::loggable_target`]).
+//! of what hark reads (see `http::log::loggable_target`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,7 +17,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 /// Why a token was refused; every variant is a 401.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.message())]
 pub enum AuthError {
     Missing,
     Invalid,

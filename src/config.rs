@@ -102,6 +102,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
 
+    /// Let the listener write a catch-up's rows to parked streams and
+    /// waiting polls itself (docs/DESIGN.md §8); false wakes each of them
+    /// instead. For measuring what the direct writes buy, and as an escape
+    /// hatch.
+    #[arg(long, env = "HARK_DIRECT_WRITES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub direct_writes: bool,
+
     /// Connections in the database pool (the LISTEN connection is extra).
     #[arg(long, env = "HARK_DB_POOL_SIZE", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -192,6 +199,7 @@ impl std::fmt::Debug for Config {
             .field("stream_backlog", &self.stream_backlog)
             .field("send_timeout_s", &self.send_timeout_s)
             .field("max_connections", &self.max_connections)
+            .field("direct_writes", &self.direct_writes)
             .field("db_pool_size", &self.db_pool_size)
             .field("hub_ring", &self.hub_ring)
             .field("trim_after_connections", &self.trim_after_connections)

@@ -66,7 +66,7 @@ impl Snapshot {
     /// A snapshot with the invariants of one PostgreSQL issues (xmin > 0,
     /// xmin ≤ xmax, each running id in `xmin..xmax`, a bounded count), or
     /// None. Its bounds are ones PostgreSQL's `pg_snapshot` input takes
-    /// (see [`pg_bound`]), so any snapshot made here reads through the SQL
+    /// (see `pg_bound`), so any snapshot made here reads through the SQL
     /// of [`crate::db::messages`] without an error.
     pub fn new(xmin: u64, xmax: u64, mut xip: Vec<u64>) -> Option<Snapshot> {
         if xmin == 0 || xmin > xmax || xip.len() > MAX_XIP {

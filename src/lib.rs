@@ -27,6 +27,8 @@
 #![warn(unreachable_pub, rust_2018_idioms)]
 
 mod app;
+#[cfg(test)]
+mod architecture;
 pub mod auth;
 pub mod config;
 pub mod cursor;

@@ -1,13 +1,15 @@
 //! Gives freed heap memory back to the operating system after a drop in
 //! connections.
 //!
-//! The hark binary allocates with jemalloc (src/main.rs). jemalloc keeps
-//! the pages a burst of connections freed ("dirty") and hands them back
-//! only as later allocations tick its decay clock; after a burst there are
-//! few allocations, so RSS stays near the peak. Purging every arena hands
-//! the free pages back at once (madvise), so the next burst costs what the
-//! first one did. The purge runs on a blocking thread and only when many
-//! connections have gone, at most once per check.
+//! The hark binary allocates with jemalloc (src/main.rs), whose
+//! background threads hand the pages a burst of connections freed back to
+//! the OS on a decay timer (about 10 s). A large drop in connections is
+//! worth more than waiting: purging every arena hands the free pages back
+//! at once (madvise), so a burst that follows soon costs what the first
+//! one did (benches/RESULTS.md: without it, RSS grew from burst to burst
+//! when they came faster than the decay). The purge runs on a blocking
+//! thread and only when many connections have gone, at most once per
+//! check.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;

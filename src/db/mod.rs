@@ -2,7 +2,7 @@
 //! embedded cluster, and the queries on messages and rooms.
 //!
 //! Pooled connections serve requests; the LISTEN connection is separate and
-//! belongs to [`crate::delivery::listener`], because pooled connections drop
+//! belongs to `delivery::listener`, because pooled connections drop
 //! notifications and deadpool's recycling runs `UNLISTEN *`.
 
 pub mod embedded;

@@ -16,13 +16,16 @@ use crate::auth::AuthError;
 use crate::db::DbError;
 use crate::delivery::reader::ReadError;
 
-#[derive(Debug)]
+/// Displayed as the sentence its JSON body carries; a database error keeps
+/// its source for the log.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", self.code_and_message().1)]
 pub(crate) enum ApiError {
     BadRequest {
         code: &'static str,
         message: Cow<'static, str>,
     },
-    Unauthorized(AuthError),
+    Unauthorized(#[from] AuthError),
     /// The token is valid but names no user.
     UnknownUser,
     NotParticipant,
@@ -48,7 +51,7 @@ pub(crate) enum ApiError {
         message: &'static str,
         retry_after_s: u32,
     },
-    Database(DbError),
+    Database(#[from] DbError),
     Internal(String),
 }
 
@@ -180,23 +183,11 @@ impl ApiError {
     }
 }
 
-impl From<DbError> for ApiError {
-    fn from(e: DbError) -> Self {
-        ApiError::Database(e)
-    }
-}
-
 impl From<ReadError> for ApiError {
     fn from(e: ReadError) -> Self {
         match e {
             ReadError::CursorReset => ApiError::CursorReset,
             ReadError::Db(e) => ApiError::Database(e),
         }
-    }
-}
-
-impl From<AuthError> for ApiError {
-    fn from(e: AuthError) -> Self {
-        ApiError::Unauthorized(e)
     }
 }

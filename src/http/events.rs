@@ -5,7 +5,8 @@
 //! and writes each message with its own cursor as the event `id`, so any
 //! event is a valid `Last-Event-ID` to resume from, exactly once.
 //!
-//! The body is pulled by hyper, one batch per poll: nothing is produced
+//! The body is pulled by the connection (hark's own or hyper's), one
+//! batch per poll of the body: nothing is produced
 //! for a reader whose socket is full, and memory per stream is its
 //! position and subscription. The hub counts what such a stream falls
 //! behind by ([`Lag`]) and, past `HARK_STREAM_BACKLOG`, closes its

@@ -3,13 +3,14 @@
 //! The poll registers with the hub *before* it reads anything, then loops:
 //! answer from the hub's memory if it can, else read the database (the
 //! cold path); if nothing is due, wait — holding no database connection —
-//! until the hub wakes it, the timeout passes, the client goes away (hyper
-//! drops this future, and the subscription guard unregisters) or shutdown
-//! begins (answer with the cursor at once).
+//! until the hub wakes it, the timeout passes, the client goes away (the
+//! connection drops this future, and the subscription guard unregisters)
+//! or shutdown begins (answer with the cursor at once). After each read it
+//! checks that its user may still read the room.
 //!
-//! On a lean keep-alive connection a waiting poll parks ([`super::park`]):
-//! the listener may write its answer instead, and the poll, once it wakes,
-//! only takes note.
+//! On a keep-alive connection of hark's own HTTP/1.1 a waiting poll parks
+//! ([`crate::delivery::park`]): the listener may write its answer instead,
+//! and the poll, once it wakes, only takes note.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -159,10 +160,12 @@ pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body
         u64::from(cfg.poll_limit_max),
         u64::from(default_limit(cfg)),
     )? as usize;
+    // Not kept across the wait (a waiting poll's state is what each one
+    // costs): the user's id goes on in `want`.
+    drop(pairs);
     Box::pin(require_participant(app, room, user.id)).await?;
-    let origin = app.origin();
     if let Since::Cursor(c) = &since {
-        check_origin(c, origin)?;
+        check_origin(c, app.origin())?;
     }
 
     // Register before the first read: a row committing in between still
@@ -175,45 +178,16 @@ pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body
         limit,
         bytes: app.config.max_answer_bytes as usize,
     };
+    drop(user);
+    // The first reads of the two other forms of `since` are boxed, so a
+    // waiting poll's state does not keep room for them.
     let mut pos = match since {
-        Since::Latest => {
-            let read = Read::Latest {
-                limit: limit as i64,
-            };
-            let f = Box::pin(app.reader.cold(&[room], read, want.budget())).await?;
-            require_still_participant(app, room, user.id, Some(f.member_of > 0)).await?;
-            let mut rows = f.rows;
-            reader::fit_newest(&mut rows, want.bytes);
-            return Ok(answer(&rows, &Cursor::at(origin, f.head), false));
-        }
+        Since::Latest => return Box::pin(latest(app, room, want)).await,
         Since::CreatedAfter(since) => {
-            let read = Read::CreatedAfter {
-                since,
-                limit: limit as i64 + 1,
-            };
-            let f = Box::pin(app.reader.cold(&[room], read, want.budget())).await?;
-            require_still_participant(app, room, user.id, Some(f.member_of > 0)).await?;
-            let mut rows = f.rows;
-            let more = reader::limit_rows(&mut rows, want) || f.cut;
-            let next = match (more, rows.last()) {
-                (true, Some(last)) => Position::Paging {
-                    lower: Lower::CreatedAfter(since),
-                    upper: f.head,
-                    after_id: last.id,
-                },
-                _ => Position::At(f.head),
-            };
-            if !rows.is_empty() {
-                return Ok(answer(
-                    &rows,
-                    &Cursor {
-                        origin,
-                        position: next,
-                    },
-                    more,
-                ));
+            match Box::pin(created_after(app, room, since, want)).await? {
+                Ok(answer) => return Ok(answer),
+                Err(next) => next,
             }
-            next
         }
         Since::Cursor(c) => c.position,
     };
@@ -232,13 +206,13 @@ pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body
         // After the read, so that what it returned is covered: nothing
         // committed after the user lost access is ever answered.
         let member = page.from_db.then_some(page.member_of > 0);
-        Box::pin(require_still_participant(app, room, user.id, member)).await?;
+        Box::pin(require_still_participant(app, room, want.user, member)).await?;
         pos = page.next;
         if !page.rows.is_empty() {
             let resp = answer(
                 &page.rows,
                 &Cursor {
-                    origin,
+                    origin: app.origin(),
                     position: pos,
                 },
                 page.more,
@@ -255,7 +229,7 @@ pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body
             return Ok(answer(
                 &[],
                 &Cursor {
-                    origin,
+                    origin: app.origin(),
                     position: pos,
                 },
                 false,
@@ -277,7 +251,7 @@ pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body
                 park.park_poll(
                     at,
                     PollForm {
-                        limit,
+                        limit: want.limit,
                         variant: req_origin.clone(),
                     },
                 )
@@ -295,6 +269,52 @@ pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body
             return Ok(Response::new(Body::default()));
         }
     }
+}
+
+/// The answer without `since`: the latest messages that fit, at once.
+async fn latest(app: &Shared, room: i64, want: Want) -> Result<Response<Body>, ApiError> {
+    let read = Read::Latest {
+        limit: want.limit as i64,
+    };
+    let f = app.reader.cold(&[room], read, want.budget()).await?;
+    require_still_participant(app, room, want.user, Some(f.member_of > 0)).await?;
+    let mut rows = f.rows;
+    reader::fit_newest(&mut rows, want.bytes);
+    Ok(answer(&rows, &Cursor::at(app.origin(), f.head), false))
+}
+
+/// The first page after an ISO `since`: the answer when messages are
+/// due, else the position to wait at.
+async fn created_after(
+    app: &Shared,
+    room: i64,
+    since: DateTime<Utc>,
+    want: Want,
+) -> Result<Result<Response<Body>, Position>, ApiError> {
+    let read = Read::CreatedAfter {
+        since,
+        limit: want.limit as i64 + 1,
+    };
+    let f = app.reader.cold(&[room], read, want.budget()).await?;
+    require_still_participant(app, room, want.user, Some(f.member_of > 0)).await?;
+    let mut rows = f.rows;
+    let more = reader::limit_rows(&mut rows, want) || f.cut;
+    let next = match (more, rows.last()) {
+        (true, Some(last)) => Position::Paging {
+            lower: Lower::CreatedAfter(since),
+            upper: f.head,
+            after_id: last.id,
+        },
+        _ => Position::At(f.head),
+    };
+    if rows.is_empty() {
+        return Ok(Err(next));
+    }
+    let cursor = Cursor {
+        origin: app.origin(),
+        position: next,
+    };
+    Ok(Ok(answer(&rows, &cursor, more)))
 }
 
 /// The response: messages are already JSON, so this only concatenates.
@@ -382,6 +402,21 @@ mod tests {
                 other => panic!("{bad}: {other:?}"),
             }
         }
+    }
+
+    /// A waiting poll's handler future is most of what each waiting poll
+    /// costs (DESIGN §7): it must fit jemalloc's 1,280-byte size class, as
+    /// it did before the loss-of-access check and the answer budget were
+    /// added. What pushes it over is usually a local kept across the wait,
+    /// or an unboxed read inlined into the state.
+    #[test]
+    fn a_waiting_polls_state_fits_its_size_class() {
+        let app = crate::http::shared::Shared::for_tests();
+        let req = Request::get("/api/chat/messages/poll/?room_id=1")
+            .body(())
+            .unwrap();
+        let size = std::mem::size_of_val(&poll(&app, req));
+        assert!(size <= 1280, "{size} bytes");
     }
 
     #[test]

@@ -51,3 +51,45 @@ impl Shared {
         self.hub.origin().unwrap_or(self.startup_origin)
     }
 }
+
+#[cfg(test)]
+impl Shared {
+    /// A process's shared state with the default settings and a pool that
+    /// never connects, for tests that build handlers' futures without a
+    /// database.
+    pub(crate) fn for_tests() -> Arc<Shared> {
+        use clap::Parser;
+        let config = Config::parse_from(["hark"]);
+        let pg = crate::db::pg_config("host=/nonexistent dbname=none", "hark-test").unwrap();
+        let pool = crate::db::pool(pg, 1).unwrap();
+        let metrics = Metrics::new();
+        let hub = Hub::new(config.hub_ring as usize, metrics.clone());
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        Arc::new(Shared {
+            reader: Reader::new(hub.clone(), pool.clone(), metrics.clone()),
+            directory: Directory::new(pool.clone(), hub.clone()),
+            typing: Typing::new(pool.clone(), config.typing_ttl()),
+            auth: Auth::new(b"secret"),
+            cors: Cors::new(None),
+            write_limit: WriteLimit::new(config.write_rate, config.write_burst),
+            stream_quota: StreamQuota::new(config.max_streams_per_user),
+            limits: Limits {
+                header: std::time::Duration::from_secs(10),
+                stall: std::time::Duration::from_secs(60),
+                max_body: config.max_body_bytes,
+                parking: config.direct_writes,
+                shutdown: shutdown.clone(),
+            },
+            shutdown,
+            openapi: bytes::Bytes::new(),
+            startup_origin: Origin {
+                system_id: 1,
+                timeline: 1,
+            },
+            pool,
+            hub,
+            metrics,
+            config,
+        })
+    }
+}

@@ -23,7 +23,7 @@ use super::{Body, Refusal};
 
 /// Longest request head (request line, fields and the empty line), and
 /// most header fields: the same on hyper's path (`max_header_size` in
-/// [`super::serve`], hyper's default count), so a head gets the same
+/// `http::server::serve`, hyper's default count), so a head gets the same
 /// answer on either path.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
@@ -70,8 +70,9 @@ pub(crate) enum Head {
 }
 
 /// The request at the start of `buf`, or None when its head is not
-/// complete yet. A body is served here only when one Content-Length of at
-/// most `max_body` frames it, on a `POST`.
+/// complete yet. A body is served here only when one plain Content-Length
+/// of at most `max_body` frames it (a body on a GET, HEAD or OPTIONS is
+/// read past and left unused).
 pub(crate) fn parse_head(buf: &[u8], max_body: u64) -> Result<Option<Head>, Refusal> {
     let bad = |what: &str| Refusal::Malformed(what.to_string());
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -106,7 +107,8 @@ pub(crate) fn parse_head(buf: &[u8], max_body: u64) -> Result<Option<Head>, Refu
         // but read past, as its length says.
         Some(n) if n <= max_body => n as usize,
         // Anything else has rules hyper knows: a chunked body, a length
-        // that is bad, repeated or too large (413), `Expect`.
+        // that is bad, repeated or too large (a handler that reads a body
+        // answers 413 there), `Expect`.
         _ => return Ok(Some(Head::Hyper)),
     };
     let mut req = Request::new(());
@@ -473,5 +475,182 @@ mod tests {
             Version::HTTP_10,
             &with(Some("keep-alive, close"))
         ));
+    }
+}
+
+/// The codec fuzzed (proptest, a bounded number of cases per run): no
+/// input panics or claims more than it holds; every request it is given in
+/// the framing it serves comes back as sent, and a cut head asks for more;
+/// every response head it writes parses back; chunks decode to their data.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MAX_BODY: u64 = 1024;
+
+    fn token() -> impl Strategy<Value = String> {
+        "[A-Za-z][A-Za-z0-9-]{0,15}"
+    }
+
+    /// A request the codec serves: method, target, fields, body.
+    fn request() -> impl Strategy<Value = (String, String, Vec<(String, String)>, Vec<u8>)> {
+        (
+            prop::sample::select(vec!["GET", "HEAD", "POST", "OPTIONS"]),
+            "/[A-Za-z0-9/._~-]{0,40}(\\?[A-Za-z0-9=&%._~-]{0,40})?",
+            prop::collection::vec((token(), "[ -~]{0,30}"), 0..12),
+            prop::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(m, t, fields, body)| {
+                let fields = fields
+                    .into_iter()
+                    .filter(|(k, _)| {
+                        !["content-length", "transfer-encoding", "expect"]
+                            .contains(&k.to_ascii_lowercase().as_str())
+                    })
+                    .map(|(k, v)| (k, v.trim().to_string()))
+                    .collect();
+                (m.to_string(), t, fields, body)
+            })
+    }
+
+    fn wire(method: &str, target: &str, fields: &[(String, String)], body: &[u8]) -> Vec<u8> {
+        let mut out = format!("{method} {target} HTTP/1.1\r\n");
+        for (k, v) in fields {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !body.is_empty() {
+            out.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        out.push_str("\r\n");
+        let mut out = out.into_bytes();
+        out.extend_from_slice(body);
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn no_input_panics_or_claims_more_than_it_holds(
+            bytes in prop::collection::vec(any::<u8>(), 0..4096)
+        ) {
+            if let Ok(Some(Head::Lean(_, head, body))) = parse_head(&bytes, MAX_BODY) {
+                prop_assert!(head <= bytes.len() && head <= MAX_HEAD);
+                prop_assert!(body as u64 <= MAX_BODY);
+            }
+        }
+
+        /// Requests the codec serves, with bytes changed, inserted or cut
+        /// (the characters HTTP framing turns on among them).
+        #[test]
+        fn a_mangled_request_never_panics_or_claims_more_than_it_holds(
+            (method, target, fields, body) in request(),
+            edits in prop::collection::vec(
+                (any::<prop::sample::Index>(), prop::sample::select(
+                    b"\r\n: \t\0\x7f0123456789,;=-abcXYZ\xff".to_vec()
+                ), 0u8..3),
+                1..8,
+            ),
+        ) {
+            let mut bytes = wire(&method, &target, &fields, &body);
+            for (at, b, op) in edits {
+                let i = at.index(bytes.len() + 1);
+                match op {
+                    0 if i < bytes.len() => bytes[i] = b,
+                    1 => bytes.insert(i, b),
+                    _ => bytes.truncate(i),
+                }
+            }
+            if let Ok(Some(Head::Lean(_, head, body))) = parse_head(&bytes, MAX_BODY) {
+                prop_assert!(head <= bytes.len() && head <= MAX_HEAD);
+                prop_assert!(body as u64 <= MAX_BODY);
+            }
+        }
+
+        #[test]
+        fn a_request_in_the_framing_it_serves_comes_back_as_sent(
+            (method, target, fields, body) in request()
+        ) {
+            let bytes = wire(&method, &target, &fields, &body);
+            let head_len = bytes.len() - body.len();
+            match parse_head(&bytes, MAX_BODY) {
+                Ok(Some(Head::Lean(req, head, body_len))) => {
+                    prop_assert_eq!(req.method().as_str(), method.as_str());
+                    prop_assert_eq!(req.uri().to_string(), target);
+                    prop_assert_eq!((head, body_len), (head_len, body.len()));
+                    for (k, v) in &fields {
+                        let got: Vec<_> = req.headers().get_all(k.as_str()).iter().collect();
+                        prop_assert!(got.iter().any(|g| g.as_bytes() == v.as_bytes()), "{k}");
+                    }
+                }
+                Ok(Some(Head::Hyper)) => prop_assert!(false, "handed to hyper"),
+                Ok(None) => prop_assert!(false, "not complete"),
+                Err(e) => prop_assert!(false, "refused: {e:?}"),
+            }
+            // Cut anywhere in the head: not a request yet.
+            for cut in [0, head_len / 2, head_len - 1] {
+                prop_assert!(matches!(parse_head(&bytes[..cut], MAX_BODY), Ok(None)));
+            }
+        }
+
+        /// Whatever the declared length, a body over the limit is hyper's
+        /// (413), and one within it is read by its length.
+        #[test]
+        fn the_body_limit_holds_for_any_declared_length(
+            (method, target, fields, _) in request(),
+            len in prop_oneof![0u64..2 * MAX_BODY, any::<u64>()],
+        ) {
+            let mut bytes = wire(&method, &target, &fields, &[]);
+            let at = bytes.len() - 2;
+            bytes.splice(at..at, format!("Content-Length: {len}\r\n").into_bytes());
+            match parse_head(&bytes, MAX_BODY) {
+                Ok(Some(Head::Lean(_, _, body))) => {
+                    prop_assert!(len <= MAX_BODY, "{len} served here");
+                    prop_assert_eq!(body as u64, len);
+                }
+                Ok(Some(Head::Hyper)) => prop_assert!(len > MAX_BODY),
+                other => prop_assert!(false, "{:?}", other.err()),
+            }
+        }
+
+        #[test]
+        fn a_response_head_parses_back(
+            status in 200u16..600,
+            fields in prop::collection::vec((token(), "[!-~]{1,30}"), 0..10),
+            len in 0u64..100_000,
+            keep_alive in any::<bool>(),
+        ) {
+            let mut resp = Response::new(Body::default());
+            *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+            for (k, v) in &fields {
+                resp.headers_mut().append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            let bytes = head_bytes(&resp, Framing::Length(len), Version::HTTP_11, keep_alive);
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Response::new(&mut headers);
+            prop_assert_eq!(parsed.parse(&bytes).unwrap(), httparse::Status::Complete(bytes.len()));
+            prop_assert_eq!(parsed.code, Some(status));
+            let lengths: Vec<_> = parsed
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .collect();
+            let bodiless = status == 204 || (100..200).contains(&status);
+            prop_assert_eq!(lengths.len(), usize::from(!bodiless));
+        }
+
+        #[test]
+        fn a_chunk_decodes_to_its_data(data in prop::collection::vec(any::<u8>(), 0..5000)) {
+            let chunk = frame_chunk(&data);
+            let crlf = chunk.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size = usize::from_str_radix(std::str::from_utf8(&chunk[..crlf]).unwrap(), 16).unwrap();
+            prop_assert_eq!(size, data.len());
+            prop_assert_eq!(&chunk[crlf + 2..crlf + 2 + size], &data[..]);
+            prop_assert_eq!(&chunk[crlf + 2 + size..], b"\r\n");
+        }
     }
 }

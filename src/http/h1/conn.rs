@@ -121,7 +121,11 @@ pub(crate) async fn serve<S: Service>(
             let keep_alive = wants_keep_alive(version, req.headers());
             let mut req = req.map(|()| Full::new(body));
             // A parked answer is written as HTTP/1.1 keep-alive answers are.
-            if keep_alive && version == Version::HTTP_11 && buf.is_empty() && kind == Kind::MayPark
+            if keep_alive
+                && version == Version::HTTP_11
+                && buf.is_empty()
+                && kind == Kind::MayPark
+                && limits.parking
             {
                 // Its answer may be written by the listener (a parked poll),
                 // which a keep-alive answer of known length allows. Not with
@@ -233,7 +237,8 @@ pub(crate) async fn serve_stream<S: Service>(svc: &S, stream: TcpStream, req: Bo
     req.extensions_mut().insert(ConnectionKill(kill.clone()));
     let version = req.version();
     let stream = Arc::new(stream);
-    let park = (version == Version::HTTP_11).then(|| Park::new(stream.clone()));
+    let parks = version == Version::HTTP_11 && svc.limits().parking;
+    let park = parks.then(|| Park::new(stream.clone()));
     if let Some(park) = &park {
         req.extensions_mut().insert(park.clone());
     }

@@ -105,8 +105,11 @@ pub(crate) struct Limits {
     pub(crate) header: Duration,
     /// Time a write may make no progress before the connection is closed.
     pub(crate) stall: Duration,
-    /// Largest request body served here; larger ones are hyper's (413).
+    /// Largest request body served here; a larger one goes to hyper's path,
+    /// where a handler that reads a body answers 413.
     pub(crate) max_body: u64,
+    /// Whether streams and polls may park (`HARK_DIRECT_WRITES`).
+    pub(crate) parking: bool,
     pub(crate) shutdown: Shutdown,
 }
 
