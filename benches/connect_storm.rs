@@ -22,9 +22,9 @@ fn main() -> std::process::ExitCode {
 async fn run() -> Result<()> {
     let pg = Pg::start(&[]).await?;
     let result = async {
-        let mut hark = Hark::start(&pg.conn, "connect_storm", &[]).await?;
+        let mut hark = start_hark(&pg.conn, "connect_storm", &[]).await?;
         let r = storm(&hark).await;
-        hark.stop().await;
+        stop_hark(&mut hark).await;
         r
     }
     .await;

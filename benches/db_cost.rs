@@ -34,19 +34,11 @@ async fn run() -> Result<()> {
         .collect::<Result<_>>()?;
     let messages: usize = env_num("DB_COST_MESSAGES", 20);
     let parallel: usize = env_num("DB_COST_CONNECT_BATCH", 64);
-    let pg = Pg::start(&[
-        ("shared_preload_libraries", "pg_stat_statements"),
-        ("pg_stat_statements.track", "top"),
-    ])
-    .await?;
+    let (pg, admin) = start_counting_statements().await?;
     let result = async {
-        let admin = connect_db(&pg.conn).await?;
-        admin
-            .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            .await?;
-        let mut hark = Hark::start(&pg.conn, "db_cost", &[]).await?;
+        let mut hark = start_hark(&pg.conn, "db_cost", &[]).await?;
         let r = measure(&hark, &pg.conn, &admin, &pollers, messages, parallel).await;
-        hark.stop().await;
+        stop_hark(&mut hark).await;
         r
     }
     .await;
@@ -91,16 +83,16 @@ async fn measure(
     messages: usize,
     parallel: usize,
 ) -> Result<()> {
-    let fx = Fixture::new(db).await?;
+    let fx = Fixture::new(db).await;
     let w = Writer::start(db, false).await?;
-    let reader = fx.user("reader").await?;
-    let writer = fx.user("writer").await?;
+    let reader = fx.user("reader").await;
+    let writer = fx.user("writer").await;
     let token = token(reader);
     let mut mc = MetricsClient::new(hark.addr);
     let mut rows = Vec::new();
     let mut breakdowns = Vec::new();
     for &n in pollers {
-        let room = fx.room(&format!("db-cost-{n}"), &[reader, writer]).await?;
+        let room = fx.room(&format!("db-cost-{n}"), &[reader, writer]).await;
         let mut c = Conn::connect(hark.addr).await?;
         let (_, cursor) = poll_result(&c.get(&poll_path(room, None, 0, &token)).await?)?;
         drop(c);

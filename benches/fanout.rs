@@ -40,7 +40,7 @@ async fn run() -> Result<()> {
     }
     let pg = Pg::start(&[]).await?;
     let result = async {
-        let mut hark = Hark::start(&pg.conn, "fanout", &[]).await?;
+        let mut hark = start_hark(&pg.conn, "fanout", &[]).await?;
         let mut r = Ok(());
         for mode in &modes {
             r = fan_out(&hark, &pg.conn, polls, rounds, batch, mode == "barrier").await;
@@ -48,7 +48,7 @@ async fn run() -> Result<()> {
                 break;
             }
         }
-        hark.stop().await;
+        stop_hark(&mut hark).await;
         r
     }
     .await;
@@ -67,13 +67,11 @@ async fn fan_out(
     let mode = if barrier { "barrier" } else { "immediate" };
     println!();
     println!("-- mode {mode} --");
-    let fx = Fixture::new(db).await?;
+    let fx = Fixture::new(db).await;
     let w = Writer::start(db, true).await?;
-    let reader = fx.user(&format!("reader-{mode}")).await?;
-    let writer = fx.user(&format!("writer-{mode}")).await?;
-    let room = fx
-        .room(&format!("fanout-{mode}"), &[reader, writer])
-        .await?;
+    let reader = fx.user(&format!("reader-{mode}")).await;
+    let writer = fx.user(&format!("writer-{mode}")).await;
+    let room = fx.room(&format!("fanout-{mode}"), &[reader, writer]).await;
     let token = token(reader);
     let mut mc = MetricsClient::new(hark.addr);
     mc.wait_until("hark_open_connections", Duration::from_secs(60), |v| {
@@ -192,11 +190,7 @@ async fn fan_out(
     println!(
         "worst p99 over {rounds} rounds: {} ms (target < 100 ms: {})",
         ms(worst_p99),
-        if worst_p99 < Duration::from_millis(100) {
-            "met"
-        } else {
-            "MISSED"
-        }
+        met(worst_p99 < Duration::from_millis(100))
     );
     println!(
         "(\"server\" columns: hark_delivery_latency_seconds, from the NOTIFY reaching hark to the response handed to hyper; CPU: user+system time during the round, 10 ms ticks, of hark and of this load generator)"

@@ -31,10 +31,10 @@ async fn run() -> Result<()> {
     let pg = Pg::start(&[]).await?;
     let result = async {
         let log = std::env::var("HOT_HARK_LOG").unwrap_or_else(|_| "warn".into());
-        let mut hark = Hark::start(&pg.conn, "hot_path", &[("HARK_LOG", &log)]).await?;
+        let mut hark = start_hark(&pg.conn, "hot_path", &[("HARK_LOG", &log)]).await?;
         println!("hark log level: {log}");
         let r = measure(&hark, &pg.conn).await;
-        hark.stop().await;
+        stop_hark(&mut hark).await;
         r
     }
     .await;
@@ -77,10 +77,10 @@ async fn measure(hark: &Hark, db: &str) -> Result<()> {
     let connections: usize = env_num("HOT_CONNECTIONS", 50);
     let seconds: u64 = env_num("HOT_SECONDS", 10);
     let due: i64 = env_num("HOT_MESSAGES", 10);
-    let fx = Fixture::new(db).await?;
-    let reader = fx.user("reader").await?;
-    let writer = fx.user("writer").await?;
-    let room = fx.room("hot", &[reader, writer]).await?;
+    let fx = Fixture::new(db).await;
+    let reader = fx.user("reader").await;
+    let writer = fx.user("writer").await;
+    let room = fx.room("hot", &[reader, writer]).await;
     let token = token(reader);
     let mut mc = MetricsClient::new(hark.addr);
 
@@ -101,7 +101,8 @@ async fn measure(hark: &Hark, db: &str) -> Result<()> {
     // A cursor, then `due` messages after it.
     let mut c = Conn::connect(hark.addr).await?;
     let (_, cursor) = poll_result(&c.get(&poll_path(room, None, 0, &token)).await?)?;
-    fx.insert_many(room, writer, due).await?;
+    fx.insert_many_around(room, writer, due, BENCH_TEXT.0, BENCH_TEXT.1)
+        .await;
     let path = poll_path(room, Some(&cursor), 0, &token);
     // Until one request is proven to be the memory path: the database
     // answers a poll with the same messages while the hub has not caught
@@ -124,6 +125,7 @@ async fn measure(hark: &Hark, db: &str) -> Result<()> {
                 "the request is not answered from memory (last try: from_memory +{memory}, cold +{cold})"
             )));
         }
+        // A bounded wait (above) on what the metrics announce.
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     drop(c);

@@ -36,25 +36,14 @@ async fn run() -> Result<()> {
         } else {
             &[("HARK_TRIM_AFTER_CONNECTIONS", "0")]
         };
-        let mut hark = Hark::start(&pg.conn, "memory", env).await?;
+        let mut hark = start_hark(&pg.conn, "memory", env).await?;
         let r = measure(&hark, &pg.conn, polls, cycles, parallel, trim).await;
-        hark.stop().await;
+        stop_hark(&mut hark).await;
         r
     }
     .await;
     pg.stop().await;
     result
-}
-
-/// RSS, sampled a few times 50 ms apart (the median), once hark is quiet.
-async fn rss(hark: &Hark) -> Result<u64> {
-    let mut v = Vec::new();
-    for _ in 0..5 {
-        v.push(hark.rss()?);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    v.sort_unstable();
-    Ok(v[2])
 }
 
 async fn measure(
@@ -65,11 +54,11 @@ async fn measure(
     parallel: usize,
     trim: bool,
 ) -> Result<()> {
-    let fx = Fixture::new(db).await?;
+    let fx = Fixture::new(db).await;
     let w = Writer::start(db, true).await?;
-    let reader = fx.user("reader").await?;
-    let writer = fx.user("writer").await?;
-    let room = fx.room("memory", &[reader, writer]).await?;
+    let reader = fx.user("reader").await;
+    let writer = fx.user("writer").await;
+    let room = fx.room("memory", &[reader, writer]).await;
     let token = token(reader);
     let mut mc = MetricsClient::new(hark.addr);
 
@@ -84,13 +73,13 @@ async fn measure(
         v <= 1.0
     })
     .await?;
-    let idle0 = rss(hark).await?;
+    let idle0 = rss_median(hark).await?;
     println!("hark idle RSS after warm-up: {} MiB", mib(idle0));
 
     let mut rows = Vec::new();
     let mut per_poll = Vec::new();
     for cycle in 0..cycles {
-        let idle = rss(hark).await?;
+        let idle = rss_median(hark).await?;
         let started = Instant::now();
         let mut conns = connect_many(&mut mc, polls, parallel, 1).await?;
         // hark counts a connection once its task runs.
@@ -98,7 +87,7 @@ async fn measure(
             v as usize > polls
         })
         .await?;
-        let connected = rss(hark).await?;
+        let connected = rss_median(hark).await?;
         let connect_s = started.elapsed().as_secs_f64();
         if connect_s > 8.0 {
             eprintln!(
@@ -114,7 +103,7 @@ async fn measure(
             v as usize >= polls
         })
         .await?;
-        let waiting = rss(hark).await?;
+        let waiting = rss_median(hark).await?;
         let sockstat = tcp_sockstat();
         // Counted before the release: the trim may come as soon as the
         // connections close.
@@ -153,13 +142,13 @@ async fn measure(
             v <= 1.0
         })
         .await?;
-        let after = rss(hark).await?;
+        let after = rss_median(hark).await?;
         let trimmed = if trim {
             mc.wait_until("hark_memory_trims_total", Duration::from_secs(20), |v| {
                 v > trims_before
             })
             .await?;
-            mib(rss(hark).await?)
+            mib(rss_median(hark).await?)
         } else {
             "-".to_string()
         };
@@ -200,11 +189,7 @@ async fn measure(
     println!(
         "worst bytes per waiting poll: {} KiB (target < 16 KiB: {})",
         kib(worst),
-        if worst < 16.0 * 1024.0 {
-            "met"
-        } else {
-            "MISSED"
-        }
+        met(worst < 16.0 * 1024.0)
     );
     println!("(kernel socket buffers are not in VmRSS; /proc/net/sockstat above counts both ends)");
     Ok(())

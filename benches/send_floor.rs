@@ -223,6 +223,7 @@ async fn run() -> Result<()> {
     let mut all: Vec<Duration> = Vec::new();
     let mut batch = Vec::new();
     for round in 0..rounds {
+        // Pacing: rounds a gap apart.
         tokio::time::sleep(gap).await;
         let (own0, writer0, machine0) = (
             cpu_time_of(me)?,

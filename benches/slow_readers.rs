@@ -38,10 +38,10 @@ async fn run() -> Result<()> {
     let pg = Pg::start(&[]).await?;
     let result = async {
         // hark applies the schema.
-        let mut hark = Hark::start(&pg.conn, "slow_readers", &[]).await?;
-        let fx = Fixture::new(&pg.conn).await?;
-        let reader = fx.user("reader").await?;
-        let room = fx.room("slow", &[reader]).await?;
+        let mut hark = start_hark(&pg.conn, "slow_readers", &[]).await?;
+        let fx = Fixture::new(&pg.conn).await;
+        let reader = fx.user("reader").await;
+        let room = fx.room("slow", &[reader]).await;
         let token = token(reader);
         // A cursor from before every message, for the resumed streams.
         let mut c = Conn::connect(hark.addr).await?;
@@ -82,7 +82,7 @@ async fn run() -> Result<()> {
             ],
             &rows,
         );
-        hark.stop().await;
+        stop_hark(&mut hark).await;
         Ok(())
     }
     .await;
@@ -98,6 +98,8 @@ async fn scenario(
     clients: usize,
     hold: Duration,
 ) -> Result<Vec<String>> {
+    // A quiet second before the idle reading (memory settles; nothing
+    // announces that).
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = hark.rss()?;
     let mut socks: Vec<TcpStream> = Vec::new();
@@ -113,9 +115,11 @@ async fn scenario(
     let until = tokio::time::Instant::now() + hold;
     while tokio::time::Instant::now() < until {
         peak = peak.max(hark.rss()?);
+        // Sampling: RSS every 100 ms while the clients hold.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(socks);
+    // The measurement's schedule: RSS 1 s and 15 s after the close.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after_1s = hark.rss()?;
     tokio::time::sleep(Duration::from_secs(14)).await;

@@ -37,9 +37,9 @@ async fn run() -> Result<()> {
     let parallel: usize = env_num("SSE_FANOUT_PARALLEL", 128);
     let pg = Pg::start(&[]).await?;
     let result = async {
-        let mut hark = Hark::start(&pg.conn, "sse_fanout", &[]).await?;
+        let mut hark = start_hark(&pg.conn, "sse_fanout", &[]).await?;
         let r = fan_out(&hark, &pg.conn, want, rounds, gap, parallel).await;
-        hark.stop().await;
+        stop_hark(&mut hark).await;
         r
     }
     .await;
@@ -73,11 +73,11 @@ async fn fan_out(
     gap: Duration,
     parallel: usize,
 ) -> Result<()> {
-    let fx = Fixture::new(db).await?;
+    let fx = Fixture::new(db).await;
     let w = Writer::start(db, true).await?;
-    let reader = fx.user("reader").await?;
-    let writer = fx.user("writer").await?;
-    let room = fx.room("sse-fanout", &[reader, writer]).await?;
+    let reader = fx.user("reader").await;
+    let writer = fx.user("writer").await;
+    let room = fx.room("sse-fanout", &[reader, writer]).await;
     let token = token(reader);
     let mut mc = MetricsClient::new(hark.addr);
 
@@ -150,6 +150,7 @@ async fn fan_out(
     let mut failures = 0usize;
     for round in 0..rounds {
         if round > 0 {
+            // Pacing: rounds SSE_FANOUT_GAP_MS apart.
             tokio::time::sleep(gap).await;
         }
         let open = mc.get("hark_open_streams").await?;
@@ -281,11 +282,7 @@ async fn fan_out(
         ms(pct(&all, 99.0)),
         ms(all[all.len() - 1]),
         ms(worst_p99),
-        if worst_p99 < Duration::from_millis(100) {
-            "met"
-        } else {
-            "MISSED"
-        }
+        met(worst_p99 < Duration::from_millis(100))
     );
     println!(
         "(\"server\": hark_delivery_latency_seconds delta, NOTIFY reaching hark -> event handed to hyper; p50/p99 are histogram bucket bounds. CPU: user+system during the round, 10 ms ticks; \"bench\" includes the writer thread; \"other\" = rest of the machine)"

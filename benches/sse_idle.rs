@@ -85,7 +85,7 @@ async fn run() -> Result<()> {
         let mut per_stream: Vec<(u64, usize, f64)> = Vec::new();
         for (i, &ping) in pings.iter().enumerate() {
             let ping_s = ping.to_string();
-            let mut hark = Hark::start(
+            let mut hark = start_hark(
                 &pg.conn,
                 &format!("sse_idle-ping{ping}"),
                 &[("HARK_PING_INTERVAL_MS", ping_s.as_str())],
@@ -93,11 +93,11 @@ async fn run() -> Result<()> {
             .await?;
             if i == 0 {
                 // hark has created the tables.
-                let fx = Fixture::new(&pg.conn).await?;
-                let reader = fx.user("reader").await?;
-                let writer = fx.user("writer").await?;
+                let fx = Fixture::new(&pg.conn).await;
+                let reader = fx.user("reader").await;
+                let writer = fx.user("writer").await;
                 for r in 0..s.rooms {
-                    rooms.push(fx.room(&format!("idle-{r}"), &[reader, writer]).await?);
+                    rooms.push(fx.room(&format!("idle-{r}"), &[reader, writer]).await);
                 }
                 token = common::token(reader);
             }
@@ -114,18 +114,18 @@ async fn run() -> Result<()> {
                 &mut per_stream,
             )
             .await;
-            hark.stop().await;
+            stop_hark(&mut hark).await;
             n = n.max(r?);
         }
         if s.conn_only {
-            let mut hark = Hark::start(&pg.conn, "sse_idle-connections", &[]).await?;
+            let mut hark = start_hark(&pg.conn, "sse_idle-connections", &[]).await?;
             // Connections that send nothing are closed after hark's 10 s
             // header-read timeout, and opening 19,900 of them took 9.3 s on
             // one host and longer than that in the runs after it; half as
             // many give the same cost per connection.
             let conns = n.min(10_000);
             let r = connections_only(&hark, &s, conns, &rooms, &token, &mut mem_rows).await;
-            hark.stop().await;
+            stop_hark(&mut hark).await;
             r?;
         }
         println!();
@@ -176,7 +176,7 @@ async fn run() -> Result<()> {
             println!(
                 "ping {ping} ms, wave {wave}: {} KiB per stream vs idle (target < 8 KiB: {})",
                 kib(*b),
-                if *b < 8.0 * 1024.0 { "met" } else { "MISSED" }
+                met(*b < 8.0 * 1024.0)
             );
         }
         println!(
@@ -187,17 +187,6 @@ async fn run() -> Result<()> {
     .await;
     pg.stop().await;
     result
-}
-
-/// RSS, sampled 5 times 50 ms apart (the median).
-async fn rss(hark: &Hark) -> Result<u64> {
-    let mut v = Vec::new();
-    for _ in 0..5 {
-        v.push(hark.rss()?);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    v.sort_unstable();
-    Ok(v[2])
 }
 
 #[derive(Default)]
@@ -339,7 +328,7 @@ async fn measure(
         return Err(err("no file descriptors left for streams"));
     }
 
-    let idle = rss(hark).await?;
+    let idle = rss_median(hark).await?;
     println!(
         "hark (ping {ping} ms) idle RSS after warm-up: {} MiB, {} fds open",
         mib(idle),
@@ -350,12 +339,12 @@ async fn measure(
     cpu_rows.push(cpu_row(ping, 0, &w));
 
     for wave in 1..=waves {
-        let before = rss(hark).await?;
+        let before = rss_median(hark).await?;
         let t = Instant::now();
         let streams = open_streams(&mut mc, n, s.parallel, 0, target).await?;
         let open_s = t.elapsed().as_secs_f64();
         let tasks = spawn_readers(streams, &counters);
-        let with_n = rss(hark).await?;
+        let with_n = rss_median(hark).await?;
         let sockstat = tcp_sockstat();
         println!(
             "ping {ping} ms, wave {wave}: {n} streams open in {open_s:.1} s; RSS {} MiB, {} threads, {} fds; load generator RSS {} MiB; {sockstat}",
@@ -391,7 +380,7 @@ async fn measure(
         })
         .await?;
         let close_s = t.elapsed().as_secs_f64();
-        let after = rss(hark).await?;
+        let after = rss_median(hark).await?;
         let d = |a: u64, b: u64| (a as f64 - b as f64) / n as f64;
         per_stream.push((ping, wave, d(with_n, idle)));
         mem_rows.push(vec![
@@ -433,11 +422,11 @@ async fn connections_only(
         v <= 1.0
     })
     .await?;
-    let idle = rss(hark).await?;
+    let idle = rss_median(hark).await?;
     let t = Instant::now();
     let conns = connect_many(&mut mc, n, 64, 1).await?;
     let open_s = t.elapsed().as_secs_f64();
-    let with_n = rss(hark).await?;
+    let with_n = rss_median(hark).await?;
     let sockstat = tcp_sockstat();
     if open_s > 8.0 {
         eprintln!("warning: connecting took {open_s:.1} s; hark's 10 s header-read timeout may close some");
@@ -449,7 +438,7 @@ async fn connections_only(
     })
     .await?;
     let close_s = t.elapsed().as_secs_f64();
-    let after = rss(hark).await?;
+    let after = rss_median(hark).await?;
     let d = |a: u64, b: u64| (a as f64 - b as f64) / n as f64;
     mem_rows.push(vec![
         "15000".into(),

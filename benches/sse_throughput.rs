@@ -80,19 +80,11 @@ async fn run() -> Result<()> {
         history: env_num("SSE_TP_HISTORY", 100_000),
         analyze: env_num("SSE_TP_ANALYZE", 1) != 0,
     };
-    let pg = Pg::start(&[
-        ("shared_preload_libraries", "pg_stat_statements"),
-        ("pg_stat_statements.track", "top"),
-    ])
-    .await?;
+    let (pg, admin) = start_counting_statements().await?;
     let result = async {
-        let admin = connect_db(&pg.conn).await?;
-        admin
-            .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            .await?;
-        let mut hark = Hark::start(&pg.conn, "sse_throughput", &[]).await?;
+        let mut hark = start_hark(&pg.conn, "sse_throughput", &[]).await?;
         let r = measure(&hark, &pg.conn, &admin, &s).await;
-        hark.stop().await;
+        stop_hark(&mut hark).await;
         r
     }
     .await;
@@ -147,90 +139,81 @@ async fn paced_write(
     let (tx, rx) = tokio::sync::oneshot::channel::<Result<WriterRun>>();
     let conn = conn.to_string();
     let rooms = rooms.to_vec();
-    std::thread::Builder::new()
-        .name("bench-paced-writer".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("writer runtime");
-            let param = libc::sched_param { sched_priority: 10 };
-            // SAFETY: sets this thread's own scheduling policy.
-            unsafe {
-                libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param);
-            }
-            let r = rt.block_on(async move {
-                let client = connect_db(&conn).await?;
-                let stmt = client.prepare(INSERT).await?;
-                let one = client.prepare(INSERT_ONE).await?;
-                let total = (rate * secs).round() as u64;
-                let mut commits = Vec::new();
-                let mut sent = 0u64;
-                let start = Instant::now();
-                let tstart = tokio::time::Instant::from_std(start);
-                let mut k = 1u32;
-                while sent < total {
-                    let due_at = tick * k;
-                    tokio::time::sleep_until(tstart + due_at).await;
-                    let due = ((rate * start.elapsed().as_secs_f64()) as u64).min(total);
-                    k += 1;
-                    if due <= sent {
-                        continue;
-                    }
-                    if single {
-                        // One autocommit INSERT per message, pipelined on
-                        // the connection: each is its own transaction.
-                        use futures::stream::{FuturesUnordered, StreamExt};
-                        let mut pending: FuturesUnordered<_> = (seq0 + sent..seq0 + due)
-                            .map(|seq| {
-                                let room = rooms[(seq % rooms.len() as u64) as usize];
-                                let content = format!(
-                                    "tp {seq} a benchmark message about as long as a chat line"
-                                );
-                                let (client, one) = (&client, &one);
-                                async move {
-                                    client.execute(one, &[&room, &sender, &content]).await?;
-                                    Ok::<_, BoxError>((seq, Instant::now()))
-                                }
-                            })
-                            .collect();
-                        while let Some(r) = pending.next().await {
-                            let (seq, at) = r?;
-                            commits.push(Commit {
-                                first_seq: seq,
-                                n: 1,
-                                at,
-                            });
-                        }
-                        sent = due;
-                        continue;
-                    }
-                    let mut room_ids = Vec::with_capacity((due - sent) as usize);
-                    let mut contents = Vec::with_capacity((due - sent) as usize);
-                    for seq in seq0 + sent..seq0 + due {
-                        room_ids.push(rooms[(seq % rooms.len() as u64) as usize]);
-                        contents.push(format!(
-                            "tp {seq} a benchmark message about as long as a chat line"
-                        ));
-                    }
-                    client
-                        .execute(&stmt, &[&room_ids, &sender, &contents])
-                        .await?;
-                    commits.push(Commit {
-                        first_seq: seq0 + sent,
-                        n: due - sent,
-                        at: Instant::now(),
-                    });
-                    sent = due;
+    writer_thread("bench-paced-writer", move |_| async move {
+        let r = async move {
+            let client = connect_db(&conn).await?;
+            let stmt = client.prepare(INSERT).await?;
+            let one = client.prepare(INSERT_ONE).await?;
+            let total = (rate * secs).round() as u64;
+            let mut commits = Vec::new();
+            let mut sent = 0u64;
+            let start = Instant::now();
+            let tstart = tokio::time::Instant::from_std(start);
+            let mut k = 1u32;
+            while sent < total {
+                let due_at = tick * k;
+                // Pacing: the send rate.
+                tokio::time::sleep_until(tstart + due_at).await;
+                let due = ((rate * start.elapsed().as_secs_f64()) as u64).min(total);
+                k += 1;
+                if due <= sent {
+                    continue;
                 }
-                Ok::<_, BoxError>(WriterRun {
-                    start,
-                    end: Instant::now(),
-                    commits,
-                })
-            });
-            let _ = tx.send(r);
-        })?;
+                if single {
+                    // One autocommit INSERT per message, pipelined on
+                    // the connection: each is its own transaction.
+                    use futures::stream::{FuturesUnordered, StreamExt};
+                    let mut pending: FuturesUnordered<_> = (seq0 + sent..seq0 + due)
+                        .map(|seq| {
+                            let room = rooms[(seq % rooms.len() as u64) as usize];
+                            let content = format!(
+                                "tp {seq} a benchmark message about as long as a chat line"
+                            );
+                            let (client, one) = (&client, &one);
+                            async move {
+                                client.execute(one, &[&room, &sender, &content]).await?;
+                                Ok::<_, BoxError>((seq, Instant::now()))
+                            }
+                        })
+                        .collect();
+                    while let Some(r) = pending.next().await {
+                        let (seq, at) = r?;
+                        commits.push(Commit {
+                            first_seq: seq,
+                            n: 1,
+                            at,
+                        });
+                    }
+                    sent = due;
+                    continue;
+                }
+                let mut room_ids = Vec::with_capacity((due - sent) as usize);
+                let mut contents = Vec::with_capacity((due - sent) as usize);
+                for seq in seq0 + sent..seq0 + due {
+                    room_ids.push(rooms[(seq % rooms.len() as u64) as usize]);
+                    contents.push(format!(
+                        "tp {seq} a benchmark message about as long as a chat line"
+                    ));
+                }
+                client
+                    .execute(&stmt, &[&room_ids, &sender, &contents])
+                    .await?;
+                commits.push(Commit {
+                    first_seq: seq0 + sent,
+                    n: due - sent,
+                    at: Instant::now(),
+                });
+                sent = due;
+            }
+            Ok::<_, BoxError>(WriterRun {
+                start,
+                end: Instant::now(),
+                commits,
+            })
+        }
+        .await;
+        let _ = tx.send(r);
+    })?;
     rx.await.map_err(|_| err("writer thread died"))?
 }
 
@@ -278,19 +261,20 @@ async fn measure(
     admin: &tokio_postgres::Client,
     s: &Settings,
 ) -> Result<()> {
-    let fx = Fixture::new(db).await?;
-    let reader = fx.user("reader").await?;
-    let writer = fx.user("writer").await?;
+    let fx = Fixture::new(db).await;
+    let reader = fx.user("reader").await;
+    let writer = fx.user("writer").await;
     let mut rooms = Vec::with_capacity(s.rooms);
     for i in 0..s.rooms {
-        rooms.push(fx.room(&format!("tp-{i}"), &[reader, writer]).await?);
+        rooms.push(fx.room(&format!("tp-{i}"), &[reader, writer]).await);
     }
     if s.history > 0 {
         // Older messages in the same rooms, as a chat database has.
         let t = Instant::now();
         let per_room = (s.history / s.rooms as i64).max(1);
         for &room in &rooms {
-            fx.insert_many(room, writer, per_room).await?;
+            fx.insert_many_around(room, writer, per_room, BENCH_TEXT.0, BENCH_TEXT.1)
+                .await;
         }
         if s.analyze {
             admin.batch_execute("ANALYZE chat_chatmessage").await?;

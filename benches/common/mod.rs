@@ -1,4 +1,7 @@
-//! Shared support for hark's long-poll benchmarks (harness = false).
+//! Shared support for hark's benchmarks (harness = false): the load
+//! generator. Start-up, fixtures, tokens, the raw HTTP client, /metrics
+//! and the event-stream decoder come from the kit (`kit/`, the crate
+//! `hark_kit`) that the integration tests use too.
 //!
 //! Every benchmark starts a private PostgreSQL through hark's embedded
 //! module (ephemeral: its watchdog stops it and deletes its directory when
@@ -11,36 +14,31 @@
 //! `PR_SET_PDEATHSIG(SIGKILL)`, so neither an error, a panic nor a Ctrl-C
 //! of the benchmark leaves hark running; [`Pg`] stops PostgreSQL on drop.
 
-#![allow(dead_code)]
+// Each benchmark is a crate of its own and uses a part of this.
+#![allow(dead_code, unused_imports)]
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hark::db::embedded::{EmbeddedOptions, EmbeddedPg};
+pub use hark_kit::http::parse_head;
+pub use hark_kit::metrics::delta;
+pub use hark_kit::pg::Cluster;
+pub use hark_kit::procfs::{cpu_time_of, status_kib as proc_status_kib};
+pub use hark_kit::sse::{SseDecoder, SseEvent, SseItem, SseKind};
+pub use hark_kit::{err, BoxError, Conn, Fixture, Hark, Launch, Log, MetricsClient, Resp, Result};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::{sysconf, Pid, SysconfVar};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
-use tokio_postgres::NoTls;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type Result<T> = std::result::Result<T, BoxError>;
-
-pub fn err(msg: impl Into<String>) -> BoxError {
-    msg.into().into()
-}
-
-/// The JWT secret hark is started with; tokens are made with
-/// `hark::auth::issue`.
-pub const SECRET: &str = "bench-secret-for-hark";
 pub const DB_NAME: &str = "hark_bench";
+
+/// The content of the benchmarks' bulk messages, around their number:
+/// about as long as a chat line.
+pub const BENCH_TEXT: (&str, &str) = ("bench message number ", ", about as long as a chat line");
 
 /// An environment variable parsed as a number, or the default.
 pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -145,12 +143,11 @@ pub fn print_machine() {
         mem_kib as f64 / 1048576.0
     );
 }
-
 // ---- PostgreSQL ---------------------------------------------------------
 
 /// A private, ephemeral PostgreSQL cluster with the bench database.
 pub struct Pg {
-    pg: Option<EmbeddedPg>,
+    cluster: Cluster,
     /// tokio-postgres connection string of the bench database.
     pub conn: String,
 }
@@ -158,131 +155,91 @@ pub struct Pg {
 impl Pg {
     /// Starts the cluster; `extra` adds `-c name=value` settings.
     pub async fn start(extra: &[(&str, &str)]) -> Result<Pg> {
-        let dir = std::env::temp_dir().join(format!(
-            "hark-bench-pg-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        ));
-        // Durability is not what is measured: commits return as soon as
-        // the row is in shared memory (as on a well-provisioned server).
-        let mut settings: Vec<(String, String)> = [
-            ("fsync", "off"),
-            ("synchronous_commit", "off"),
-            ("full_page_writes", "off"),
-            ("max_connections", "200"),
-            ("shared_buffers", "256MB"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        settings.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        // Durability is not what is measured (the kit turns fsync and
+        // synchronous_commit off): commits return as soon as the row is
+        // in shared memory (as on a well-provisioned server).
+        let mut settings = vec![("max_connections", "200"), ("shared_buffers", "256MB")];
+        settings.extend_from_slice(extra);
         let started = Instant::now();
-        let pg = EmbeddedPg::start(EmbeddedOptions {
-            data_dir: dir,
-            ephemeral: true,
-            settings,
-        })
-        .await?;
-        pg.ensure_database(DB_NAME).await?;
-        let conn = pg.connection_string(DB_NAME);
+        let cluster = Cluster::start("hark-bench-pg", &settings).await?;
+        let conn = cluster.database(DB_NAME).await?;
         println!(
             "postgres: embedded PostgreSQL started in {:.1} s (fsync=off, synchronous_commit=off)",
             started.elapsed().as_secs_f64()
         );
-        Ok(Pg { pg: Some(pg), conn })
+        Ok(Pg { cluster, conn })
     }
 
     /// Stops the server and removes its directory.
-    pub async fn stop(mut self) {
-        if let Some(pg) = self.pg.take() {
-            if let Err(e) = pg.stop().await {
-                eprintln!("warning: {e}");
-            }
-        }
+    pub async fn stop(self) {
+        self.cluster.stop().await;
     }
+}
+
+/// A cluster with pg_stat_statements loaded (and created in the bench
+/// database), for benchmarks that count hark's statements.
+pub async fn start_counting_statements() -> Result<(Pg, tokio_postgres::Client)> {
+    let pg = Pg::start(&[
+        ("shared_preload_libraries", "pg_stat_statements"),
+        ("pg_stat_statements.track", "top"),
+    ])
+    .await?;
+    let admin = connect_db(&pg.conn).await?;
+    admin
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await?;
+    Ok((pg, admin))
 }
 
 pub async fn connect_db(conn: &str) -> Result<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(conn, NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+    hark_kit::pg::try_connect(conn).await
 }
 
-/// Users, rooms and messages written with plain SQL, as Django or psql would.
-pub struct Fixture {
-    pub db: tokio_postgres::Client,
+/// Runs `body` on a thread of its own with a current-thread runtime, at
+/// real-time priority (SCHED_FIFO) so that the instant a COMMIT returns
+/// is taken at once even when both cores are saturated (as root; without
+/// the right, the thread keeps normal priority). `body` is told whether
+/// it got the priority.
+pub fn writer_thread<F, Fut>(name: &str, body: F) -> io::Result<()>
+where
+    F: FnOnce(bool) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("writer runtime");
+            let param = libc::sched_param { sched_priority: 10 };
+            // SAFETY: sets this thread's own scheduling policy.
+            let rt_prio = unsafe {
+                libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param)
+            } == 0;
+            rt.block_on(body(rt_prio));
+        })?;
+    Ok(())
 }
 
-impl Fixture {
-    pub async fn new(conn: &str) -> Result<Fixture> {
-        Ok(Fixture {
-            db: connect_db(conn).await?,
-        })
+/// RSS, sampled 5 times 50 ms apart (the median).
+pub async fn rss_median(hark: &Hark) -> Result<u64> {
+    let mut v = Vec::new();
+    for _ in 0..5 {
+        v.push(hark.rss()?);
+        // Sampling: 50 ms apart.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    v.sort_unstable();
+    Ok(v[2])
+}
 
-    pub async fn user(&self, username: &str) -> Result<i64> {
-        Ok(self
-            .db
-            .query_one(
-                "INSERT INTO users_user (username, first_name, last_name) VALUES ($1::text, initcap($1::text), 'Bench') RETURNING id",
-                &[&username],
-            )
-            .await?
-            .get(0))
-    }
-
-    pub async fn room(&self, name: &str, members: &[i64]) -> Result<i64> {
-        let id: i64 = self
-            .db
-            .query_one(
-                "INSERT INTO chat_chatroom (type, name) VALUES ('group', $1) RETURNING id",
-                &[&name],
-            )
-            .await?
-            .get(0);
-        for m in members {
-            self.db
-                .execute(
-                    "INSERT INTO chat_chatroom_participants (chatroom_id, user_id) VALUES ($1, $2)",
-                    &[&id, m],
-                )
-                .await?;
-        }
-        Ok(id)
-    }
-
-    /// One message in its own transaction; returns once COMMIT has returned.
-    pub async fn insert_committed(
-        &mut self,
-        room: i64,
-        sender: i64,
-        content: &str,
-    ) -> Result<Instant> {
-        let tx = self.db.transaction().await?;
-        tx.execute(
-            "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) VALUES ($1, $2, $3, now())",
-            &[&room, &sender, &content],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Instant::now())
-    }
-
-    /// `n` messages in one statement (one transaction).
-    pub async fn insert_many(&self, room: i64, sender: i64, n: i64) -> Result<()> {
-        self.db
-            .execute(
-                "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) \
-                 SELECT $1, $2, 'bench message number ' || g || ', about as long as a chat line', now() \
-                 FROM generate_series(1, $3::bigint) g",
-                &[&room, &sender, &n],
-            )
-            .await?;
-        Ok(())
+/// "met" or "MISSED", for a target.
+pub fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
     }
 }
 
@@ -309,52 +266,36 @@ impl Writer {
         )>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<()>>();
         let conn = conn.to_string();
-        std::thread::Builder::new()
-            .name("bench-writer".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("writer runtime");
-                // Real-time priority, so that the instant COMMIT returns is
-                // taken at once even when both cores are saturated (as root;
-                // without the right, the thread keeps normal priority).
-                let param = libc::sched_param { sched_priority: 10 };
-                // SAFETY: sets this thread's own scheduling policy.
-                let rt_prio = unsafe {
-                    libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param)
-                } == 0;
-                rt.block_on(async move {
-                    if !rt_prio {
-                        eprintln!("note: the writer thread could not get SCHED_FIFO priority");
+        writer_thread("bench-writer", move |rt_prio| async move {
+            if !rt_prio {
+                eprintln!("note: the writer thread could not get SCHED_FIFO priority");
+            }
+            let mut client = match connect_db(&conn).await {
+                Ok(c) => {
+                    let _ = ready_tx.send(Ok(()));
+                    c
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while let Some((room, sender, content, reply)) = rx.recv().await {
+                const INSERT: &str = "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) VALUES ($1, $2, $3, now())";
+                let r = async {
+                    if explicit_tx {
+                        let tx = client.transaction().await?;
+                        tx.execute(INSERT, &[&room, &sender, &content]).await?;
+                        tx.commit().await?;
+                    } else {
+                        client.execute(INSERT, &[&room, &sender, &content]).await?;
                     }
-                    let mut client = match connect_db(&conn).await {
-                        Ok(c) => {
-                            let _ = ready_tx.send(Ok(()));
-                            c
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    while let Some((room, sender, content, reply)) = rx.recv().await {
-                        const INSERT: &str = "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) VALUES ($1, $2, $3, now())";
-                        let r = async {
-                            if explicit_tx {
-                                let tx = client.transaction().await?;
-                                tx.execute(INSERT, &[&room, &sender, &content]).await?;
-                                tx.commit().await?;
-                            } else {
-                                client.execute(INSERT, &[&room, &sender, &content]).await?;
-                            }
-                            Ok::<Instant, BoxError>(Instant::now())
-                        }
-                        .await;
-                        let _ = reply.send(r);
-                    }
-                });
-            })?;
+                    Ok::<Instant, BoxError>(Instant::now())
+                }
+                .await;
+                let _ = reply.send(r);
+            }
+        })?;
         ready_rx.await.map_err(|_| err("writer thread died"))??;
         Ok(Writer { tx })
     }
@@ -369,375 +310,63 @@ impl Writer {
         rx.await.map_err(|_| err("writer thread gone"))?
     }
 }
-
+/// A token good for six hours (a long benchmark outlives the kit's hour).
 pub fn token(user: i64) -> String {
-    hark::auth::issue(SECRET.as_bytes(), user, chrono::Duration::hours(6))
+    hark_kit::token_for(user, chrono::Duration::hours(6))
 }
 
 // ---- the hark process ---------------------------------------------------
 
-/// A running release `hark`.
-pub struct Hark {
-    child: Option<Child>,
-    pub addr: SocketAddr,
-    pub pid: u32,
-    pub log: PathBuf,
+/// Starts the release hark on `db` at a free port of 127.0.0.1 and waits
+/// until it is ready (the pool and the LISTEN connection are up). `env`
+/// adds or overrides settings; hark's log (stderr) goes to a file in
+/// target/bench-logs/.
+pub async fn start_hark(db: &str, name: &str, env: &[(&str, &str)]) -> Result<Hark> {
+    let bin = hark_binary()?;
+    let log_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-logs");
+    std::fs::create_dir_all(&log_dir)?;
+    let log = log_dir.join(format!("{name}-hark-{}.log", std::process::id()));
+    let mut launch = Launch::new(&bin, db).env(&[
+        ("HARK_LOG", "warn"),
+        ("HARK_MAX_CONNECTIONS", "25000"),
+        ("HARK_POLL_TIMEOUT_MAX_S", "3600"),
+        // The stream benchmarks open up to 19,900 streams as one
+        // synthetic user; real streams come from many users.
+        ("HARK_MAX_STREAMS_PER_USER", "0"),
+    ]);
+    // Allocator tuning (glibc's MALLOC_*, jemalloc's _RJEM_MALLOC_CONF)
+    // passes through, so its effect can be measured without a rebuild.
+    launch.env.extend(
+        std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_") || k == "_RJEM_MALLOC_CONF"),
+    );
+    let mut launch = launch.env(env);
+    launch.log = Log::File(log.clone());
+    launch.die_with_parent = true;
+    launch.listen_timeout = Duration::from_secs(60);
+    let hark = Hark::launch(launch).await?;
+    hark.ready().await?;
+    println!(
+        "hark: {bin} (pid {}) on http://{}, log {}",
+        hark.pid,
+        hark.addr,
+        log.display()
+    );
+    Ok(hark)
 }
 
-impl Hark {
-    /// Starts hark on `db` at a free port of 127.0.0.1. `env` adds or
-    /// overrides settings; hark's log (stderr) goes to a file in
-    /// target/bench-logs/.
-    pub async fn start(db: &str, name: &str, env: &[(&str, &str)]) -> Result<Hark> {
-        let bin = hark_binary()?;
-        let log_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-logs");
-        std::fs::create_dir_all(&log_dir)?;
-        let log = log_dir.join(format!("{name}-hark-{}.log", std::process::id()));
-        let log_file = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(&bin);
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", db)
-            .env("HARK_BIND", "127.0.0.1:0")
-            .env("HARK_JWT_SECRET", SECRET)
-            .env("HARK_LOG", "warn")
-            .env("HARK_MAX_CONNECTIONS", "25000")
-            .env("HARK_POLL_TIMEOUT_MAX_S", "3600")
-            // The stream benchmarks open up to 19,900 streams as one
-            // synthetic user; real streams come from many users.
-            .env("HARK_MAX_STREAMS_PER_USER", "0")
-            // Allocator tuning (glibc's MALLOC_*, jemalloc's
-            // _RJEM_MALLOC_CONF) passes through, so its effect can be
-            // measured without a rebuild.
-            .envs(
-                std::env::vars()
-                    .filter(|(k, _)| k.starts_with("MALLOC_") || k == "_RJEM_MALLOC_CONF"),
-            )
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log_file))
-            .kill_on_drop(true);
-        // SAFETY: pre_exec runs between fork and exec, where only
-        // async-signal-safe calls are allowed; set_pdeathsig is one prctl
-        // system call (no allocation, no locks), which only asks the kernel
-        // to SIGKILL the child when this (spawning) thread dies.
-        unsafe {
-            cmd.pre_exec(|| {
-                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn()?;
-        let pid = child.id().ok_or_else(|| err("hark exited at once"))?;
-        let stdout = child.stdout.take().ok_or_else(|| err("no stdout"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(rest) = line.strip_prefix("hark is listening on http://") {
-                    return rest.trim().parse::<SocketAddr>().ok();
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten();
-        let mut hark = Hark {
-            child: Some(child),
-            addr: "127.0.0.1:1".parse().unwrap(),
-            pid,
-            log: log.clone(),
-        };
-        let Some(addr) = addr else {
-            hark.kill();
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            return Err(err(format!("hark did not start; its log:\n{text}")));
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        hark.addr = addr;
-        // Ready = the pool and the LISTEN connection are up.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut c) = Conn::connect(addr).await {
-                if let Ok(r) = c.get("/readyz").await {
-                    if r.status == 200 {
-                        break;
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(err("hark never became ready"));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        println!(
-            "hark: {bin} (pid {pid}) on http://{addr}, log {}",
-            log.display()
-        );
-        Ok(hark)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.start_kill();
-            // Reap it; the runtime may be gone, so do it synchronously.
-            let _ = nix::sys::wait::waitpid(Pid::from_raw(self.pid as i32), None);
-        }
-    }
-
-    /// SIGTERM, then wait (bounded) for the exit; SIGKILL if it hangs.
-    pub async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
-            match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-                Ok(Ok(status)) if !status.success() => {
-                    eprintln!("warning: hark exited with {status}")
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    eprintln!("warning: hark did not exit within 10 s of SIGTERM; killing it");
-                    let _ = child.kill().await;
-                }
-            }
-        }
-    }
-
-    /// Resident set size (VmRSS) in bytes.
-    pub fn rss(&self) -> Result<u64> {
-        proc_status_kib(self.pid, "VmRSS:").map(|k| k * 1024)
-    }
-
-    /// CPU time (user + system) the process has used so far.
-    pub fn cpu_time(&self) -> Result<Duration> {
-        cpu_time_of(self.pid)
-    }
-
-    pub fn threads(&self) -> Result<u64> {
-        threads_of(self.pid)
-    }
+/// SIGTERM, then wait (bounded: 10 s) for the exit; SIGKILL if it hangs.
+pub async fn stop_hark(hark: &mut Hark) {
+    hark.stop_or_kill(Duration::from_secs(10)).await;
 }
 
-/// CPU time (user + system) of a process so far.
-pub fn cpu_time_of(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').ok_or_else(|| err("bad stat"))?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    let hz = clock_ticks_per_second();
-    Ok(Duration::from_micros(ticks * 1_000_000 / hz))
-}
-
-/// The unit of the CPU times in `/proc/<pid>/stat` (`USER_HZ`).
-fn clock_ticks_per_second() -> u64 {
-    // sysconf does not fail for it on Linux; 100 is Linux's USER_HZ.
-    match sysconf(SysconfVar::CLK_TCK) {
-        Ok(Some(hz)) if hz > 0 => hz as u64,
-        _ => 100,
-    }
+/// The unit of the CPU times in `/proc/<pid>/stat`, as a duration.
+fn ticks(n: u64) -> Duration {
+    hark_kit::procfs::ticks_to_duration(n)
 }
 
 /// This process's CPU time (the load generator's).
 pub fn own_cpu_time() -> Result<Duration> {
     cpu_time_of(std::process::id())
-}
-
-fn threads_of(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| err("no Threads line"))
-}
-
-impl Drop for Hark {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-pub fn proc_status_kib(pid: u32, key: &str) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| err(format!("no {key} in /proc/{pid}/status")))
-}
-
-// ---- a minimal HTTP/1.1 client ------------------------------------------
-
-pub struct Resp {
-    pub status: u16,
-    pub body: Vec<u8>,
-}
-
-impl Resp {
-    pub fn json(&self) -> Result<serde_json::Value> {
-        serde_json::from_slice(&self.body).map_err(|e| {
-            err(format!(
-                "not JSON ({e}): {}",
-                String::from_utf8_lossy(&self.body)
-            ))
-        })
-    }
-}
-
-/// One keep-alive connection, one request at a time.
-pub struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(hay, needle)
-}
-
-impl Conn {
-    pub async fn connect(addr: SocketAddr) -> io::Result<Conn> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(Conn {
-            stream,
-            buf: Vec::with_capacity(1024),
-        })
-    }
-
-    /// Writes a whole pre-formatted request.
-    pub async fn send_raw(&mut self, req: &[u8]) -> io::Result<()> {
-        self.stream.write_all(req).await
-    }
-
-    pub async fn send_get(&mut self, target: &str) -> io::Result<()> {
-        let req = format!("GET {target} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
-        self.stream.write_all(req.as_bytes()).await
-    }
-
-    async fn fill(&mut self) -> io::Result<()> {
-        if self.buf.capacity() - self.buf.len() < 2048 {
-            self.buf.reserve(8192);
-        }
-        let n = self.stream.read_buf(&mut self.buf).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed by hark",
-            ));
-        }
-        Ok(())
-    }
-
-    /// Reads one whole response (Content-Length or chunked body).
-    pub async fn read_response(&mut self) -> io::Result<Resp> {
-        let head_end = loop {
-            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
-                break i + 4;
-            }
-            self.fill().await?;
-        };
-        let (status, length, chunked) = parse_head(&self.buf[..head_end])?;
-        if chunked {
-            let mut body = Vec::new();
-            let mut at = head_end;
-            loop {
-                let line_end = loop {
-                    if let Some(i) = find(&self.buf[at..], b"\r\n") {
-                        break at + i;
-                    }
-                    self.fill().await?;
-                };
-                let size_txt = std::str::from_utf8(&self.buf[at..line_end]).unwrap_or("");
-                let size =
-                    usize::from_str_radix(size_txt.split(';').next().unwrap_or("").trim(), 16)
-                        .map_err(|_| {
-                            io::Error::new(io::ErrorKind::InvalidData, "bad chunk size")
-                        })?;
-                let need = line_end + 2 + size + 2;
-                while self.buf.len() < need {
-                    self.fill().await?;
-                }
-                body.extend_from_slice(&self.buf[line_end + 2..line_end + 2 + size]);
-                at = need;
-                if size == 0 {
-                    break;
-                }
-            }
-            self.buf.drain(..at);
-            return Ok(Resp { status, body });
-        }
-        let need = head_end + length;
-        while self.buf.len() < need {
-            self.fill().await?;
-        }
-        let body = self.buf[head_end..need].to_vec();
-        self.buf.drain(..need);
-        Ok(Resp { status, body })
-    }
-
-    pub async fn get(&mut self, target: &str) -> io::Result<Resp> {
-        self.send_get(target).await?;
-        self.read_response().await
-    }
-
-    /// Reads a response head only (for a stream); returns its status.
-    pub async fn read_head(&mut self) -> io::Result<u16> {
-        let head_end = loop {
-            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
-                break i + 4;
-            }
-            self.fill().await?;
-        };
-        let (status, _, _) = parse_head(&self.buf[..head_end])?;
-        self.buf.drain(..head_end);
-        Ok(status)
-    }
-
-    /// Reads raw bytes until `needle` has been seen (for event streams).
-    pub async fn read_until(&mut self, needle: &[u8]) -> io::Result<()> {
-        loop {
-            if find(&self.buf, needle).is_some() {
-                self.buf.clear();
-                return Ok(());
-            }
-            self.fill().await?;
-        }
-    }
-
-    /// Reads and discards until the connection ends.
-    pub async fn drain(mut self) {
-        loop {
-            self.buf.clear();
-            if self.fill().await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
-fn parse_head(head: &[u8]) -> io::Result<(u16, usize, bool)> {
-    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
-    let text = std::str::from_utf8(head).map_err(|_| bad("non-UTF-8 head"))?;
-    let mut lines = text.split("\r\n");
-    let status_line = lines.next().ok_or_else(|| bad("empty head"))?;
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("bad status line"))?;
-    let mut length = 0usize;
-    let mut chunked = false;
-    for line in lines {
-        let Some((k, v)) = line.split_once(':') else {
-            continue;
-        };
-        let v = v.trim();
-        if k.eq_ignore_ascii_case("content-length") {
-            length = v.parse().map_err(|_| bad("bad content-length"))?;
-        } else if k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked") {
-            chunked = true;
-        }
-    }
-    Ok((status, length, chunked))
 }
 
 /// Opens `n` connections to hark, `batch` at a time, waiting after each
@@ -846,78 +475,6 @@ pub fn listen_overflows() -> u64 {
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
 }
-
-// ---- /metrics -----------------------------------------------------------
-
-/// Reads hark's Prometheus metrics over one kept-alive connection.
-pub struct MetricsClient {
-    pub addr: SocketAddr,
-    conn: Option<Conn>,
-}
-
-impl MetricsClient {
-    pub fn new(addr: SocketAddr) -> MetricsClient {
-        MetricsClient { addr, conn: None }
-    }
-
-    pub async fn scrape(&mut self) -> Result<HashMap<String, f64>> {
-        for _ in 0..2 {
-            if self.conn.is_none() {
-                self.conn = Some(Conn::connect(self.addr).await?);
-            }
-            let c = self.conn.as_mut().unwrap();
-            match c.get("/metrics").await {
-                Ok(r) if r.status == 200 => {
-                    let text = String::from_utf8_lossy(&r.body);
-                    return Ok(text
-                        .lines()
-                        .filter(|l| !l.starts_with('#'))
-                        .filter_map(|l| {
-                            let (k, v) = l.rsplit_once(' ')?;
-                            Some((k.to_string(), v.parse().ok()?))
-                        })
-                        .collect());
-                }
-                Ok(r) => return Err(err(format!("/metrics answered {}", r.status))),
-                Err(_) => self.conn = None, // closed while idle: reconnect once
-            }
-        }
-        Err(err("cannot read /metrics"))
-    }
-
-    pub async fn get(&mut self, name: &str) -> Result<f64> {
-        self.scrape()
-            .await?
-            .get(name)
-            .copied()
-            .ok_or_else(|| err(format!("metric {name} not found")))
-    }
-
-    /// Polls /metrics (every 10 ms) until `name` satisfies `ok`; fails
-    /// after `timeout`.
-    pub async fn wait_until(
-        &mut self,
-        name: &str,
-        timeout: Duration,
-        ok: impl Fn(f64) -> bool,
-    ) -> Result<f64> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let v = self.get(name).await?;
-            if ok(v) {
-                return Ok(v);
-            }
-            if Instant::now() > deadline {
-                return Err(err(format!(
-                    "{name} is {v} after {:.0} s",
-                    timeout.as_secs_f64()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
 // ---- requests and numbers -----------------------------------------------
 
 /// Path and query of a poll; `token` goes in `access_token`.
@@ -1225,221 +782,6 @@ impl Drop for Pollers {
 }
 
 // ---- /events streams (Server-Sent Events) ---------------------------------
-
-/// The `event:` of an SSE event, as far as the benchmarks care.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SseKind {
-    Ready,
-    Message,
-    Typing,
-    Reset,
-    Other,
-}
-
-/// One complete event (its terminating blank line has been received).
-pub struct SseEvent<'a> {
-    pub kind: SseKind,
-    pub id: &'a str,
-    pub data: &'a [u8],
-}
-
-/// What the decoder hands out: an event, or a comment line (`: ping`).
-pub enum SseItem<'a> {
-    Event(SseEvent<'a>),
-    Comment(&'a [u8]),
-}
-
-#[derive(Clone, Copy, Debug)]
-enum ChunkState {
-    /// Reading a chunk-size line.
-    Size {
-        size: usize,
-        ext: bool,
-        digits: usize,
-    },
-    /// Inside a chunk: bytes left.
-    Data(usize),
-    /// The CRLF after a chunk's data: bytes left.
-    Crlf(u8),
-    /// The last (zero-size) chunk was seen.
-    End,
-}
-
-/// Incremental decoder of a chunked `text/event-stream` body: feed it the
-/// bytes as they arrive, in pieces of any size; it calls back once per
-/// complete event or comment.
-pub struct SseDecoder {
-    chunk: ChunkState,
-    line: Vec<u8>,
-    kind: SseKind,
-    id: String,
-    data: Vec<u8>,
-    fields: bool,
-    /// Body bytes (de-chunked), events and comments seen so far.
-    pub body_bytes: u64,
-    pub events: u64,
-    pub comments: u64,
-}
-
-impl Default for SseDecoder {
-    fn default() -> Self {
-        SseDecoder {
-            chunk: ChunkState::Size {
-                size: 0,
-                ext: false,
-                digits: 0,
-            },
-            line: Vec::new(),
-            kind: SseKind::Other,
-            id: String::new(),
-            data: Vec::new(),
-            fields: false,
-            body_bytes: 0,
-            events: 0,
-            comments: 0,
-        }
-    }
-}
-
-impl SseDecoder {
-    /// True once the body's last chunk has been received.
-    pub fn ended(&self) -> bool {
-        matches!(self.chunk, ChunkState::End)
-    }
-
-    /// Feeds raw (chunked) body bytes.
-    pub fn feed(&mut self, mut bytes: &[u8], f: &mut dyn FnMut(SseItem<'_>)) -> io::Result<()> {
-        let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
-        while !bytes.is_empty() {
-            match self.chunk {
-                ChunkState::Size { size, ext, digits } => {
-                    let b = bytes[0];
-                    bytes = &bytes[1..];
-                    self.chunk = match b {
-                        b'\n' if digits == 0 => return Err(bad("empty chunk size")),
-                        b'\n' if size == 0 => ChunkState::End,
-                        b'\n' => ChunkState::Data(size),
-                        b'\r' => ChunkState::Size { size, ext, digits },
-                        _ if ext => ChunkState::Size { size, ext, digits },
-                        b';' => ChunkState::Size {
-                            size,
-                            ext: true,
-                            digits,
-                        },
-                        _ => {
-                            let v = (b as char)
-                                .to_digit(16)
-                                .ok_or_else(|| bad("bad chunk size"))?;
-                            ChunkState::Size {
-                                size: size * 16 + v as usize,
-                                ext,
-                                digits: digits + 1,
-                            }
-                        }
-                    };
-                }
-                ChunkState::Data(left) => {
-                    let k = left.min(bytes.len());
-                    self.body_bytes += k as u64;
-                    self.feed_body(&bytes[..k], f);
-                    bytes = &bytes[k..];
-                    self.chunk = if k == left {
-                        ChunkState::Crlf(2)
-                    } else {
-                        ChunkState::Data(left - k)
-                    };
-                }
-                ChunkState::Crlf(left) => {
-                    bytes = &bytes[1..];
-                    self.chunk = if left == 1 {
-                        ChunkState::Size {
-                            size: 0,
-                            ext: false,
-                            digits: 0,
-                        }
-                    } else {
-                        ChunkState::Crlf(left - 1)
-                    };
-                }
-                ChunkState::End => return Ok(()), // trailers: ignored
-            }
-        }
-        Ok(())
-    }
-
-    fn feed_body(&mut self, mut bytes: &[u8], f: &mut dyn FnMut(SseItem<'_>)) {
-        while let Some(i) = bytes.iter().position(|&b| b == b'\n') {
-            if self.line.is_empty() {
-                self.line_done(&bytes[..i], f);
-            } else {
-                let mut line = std::mem::take(&mut self.line);
-                line.extend_from_slice(&bytes[..i]);
-                self.line_done(&line, f);
-                line.clear();
-                self.line = line;
-            }
-            bytes = &bytes[i + 1..];
-        }
-        self.line.extend_from_slice(bytes);
-    }
-
-    fn line_done(&mut self, line: &[u8], f: &mut dyn FnMut(SseItem<'_>)) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            if self.fields {
-                self.events += 1;
-                f(SseItem::Event(SseEvent {
-                    kind: self.kind,
-                    id: &self.id,
-                    data: &self.data,
-                }));
-            }
-            self.kind = SseKind::Other;
-            self.id.clear();
-            self.data.clear();
-            self.fields = false;
-            return;
-        }
-        if line[0] == b':' {
-            self.comments += 1;
-            f(SseItem::Comment(&line[1..]));
-            return;
-        }
-        let (field, value) = match line.iter().position(|&b| b == b':') {
-            Some(i) => {
-                let v = &line[i + 1..];
-                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
-            }
-            None => (line, &b""[..]),
-        };
-        match field {
-            b"event" => {
-                self.kind = match value {
-                    b"ready" => SseKind::Ready,
-                    b"message" => SseKind::Message,
-                    b"typing" => SseKind::Typing,
-                    b"reset" => SseKind::Reset,
-                    _ => SseKind::Other,
-                };
-                self.fields = true;
-            }
-            b"data" => {
-                if self.fields && !self.data.is_empty() {
-                    self.data.push(b'\n');
-                }
-                self.data.extend_from_slice(value);
-                self.fields = true;
-            }
-            b"id" => {
-                self.id.clear();
-                self.id.push_str(&String::from_utf8_lossy(value));
-                self.fields = true;
-            }
-            _ => {} // retry and unknown fields
-        }
-    }
-}
-
 /// One open `/events` stream: exactly one socket (one file descriptor),
 /// a fixed read buffer and the decoder.
 pub struct SseStream {
@@ -1497,9 +839,9 @@ impl SseStream {
         };
         // The head: read until its end (it fits the buffer).
         let mut have = 0;
-        let head_end = loop {
-            if let Some(i) = find(&s.buf[..have], b"\r\n\r\n") {
-                break i + 4;
+        let head = loop {
+            if let Some(head) = parse_head(&s.buf[..have])? {
+                break head;
             }
             if have == s.buf.len() {
                 return Err(err("response head larger than the read buffer"));
@@ -1510,14 +852,16 @@ impl SseStream {
             }
             have += n;
         };
-        let (status, _, chunked) = parse_head(&s.buf[..head_end])?;
-        if status != 200 {
+        let head_end = head.len;
+        if head.status != 200 {
             let text = String::from_utf8_lossy(&s.buf[head_end..have]).into_owned();
-            return Err(err(format!("/events answered {status}: {text}")));
+            return Err(err(format!("/events answered {}: {text}", head.status)));
         }
-        let head_text = String::from_utf8_lossy(&s.buf[..head_end]).to_ascii_lowercase();
-        if !chunked || !head_text.contains("text/event-stream") {
-            return Err(err(format!("not a chunked event stream:\n{head_text}")));
+        let event_stream = head
+            .header("content-type")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("text/event-stream"));
+        if !head.chunked() || !event_stream {
+            return Err(err(format!("not a chunked event stream:\n{head:?}")));
         }
         let mut ready: Option<String> = None;
         let rest = s.buf[head_end..have].to_vec();
@@ -1573,13 +917,12 @@ async fn read_whole_response(stream: &mut TcpStream) -> Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
-        if let Some(i) = find(&buf, b"\r\n\r\n") {
-            let (status, length, _) = parse_head(&buf[..i + 4])?;
+        if let Some(head) = parse_head(&buf)? {
             // The bodiless PUT's and POST's answers, which keep the connection.
-            if ![200, 401, 405].contains(&status) {
-                return Err(err(format!("first request answered {status}")));
+            if ![200, 401, 405].contains(&head.status) {
+                return Err(err(format!("first request answered {}", head.status)));
             }
-            if buf.len() >= i + 4 + length {
+            if buf.len() >= head.len + head.content_length()?.unwrap_or(0) {
                 return Ok(());
             }
         }
@@ -1682,11 +1025,6 @@ pub fn machine_busy_pct(a: (u64, u64), b: (u64, u64)) -> f64 {
     100.0 * b.0.saturating_sub(a.0) as f64 / total as f64
 }
 
-/// A metrics delta between two scrapes.
-pub fn delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, k: &str) -> f64 {
-    after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0)
-}
-
 /// hark's delivery-latency histogram buckets: (`le` label, bound in ms).
 const LATENCY_BUCKETS: [(&str, &str); 14] = [
     ("0.0005", "0.5"),
@@ -1735,7 +1073,6 @@ pub fn descendants_cpu(root: u32, exclude: &[u32]) -> Duration {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Duration::ZERO;
     };
-    let hz = clock_ticks_per_second();
     for e in dir.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
@@ -1743,17 +1080,11 @@ pub fn descendants_cpu(root: u32, exclude: &[u32]) -> Duration {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
+        let Some((ppid, n)) = hark_kit::procfs::stat_fields(&stat) else {
             continue;
         };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.len() < 13 {
-            continue;
-        }
-        let ppid = f[1].parse().unwrap_or(0);
-        let ticks = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
         parent.insert(pid, ppid);
-        cpu.insert(pid, Duration::from_micros(ticks * 1_000_000 / hz));
+        cpu.insert(pid, ticks(n));
     }
     let mut total = Duration::ZERO;
     for (&pid, &t) in &cpu {

@@ -1,5 +1,5 @@
 //! The page at `/` in a real browser: headless Chromium driven through
-//! chromedriver (W3C WebDriver over HTTP, see `common/webdriver.rs`).
+//! chromedriver (W3C WebDriver over HTTP, see `kit/src/webdriver.rs`).
 //!
 //! Alice opens the page; messages inserted with plain SQL appear; Bob's
 //! typing shows and hides; what Alice types and sends reaches the server;
@@ -10,16 +10,12 @@
 //! Needs `chromium` and `chromedriver` (`.ci/run` installs them): without
 //! them this test fails, it does not skip.
 
-mod common;
-#[path = "common/webdriver.rs"]
-mod webdriver;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::kit::webdriver::Browser;
+use crate::kit::*;
 use serde_json::{json, Value};
-use webdriver::Browser;
 
 /// Bound for anything the page should do "soon".
 const SOON: Duration = Duration::from_secs(20);
@@ -84,7 +80,7 @@ return {
 
 fn target_dir() -> PathBuf {
     // target/<profile>/hark → target
-    PathBuf::from(env!("CARGO_BIN_EXE_hark"))
+    PathBuf::from(HARK)
         .parent()
         .and_then(|p| p.parent())
         .map(PathBuf::from)
@@ -171,17 +167,13 @@ async fn wait_typing(
     what: &str,
     check: impl Fn(&[i64]) -> bool,
 ) {
-    let deadline = Instant::now() + SOON;
-    loop {
+    let held = within(SOON, || async {
+        check(&typing_ids(hark, room, as_user).await)
+    })
+    .await;
+    if !held {
         let ids = typing_ids(hark, room, as_user).await;
-        if check(&ids) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: typing_users still {ids:?} after {SOON:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        panic!("{what}: typing_users still {ids:?} after {SOON:?}");
     }
 }
 
@@ -483,7 +475,7 @@ async fn the_page_reloads_on_reset_and_asks_again_for_a_refused_token() {
 }
 
 /// Answers the page's sends and typing POSTs as hark does over the write
-/// limit (tests/ratelimit.rs checks hark's side), and lets the rest
+/// limit (tests/it/ratelimit.rs checks hark's side), and lets the rest
 /// through. The real limit cannot refuse a browser's click reliably: at
 /// its slowest it refills a write a second.
 const STUB_429: &str = r#"

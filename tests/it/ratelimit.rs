@@ -6,11 +6,9 @@
 //! own HTTP and on hyper's); waiting `Retry-After` is enough; other users
 //! and reads are not limited; a rate of 0 turns it off.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::kit::*;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -145,7 +143,7 @@ async fn writes_over_the_burst_are_refused_until_the_bucket_refills() {
     .await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
 
-    // Waiting what Retry-After said is enough.
+    // Waiting what Retry-After said is enough (the point: waiting it).
     tokio::time::sleep(Duration::from_secs(retry)).await;
     let (s, _, body) = post(
         &hark,
@@ -221,7 +219,8 @@ async fn a_refused_write_leaves_the_connection_serving() {
         for _ in 0..10 {
             for (i, part) in parts.iter().enumerate() {
                 if i > 0 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // The server has read the part before alone.
+                    raw.wait_read().await;
                 }
                 raw.send(part.as_bytes()).await;
             }

@@ -2,12 +2,10 @@
 //! PostgreSQL under its data directory, seeds a demo and prints a token per
 //! demo user; the next start reuses the cluster, the secret and the demo.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::kit::*;
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -15,7 +13,7 @@ use tokio::process::{Child, Command};
 /// Starts the binary in embedded mode; returns it, its address and the
 /// demo links it printed.
 async fn start_embedded(data_dir: &std::path::Path) -> (Child, String, Vec<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hark"))
+    let mut child = Command::new(HARK)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HARK_DATA_DIR", data_dir)
@@ -144,7 +142,7 @@ async fn without_postgres_installed_hark_says_so_in_one_sentence() {
         "mount --bind {empty} /usr/lib/postgresql && exec env -i PATH=/usr/bin:/bin HARK_DATA_DIR={data} HARK_BIND=127.0.0.1:0 {bin}",
         empty = empty.display(),
         data = data.display(),
-        bin = env!("CARGO_BIN_EXE_hark"),
+        bin = HARK,
     );
     let out = Command::new("unshare")
         .args(["--mount", "sh", "-c", &script])

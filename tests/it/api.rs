@@ -3,13 +3,11 @@
 //! bodies, routing, operations endpoints, CORS, error bodies and the request
 //! log. (The long poll's waiting and `/events` have their own files.)
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::kit::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::*;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,29 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A hark with three users: `alice` and `bob` share `room`; `carol` exists
 /// but is in no room.
-struct Chat {
-    hark: Hark,
-    fx: Fixture,
-    alice: i64,
-    bob: i64,
-    carol: i64,
-    room: i64,
-}
-
 async fn chat(env: &[(&str, &str)]) -> Chat {
-    let (hark, fx) = setup(env).await;
-    let alice = fx.user("alice").await;
-    let bob = fx.user("bob").await;
-    let carol = fx.user("carol").await;
-    let room = fx.room("general", &[alice, bob]).await;
-    Chat {
-        hark,
-        fx,
-        alice,
-        bob,
-        carol,
-        room,
-    }
+    Chat::start(env, "general", false).await
 }
 
 async fn get(h: &Hark, path: &str, user: i64) -> (StatusCode, Value) {
@@ -355,12 +332,7 @@ async fn typing_expires_after_the_window() {
     .await;
     // And the sweeper removes the row (the stop goes out once).
     eventually("the lapsed row is swept", || async {
-        let n: i64 =
-            c.fx.db
-                .query_one("SELECT count(*) FROM hark_typing", &[])
-                .await
-                .unwrap()
-                .get(0);
+        let n = c.fx.count("hark_typing").await;
         n == 0
     })
     .await;
@@ -382,6 +354,7 @@ async fn a_repeated_true_extends_the_window() {
     let first_true = Instant::now();
     set_typing(&c.hark, c.room, c.alice, true).await;
     let first = expiry().await;
+    // The point: time passes between two starts (the window is 2 s).
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let second_true = Instant::now();
     set_typing(&c.hark, c.room, c.alice, true).await;
@@ -392,6 +365,7 @@ async fn a_repeated_true_extends_the_window() {
     );
     // Past the first window and inside the second, still typing. (Only
     // asserted when this machine kept to the schedule: no tight timing.)
+    // The point again: time passes.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let room = room_as(&c.hark, c.room, c.bob).await;
     if first_true.elapsed() > Duration::from_millis(2100)
@@ -633,12 +607,7 @@ async fn room_detail_and_read_are_404_for_unknown_rooms_and_403_for_outsiders() 
     let read = c.hark.url(&format!("/api/chat/rooms/{}/read/", c.room));
     let (s, _, b) = request(Method::POST, &read, Some(&token(c.carol)), Some("{}")).await;
     assert_error(s, &b, StatusCode::FORBIDDEN, "not_a_participant");
-    let n: i64 =
-        c.fx.db
-            .query_one("SELECT count(*) FROM hark_read_marker", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let n = c.fx.count("hark_read_marker").await;
     assert_eq!(n, 0, "an outsider's read left a marker");
 }
 
@@ -797,12 +766,7 @@ async fn sending_to_an_unknown_room_is_404_and_to_a_strangers_room_403() {
     let (s, _, b) = request(Method::POST, &url, Some(&token(c.carol)), Some(&body)).await;
     let v = assert_error(s, &b, StatusCode::FORBIDDEN, "not_a_participant");
     assert_eq!(v["error"], "Not a participant");
-    let n: i64 =
-        c.fx.db
-            .query_one("SELECT count(*) FROM chat_chatmessage", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let n = c.fx.count("chat_chatmessage").await;
     assert_eq!(n, 0);
 }
 
@@ -835,12 +799,7 @@ async fn invalid_content_is_400() {
     )
     .await;
     assert_error(s, &b, StatusCode::BAD_REQUEST, "invalid_content");
-    let n: i64 =
-        c.fx.db
-            .query_one("SELECT count(*) FROM chat_chatmessage", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let n = c.fx.count("chat_chatmessage").await;
     assert_eq!(n, 0, "a refused message was stored");
 }
 
@@ -1131,6 +1090,7 @@ async fn a_token_works_once_its_user_is_created() {
     for _ in 0..3 {
         let (s, _) = get(&c.hark, "/api/chat/rooms/", later).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
+        // Pacing: asked again later, as a client retrying would.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     c.fx.db
@@ -1352,12 +1312,7 @@ async fn the_body_limit_is_configurable_and_holds_without_content_length() {
     req.push_str("0\r\n\r\n");
     let resp = raw_http(&c.hark, req.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
-    let n: i64 =
-        c.fx.db
-            .query_one("SELECT count(*) FROM chat_chatmessage", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let n = c.fx.count("chat_chatmessage").await;
     assert_eq!(n, 1);
 }
 
@@ -1900,12 +1855,7 @@ async fn one_host_and_no_expectation_but_100_continue_on_both_paths() {
         }
     }
     // None of the refused posts was sent.
-    let sent: i64 =
-        c.fx.db
-            .query_one("SELECT count(*) FROM chat_chatmessage", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let sent = c.fx.count("chat_chatmessage").await;
     assert_eq!(sent, 0);
 }
 
@@ -2220,21 +2170,16 @@ async fn a_post_body_is_read_by_its_length_and_an_unfinished_one_sends_nothing()
         );
         (head, body)
     };
-    let count = || async {
-        let row =
-            c.fx.db
-                .query_one("SELECT count(*) FROM chat_chatmessage", &[]);
-        row.await.unwrap().get::<_, i64>(0)
-    };
+    let count = || c.fx.count("chat_chatmessage");
 
     // In pieces, with a GET right behind the body.
     let (head, body) = post("in pieces");
     let mut raw = Raw::connect(c.hark.addr).await;
     raw.send(head.as_bytes()).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw.wait_read().await;
     let (first, rest) = body.split_at(10);
     raw.send(first.as_bytes()).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw.wait_read().await;
     raw.send(format!("{rest}GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .await;
     let (h, created) = raw.answer().await;
@@ -2380,7 +2325,9 @@ async fn an_idle_connection_does_not_hold_up_shutdown() {
 async fn held_connection(
     h: &Hark,
 ) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>> {
-    for _ in 0..200 {
+    // The slot of an earlier connection may not be free yet, and /metrics
+    // would need a slot of its own to say so: try until one is served.
+    wait_for(Duration::from_secs(10), || async {
         let stream = tokio::net::TcpStream::connect(h.addr)
             .await
             .expect("connect");
@@ -2393,15 +2340,13 @@ async fn held_connection(
             .header("host", "hark")
             .body(http_body_util::Full::default())
             .unwrap();
-        if let Ok(resp) = sender.send_request(req).await {
-            if resp.status() == StatusCode::OK {
-                return sender;
-            }
+        match sender.send_request(req).await {
+            Ok(resp) if resp.status() == StatusCode::OK => Some(sender),
+            _ => None,
         }
-        // The slot of an earlier connection is not free yet.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("never got a connection slot");
+    })
+    .await
+    .expect("never got a connection slot")
 }
 
 /// An idle keep-alive connection gives its slot back: once a response is
@@ -2450,11 +2395,13 @@ async fn the_first_head_must_arrive_within_10_s_of_connecting_on_both_paths() {
                 let _ = rd.read_to_end(&mut got).await;
                 (connected.elapsed(), got)
             });
+            // The point: a client silent for 9 s.
             tokio::time::sleep(Duration::from_secs(9)).await;
             // Enough for the path to be chosen, then a byte a second of
             // a head that never ends.
             let _ = wr.write_all(start.as_bytes()).await;
             while !closed.is_finished() && connected.elapsed() < Duration::from_secs(30) {
+                // The point: a byte a second.
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let _ = wr.write_all(b"x").await;
             }
@@ -2842,7 +2789,7 @@ fn a_bad_log_setting_is_refused_at_start() {
 
 #[test]
 fn help_lists_every_setting_with_its_default() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hark"))
+    let out = std::process::Command::new(HARK)
         .arg("--help")
         .env_clear()
         .output()

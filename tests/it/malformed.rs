@@ -7,11 +7,9 @@
 //! The cases come from a fixed seed, so a run is repeatable; set
 //! `HARK_FUZZ_SEED` and `HARK_FUZZ_CASES` to explore further.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::kit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -9,16 +9,15 @@
 //! commits out of order, so these tests would fail if hark's cursor were
 //! an id.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::kit::*;
 use bytes::Bytes;
-use common::*;
-use http_body_util::{BodyExt, Empty};
+use futures::StreamExt;
+use http_body_util::Empty;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -40,6 +39,7 @@ async fn writer(conn: String, room: i64, sender: i64, count: usize, seed: u64) {
         )
         .await
         .unwrap();
+        // The point: commits land out of id order.
         tokio::time::sleep(Duration::from_micros(rng.u64(0..3000))).await;
         db.batch_execute("COMMIT").await.unwrap();
     }
@@ -75,9 +75,10 @@ async fn poller(
                 }
                 cursor = body["cursor"].as_str().unwrap().to_string();
             }
-            // 503 while the database or hark is coming back; transport errors while restarting.
+            // 503 while the database or hark is coming back; transport
+            // errors while restarting: retry once it is ready again.
             Ok((StatusCode::SERVICE_UNAVAILABLE, _, _)) | Err(_) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                ready_again(&base).await;
             }
             Ok((status, _, body)) => {
                 panic!("poll answered {status}: {}", String::from_utf8_lossy(&body))
@@ -129,45 +130,27 @@ async fn streamer(
             }
             // hark restarting, or the database coming back.
             _ => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                ready_again(&base).await;
                 continue;
             }
         };
         connections += 1;
-        let mut body = resp.into_body();
-        let mut pending: Vec<u8> = Vec::new();
+        let mut events = sse::events(resp.into_body());
         while seen.len() < expected {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let data = match tokio::time::timeout(left, body.frame()).await {
-                Ok(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => data,
-                    Err(_) => continue,
-                },
+            let ev = match tokio::time::timeout(left, events.next()).await {
+                Ok(Some(Ok(ev))) => ev,
                 // The stream ended or broke: reconnect from `last_id`.
                 _ => break,
             };
-            pending.extend_from_slice(&data);
-            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-                let block: Vec<u8> = pending.drain(..end + 2).collect();
-                let block = String::from_utf8(block).expect("UTF-8 event");
-                let (mut event, mut id, mut payload) = ("", None, "");
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event: ") {
-                        event = v;
-                    } else if let Some(v) = line.strip_prefix("id: ") {
-                        id = Some(v);
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        payload = v;
-                    }
-                }
-                assert_ne!(event, "reset", "hark refused its own cursor: {block}");
-                if event == "message" {
-                    let m = json(payload.as_bytes());
-                    *seen.entry(m["id"].as_i64().unwrap()).or_default() += 1;
-                }
-                if let Some(id) = id {
-                    last_id = id.to_string();
-                }
+            let event = ev.event.as_deref().unwrap_or("");
+            assert_ne!(event, "reset", "hark refused its own cursor: {ev:?}");
+            if event == "message" {
+                let m = json(ev.data.as_deref().unwrap_or("").as_bytes());
+                *seen.entry(m["id"].as_i64().unwrap()).or_default() += 1;
+            }
+            if let Some(id) = ev.id {
+                last_id = id;
             }
         }
     }
@@ -177,6 +160,19 @@ async fn streamer(
         seen.len()
     );
     (seen, connections)
+}
+
+/// Waits (bounded) until hark at `base` answers /readyz with 200: after
+/// a restart or while the database comes back.
+async fn ready_again(base: &str) {
+    let url = format!("{base}/readyz");
+    within(Duration::from_secs(30), || async {
+        matches!(
+            try_request(Method::GET, &url, None, None, &[]).await,
+            Ok((StatusCode::OK, _, _))
+        )
+    })
+    .await;
 }
 
 /// Fails the test unless `seen` holds every id of `all` exactly once.
@@ -218,6 +214,7 @@ async fn naive_id_reader(conn: String, room: i64, stop: Arc<AtomicBool>) -> Vec<
         if done {
             return got;
         }
+        // Pacing: a reader polling the table in a tight loop.
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -279,20 +276,32 @@ async fn run(disturb: Disturb) {
         })
         .collect();
 
+    // Each disturbance comes mid-run: once the writers have committed a
+    // given part of the workload (not after a guessed time).
+    let committed = |part: usize| {
+        let fx = &fx;
+        async move {
+            let want = (MESSAGES * part / 5) as i64;
+            eventually("the writers make progress", || async {
+                fx.message_count(room).await >= want
+            })
+            .await;
+        }
+    };
     match disturb {
         Disturb::None => {}
         Disturb::KillListener => {
-            for _ in 0..3 {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+            for part in 1..=3 {
+                committed(part).await;
                 // Wait until the previous kill's replacement is connected.
                 let killed = kill_listener(&fx.db).await;
                 assert_eq!(killed, 1, "exactly one LISTEN connection per process");
             }
         }
         Disturb::RestartHark => {
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            committed(1).await;
             hark.restart().await;
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            committed(2).await;
             hark.restart().await;
         }
     }

@@ -2,16 +2,12 @@
 //! written through one reaches streams and polls on the other, typing
 //! included, and expiry's stop goes out once, not once per process.
 
-mod common;
-#[path = "common/sse.rs"]
-mod sse;
-
 use std::time::Duration;
 
-use common::*;
+use crate::kit::sse::{open, Sse};
+use crate::kit::*;
 use hyper::StatusCode;
 use serde_json::{json, Value};
-use sse::{open, Sse};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -29,15 +25,12 @@ struct Two {
 /// applies the schema at start), and a room of three.
 async fn two(env: &[(&str, &str)]) -> Two {
     let db = fresh_db().await;
-    let a = Hark::start(&db, env).await;
+    let a = start_hark(&db, env).await;
     a.wait_ready().await;
-    let b = Hark::start(&db, env).await;
+    let b = start_hark(&db, env).await;
     b.wait_ready().await;
     let fx = Fixture::new(&db).await;
-    let alice = fx.user("alice").await;
-    let bob = fx.user("bob").await;
-    let carol = fx.user("carol").await;
-    let room = fx.room("r", &[alice, bob, carol]).await;
+    let (alice, bob, carol, room) = three_users(&fx, "r", true).await;
     Two {
         a,
         b,
@@ -78,27 +71,6 @@ fn user_json(id: i64, name: &str) -> Value {
     let mut first = name.to_string();
     first[..1].make_ascii_uppercase();
     json!({"id": id, "username": name, "first_name": first, "last_name": "Test"})
-}
-
-async fn post_message(hark: &Hark, room: i64, token: &str, content: &str) -> Value {
-    let (s, body) = post_json(
-        &hark.url("/api/chat/messages/"),
-        Some(token),
-        &json!({"room_id": room, "content": content}).to_string(),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED, "{body}");
-    body
-}
-
-async fn set_typing(hark: &Hark, room: i64, token: &str, on: bool) {
-    let (s, body) = post_json(
-        &hark.url(&format!("/api/chat/rooms/{room}/typing/")),
-        Some(token),
-        &json!({ "is_typing": on }).to_string(),
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
 }
 
 #[tokio::test]

@@ -8,18 +8,14 @@
 //! the limits the served document states are the ones the server enforces,
 //! from both sides of each bound.
 
-mod common;
-#[path = "common/sse.rs"]
-mod sse;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::kit::sse::{open, Opts, Sse};
+use crate::kit::*;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
-use sse::{open, Opts, Sse};
 use tokio::process::Command;
 
 /// Small limits, so that the served document differs from the file in
@@ -491,7 +487,7 @@ async fn every_answer_of_events_is_one_the_document_describes() {
 // ------------------------------------------------------------- schemathesis
 
 /// The pinned fuzzer and everything it pulls in.
-const REQUIREMENTS: &str = include_str!("requirements-schemathesis.txt");
+const REQUIREMENTS: &str = include_str!("../requirements-schemathesis.txt");
 
 /// Operations the fuzzer leaves alone: `GET /events` answers with a body
 /// that never ends (it would end each request in `--request-timeout`,

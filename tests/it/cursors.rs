@@ -9,24 +9,16 @@
 //! The cases come from a fixed seed, so a run is repeatable; set
 //! `HARK_FUZZ_SEED` to explore further.
 
-mod common;
-#[path = "common/sse.rs"]
-mod sse;
-
 use std::time::Duration;
 
+use crate::kit::sse::{open, Next, Opts, Sse};
+use crate::kit::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::*;
 use hark::cursor::{Cursor, Lower, Position, Snapshot, PG_MIN_MICROS};
 use hark::db::messages::{self, Read};
 use hark::db::CachingClient;
 use hyper::StatusCode;
-use sse::{open, Next, Opts, Sse};
-
-/// A first request that hark's own HTTP leaves to hyper: what follows it
-/// on the connection is served by hyper.
-const HYPER_FIRST: Option<&str> = Some("PUT /api/chat/messages/");
 
 const T: Duration = Duration::from_secs(10);
 

@@ -3,11 +3,9 @@
 //! keys, an extra column hark does not know) and rows written before hark
 //! ever ran. hark must add only what it needs and serve it.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::kit::*;
 use hyper::StatusCode;
 use serde_json::{json, Value};
 
@@ -100,7 +98,7 @@ async fn django_then_hark() -> (Hark, tokio_postgres::Client) {
         .await
         .expect("Django's schema");
     sql.batch_execute(DJANGO_ROWS).await.expect("Django's rows");
-    let hark = Hark::start(&db, &[]).await;
+    let hark = start_hark(&db, &[]).await;
     hark.wait_ready().await;
     (hark, sql)
 }
@@ -451,7 +449,7 @@ async fn integer_keys_then_hark() -> Hark {
         .batch_execute(DJANGO_INTEGER_KEYS)
         .await
         .expect("Django's schema with integer keys");
-    let hark = Hark::start(&db, &[]).await;
+    let hark = start_hark(&db, &[]).await;
     hark.wait_ready().await;
     hark
 }

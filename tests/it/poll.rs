@@ -2,11 +2,9 @@
 //! waking on a plain SQL insert, timeouts, parameters, disconnects,
 //! shutdown, and the database cost of a wake-up.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::kit::*;
 use hark::cursor::{Cursor, Position};
 use hyper::{Method, StatusCode};
 
@@ -409,7 +407,7 @@ async fn a_client_that_floods_a_waiting_poll_is_cut() {
     hark.wait_for_metric("hark_waiting_polls", 1.0).await;
     // Under the bound: the poll keeps waiting.
     raw.send(&vec![b'x'; 100 * 1024]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    raw.wait_read().await;
     assert_eq!(hark.metric("hark_waiting_polls").await, 1.0);
     // Over it: cut, without an answer.
     raw.send(&vec![b'x'; 40 * 1024]).await;
@@ -447,6 +445,7 @@ async fn freed_memory_is_returned_after_connections_close() {
         sockets.push(tokio::net::TcpStream::connect(hark.addr).await.unwrap());
     }
     hark.wait_for_metric("hark_open_connections", 301.0).await;
+    // A window for a wrong trim to show: nothing announces that none came.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(hark.metric("hark_memory_trims_total").await, 0.0);
     drop(sockets);
@@ -516,15 +515,11 @@ async fn listener_outage_readyz_503_and_waiting_polls_get_what_committed() {
         .await
         .unwrap();
     assert_eq!(kill_listener(&fx.db).await, 1);
-    let mut down = false;
-    for _ in 0..200 {
+    let down = within(Duration::from_secs(5), || async {
         let (s, _, _) = request(Method::GET, &hark.url("/readyz"), None, None).await;
-        if s == StatusCode::SERVICE_UNAVAILABLE {
-            down = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+        s == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
     assert!(down, "/readyz stayed 200 with the listener down");
     let id = fx.insert(room, bob, "while the listener was down").await;
     assert!(!waiter.is_finished(), "the poll keeps waiting");
@@ -615,8 +610,8 @@ async fn input_behind_a_waiting_poll_keeps_it_from_parking() {
             raw.send(poll.as_bytes()).await;
             hark.wait_for_metric("hark_waiting_polls", 1.0).await;
             raw.send(next.as_bytes()).await;
-            // Let the connection read it before the commit.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // The connection has read it before the commit.
+            raw.wait_read().await;
         }
         let id = fx.insert(room, bob, &format!("together={together}")).await;
         let (head, body) = raw.answer_within(Duration::from_secs(20)).await;
@@ -669,7 +664,8 @@ async fn a_parked_polls_log_line_has_the_time_of_its_answer() {
     let request = poll_request(room, &cursor, &t, 30);
     let (_, body) = answer_to_a_commit(&hark, &fx, &mut raw, &request, (room, bob)).await;
     assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 1.0);
-    // The connection notices only with the next request, seconds later.
+    // The connection notices only with the next request, seconds later
+    // (the point: the time logged must not include this pause).
     tokio::time::sleep(Duration::from_secs(6)).await;
     let next = body["cursor"].as_str().unwrap().to_string();
     raw.send(poll_request(room, &next, &t, 0).as_bytes()).await;

@@ -6,20 +6,16 @@
 //! slow-reader cut with a lossless resume (and no cut for a reader that
 //! keeps up), shutdown, and the open-streams gauge.
 //!
-//! The client is `common/sse.rs`: a raw TCP SSE client that reads only when
+//! The client is the kit's `sse::Sse` (`kit/src/sse.rs`): a raw TCP SSE client that reads only when
 //! asked, so a test can stop reading.
-
-mod common;
-#[path = "common/sse.rs"]
-mod sse;
 
 use std::time::Duration;
 
-use common::*;
+use crate::kit::sse::{open, Next, Opts, Sse};
+use crate::kit::*;
 use hark::cursor::{Cursor, Position, Snapshot};
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
-use sse::{open, Next, Opts, Sse};
 
 /// A generous bound for anything the server should do "at once".
 const T: Duration = Duration::from_secs(10);
@@ -107,31 +103,6 @@ fn user_json(id: i64, name: &str) -> Value {
     json!({"id": id, "username": name, "first_name": first, "last_name": "Test"})
 }
 
-async fn set_typing(hark: &Hark, room: i64, token: &str, on: bool) {
-    let (s, body) = post_json(
-        &hark.url(&format!("/api/chat/rooms/{room}/typing/")),
-        Some(token),
-        &json!({ "is_typing": on }).to_string(),
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
-    assert_eq!(
-        body,
-        json!({"success": true, "message": "Typing status updated"})
-    );
-}
-
-async fn post_message(hark: &Hark, room: i64, token: &str, content: &str) -> Value {
-    let (s, body) = post_json(
-        &hark.url("/api/chat/messages/"),
-        Some(token),
-        &json!({"room_id": room, "content": content}).to_string(),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED, "{body}");
-    body
-}
-
 /// The `n` message ids due after `since`, by long polls that follow their
 /// cursor; then a `timeout=0` poll must find nothing more.
 async fn poll_ids(hark: &Hark, room: i64, since: &str, token: &str, n: usize) -> Vec<i64> {
@@ -172,29 +143,11 @@ fn enc(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-struct Room3 {
-    hark: Hark,
-    fx: Fixture,
-    alice: i64,
-    bob: i64,
-    carol: i64,
-    room: i64,
-}
+/// hark with alice, bob and carol in one room.
+type Room3 = Chat;
 
 async fn room_of_three(env: &[(&str, &str)]) -> Room3 {
-    let (hark, fx) = setup(env).await;
-    let alice = fx.user("alice").await;
-    let bob = fx.user("bob").await;
-    let carol = fx.user("carol").await;
-    let room = fx.room("r", &[alice, bob, carol]).await;
-    Room3 {
-        hark,
-        fx,
-        alice,
-        bob,
-        carol,
-        room,
-    }
+    Chat::start(env, "r", true).await
 }
 
 // ---- opening -------------------------------------------------------------
@@ -443,13 +396,14 @@ async fn a_typing_start_heard_late_is_not_repeated() {
     if hark.metric("hark_notifications_total").await >= all_heard {
         eprintln!("note: hark heard the start before the stream opened; the race was not hit");
     }
-    for _ in 0..1200 {
-        if hark.metric("hark_notifications_total").await >= all_heard {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(hark.metric("hark_notifications_total").await >= all_heard);
+    assert!(
+        hark.metric_reaches(
+            "hark_notifications_total",
+            all_heard,
+            Duration::from_secs(30)
+        )
+        .await
+    );
     // Now the start has been heard (and any repeat of it queued): a marker
     // inserted now ends what the stream has to say about it.
     let marker = fx.insert(room, carol, "marker").await;
@@ -1404,13 +1358,9 @@ async fn slow_reader_is_cut_and_resumes(first: Option<&'static str>) {
     }
     if !cut {
         // The last batches may still be in the hub's catch-up.
-        for _ in 0..200 {
-            if hark.metric("hark_streams_cut_slow_total").await >= 1.0 {
-                cut = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        cut = hark
+            .metric_reaches("hark_streams_cut_slow_total", 1.0, Duration::from_secs(5))
+            .await;
     }
     assert!(
         cut,
@@ -1507,6 +1457,8 @@ async fn stalled_reader_is_closed(first: Option<&'static str>) {
     let mut closed = false;
     for _ in 0..100 {
         fx.insert_many(room, bob, 50, &filler).await;
+        // Pacing: batches spread out until the send timeout closes the
+        // stream (the loop stops at once when it does).
         tokio::time::sleep(Duration::from_millis(50)).await;
         if hark.metric("hark_open_streams").await == 0.0 {
             closed = true;
@@ -1680,7 +1632,7 @@ async fn lean_stream_path_refuses_bad_heads_clearly() {
     tokio::io::AsyncWriteExt::write_all(&mut raw, b"GET /events?room_id=1 HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_peer_read(&raw).await;
     drop(raw);
     hark.wait_for_metric("hark_open_connections", 1.0).await;
 }
@@ -1801,9 +1753,14 @@ async fn sigterm_exits_within_5_s_with_a_reader_that_stopped_reading() {
     for _ in 0..20 {
         fx.insert_many(room, bob, 50, &filler).await;
     }
-    // Nothing announces a full socket: give hark a moment to write what
-    // fits (not needed for correctness, only to make the case real).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The case is real once hark's writes back up: its socket holds
+    // bytes the reader has not taken.
+    let reader = s.local_addr().expect("open");
+    let backed_up = within(Duration::from_secs(10), || async {
+        procfs::tcp_queues(hark.addr, reader).is_some_and(|(unsent, _)| unsent > 0)
+    })
+    .await;
+    assert!(backed_up, "hark's socket never backed up");
     assert_eq!(hark.metric("hark_open_streams").await, 1.0);
     let took = hark.stop().await;
     eprintln!("exit with a stuck reader took {took:?}");

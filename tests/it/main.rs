@@ -1,0 +1,22 @@
+//! hark's integration tests: one binary, a module per area, one kit.
+//!
+//! Every module runs the real `hark` binary over real HTTP (or hark's
+//! library against a real PostgreSQL); they share the process's private
+//! PostgreSQL cluster (a fresh database per test) and the kit: `kit.rs`
+//! over the `hark_kit` crate (`kit/`), which the benchmarks use too.
+
+mod kit;
+
+mod api;
+mod browser;
+mod cluster;
+mod cursors;
+mod django;
+mod embedded;
+mod events;
+mod lossless;
+mod malformed;
+mod openapi;
+mod poll;
+mod quickstart;
+mod ratelimit;
