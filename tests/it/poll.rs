@@ -610,8 +610,11 @@ async fn input_behind_a_waiting_poll_keeps_it_from_parking() {
             raw.send(poll.as_bytes()).await;
             hark.wait_for_metric("hark_waiting_polls", 1.0).await;
             raw.send(next.as_bytes()).await;
-            // The connection has read it before the commit.
+            // The connection has read it before the commit; it takes the
+            // poll back right after that read returns, a step hark does not
+            // announce: a moment more, so that the commit cannot race it.
             raw.wait_read().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let id = fx.insert(room, bob, &format!("together={together}")).await;
         let (head, body) = raw.answer_within(Duration::from_secs(20)).await;
