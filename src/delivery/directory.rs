@@ -121,6 +121,16 @@ impl Directory {
         self.access_from(room, user, true).await
     }
 
+    /// Whether the cache says `user` is a participant of `room`: the
+    /// answer [`Directory::access`] gives at once, without a future, for a
+    /// poll answered from memory (the hot path); false means "ask".
+    pub(crate) fn cached_participant(&self, room: i64, user: i64) -> bool {
+        let c = self.cache();
+        c.rooms
+            .get(&room)
+            .is_some_and(|hit| classify(hit.as_deref(), user) == Access::Participant)
+    }
+
     /// [`Directory::access`] from the database, whatever the cache holds
     /// (a change whose NOTIFY has not arrived yet).
     pub(crate) async fn access_fresh(&self, room: i64, user: i64) -> Result<Access, DbError> {
