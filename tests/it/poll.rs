@@ -1048,3 +1048,34 @@ async fn a_database_read_stops_at_its_byte_budget() {
     assert!(f.cut && !got.is_empty());
     assert_eq!(got, all[all.len() - got.len()..], "the newest that fit");
 }
+
+/// `HARK_DIRECT_WRITES=false`: no stream or poll parks, so the listener
+/// writes to none of them; each is woken and answers itself, and every
+/// message still arrives.
+#[tokio::test]
+async fn without_direct_writes_every_poll_and_stream_answers_itself() {
+    let (hark, fx) = setup(&[("HARK_DIRECT_WRITES", "false")]).await;
+    let alice = fx.user("alice").await;
+    let bob = fx.user("bob").await;
+    let room = fx.room("r", &[alice, bob]).await;
+    let t = token(alice);
+    let auth = format!("Bearer {t}");
+    let mut stream = sse::Sse::connect(
+        hark.addr,
+        &format!("/events?room_id={room}"),
+        &[("Authorization", &auth)],
+    )
+    .await;
+    sse::open(&mut stream).await;
+    for round in 0..2 {
+        let cursor = cursor_now(&hark, room, &t).await;
+        let mut raw = Raw::connect(hark.addr).await;
+        let request = poll_request(room, &cursor, &t, 30);
+        let (_, body) = answer_to_a_commit(&hark, &fx, &mut raw, &request, (room, bob)).await;
+        let ev = stream.expect(Duration::from_secs(10)).await;
+        assert_eq!(ev.kind(), "message", "round {round}: {ev:?}");
+        assert_eq!(ev.json()["id"], ids(&body)[0], "round {round}");
+    }
+    assert_eq!(hark.metric("hark_poll_direct_answers_total").await, 0.0);
+    assert_eq!(hark.metric("hark_stream_direct_writes_total").await, 0.0);
+}

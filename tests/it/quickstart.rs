@@ -163,3 +163,34 @@ async fn without_postgres_installed_hark_says_so_in_one_sentence() {
     let _ = std::fs::remove_dir_all(&empty);
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// A port another process holds: hark says so at once, names HARK_BIND,
+/// and has not started the embedded cluster (its data directory is not
+/// even created).
+#[tokio::test]
+async fn a_port_in_use_is_refused_before_the_embedded_cluster_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let data = temp_path("port-in-use");
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        Command::new(HARK)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HARK_DATA_DIR", &data)
+            .env("HARK_BIND", addr.to_string())
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("hark exits at once")
+    .expect("run hark");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("set HARK_BIND"), "{stderr}");
+    assert!(!data.exists(), "the embedded cluster was started");
+}
