@@ -335,10 +335,11 @@ pub async fn start_hark(db: &str, name: &str, env: &[(&str, &str)]) -> Result<Ha
         ("HARK_MAX_STREAMS_PER_USER", "0"),
     ]);
     // Allocator tuning (glibc's MALLOC_*, jemalloc's _RJEM_MALLOC_CONF)
-    // passes through, so its effect can be measured without a rebuild.
-    launch.env.extend(
-        std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_") || k == "_RJEM_MALLOC_CONF"),
-    );
+    // and HARK_DIRECT_WRITES pass through, so their effect can be measured
+    // without a rebuild.
+    launch.env.extend(std::env::vars().filter(|(k, _)| {
+        k.starts_with("MALLOC_") || k == "_RJEM_MALLOC_CONF" || k == "HARK_DIRECT_WRITES"
+    }));
     let mut launch = launch.env(env);
     launch.log = Log::File(log.clone());
     launch.die_with_parent = true;
