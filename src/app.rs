@@ -142,8 +142,11 @@ async fn serve(
         .run(shutdown.clone()),
     );
     let sweeper_task = tokio::spawn(typing.clone().run_sweeper(shutdown.clone()));
-    let revocation_sweeper_task =
-        tokio::spawn(directory.clone().run_revocation_sweeper(shutdown.clone()));
+    let table_sweeper_task = tokio::spawn(db::sweep::run(
+        pool.clone(),
+        Duration::from_secs(config.tombstone_retention_s),
+        shutdown.clone(),
+    ));
     // Streams wait only on their subscriptions, so the signal (also fired
     // by a dropped trigger) reaches them through the hub.
     tokio::spawn({
@@ -208,7 +211,7 @@ async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     let _ = listener_task.await;
     let _ = sweeper_task.await;
-    let _ = revocation_sweeper_task.await;
+    let _ = table_sweeper_task.await;
     let _ = limit_sweeper_task.await;
     let _ = trim_task.await;
     pool.close();

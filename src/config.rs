@@ -84,6 +84,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1024..=67_108_864))]
     pub max_answer_bytes: u64,
 
+    /// How long hark remembers a deleted message (for cursors that have not
+    /// seen the delete), in seconds; a cursor older than that gets
+    /// `cursor_reset` (`event: reset` on a stream).
+    #[arg(long, env = "HARK_TOMBSTONE_RETENTION_S", default_value_t = 604_800,
+          value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    pub tombstone_retention_s: u64,
+
     /// Message events an event stream may fall behind before the slow reader
     /// is disconnected (it resumes losslessly with Last-Event-ID).
     #[arg(long, env = "HARK_STREAM_BACKLOG", default_value_t = 512,
@@ -196,6 +203,7 @@ impl std::fmt::Debug for Config {
             .field("max_content_chars", &self.max_content_chars)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_answer_bytes", &self.max_answer_bytes)
+            .field("tombstone_retention_s", &self.tombstone_retention_s)
             .field("stream_backlog", &self.stream_backlog)
             .field("send_timeout_s", &self.send_timeout_s)
             .field("max_connections", &self.max_connections)

@@ -7,10 +7,11 @@
 //! whatever order writers committed in, because visibility is decided by
 //! commit, not by id or clock. See `docs/DESIGN.md` §1.
 //!
-//! A page of a large batch is `Paging { lower, upper, after_id }`: the rows
-//! that are new relative to `lower` and visible in `upper`, of which those
-//! with an id up to `after_id` were delivered. `lower` is a snapshot, or — for
-//! the seed frontend's ISO `since` — a creation time.
+//! A page of a large batch is `Paging { lower, upper, after_id }`: the
+//! changes that are new relative to `lower` and visible in `upper`, of which
+//! those with a paging key up to `after_id` were delivered (a message's key
+//! is its id; deletions' keys come before every id). `lower` is a snapshot,
+//! or — for the seed frontend's ISO `since` — a creation time.
 //!
 //! Cursors name their database (system identifier and timeline) so that one
 //! from another cluster, a restored backup or a promoted replica is refused
@@ -159,9 +160,9 @@ pub enum Lower {
 pub enum Position {
     /// Everything visible in the snapshot has been seen.
     At(Arc<Snapshot>),
-    /// Inside a batch: rows new relative to `lower` and visible in `upper`
-    /// with an id up to `after_id` have been seen; the rest of the batch,
-    /// then everything after `upper`, is due.
+    /// Inside a batch: changes new relative to `lower` and visible in
+    /// `upper` with a paging key up to `after_id` have been seen; the rest
+    /// of the batch, then everything after `upper`, is due.
     Paging {
         lower: Lower,
         upper: Arc<Snapshot>,
@@ -281,6 +282,19 @@ impl Cursor {
             },
             position,
         })
+    }
+
+    /// The snapshot the changes due after the cursor are measured against
+    /// (None for the ISO `since`'s creation time).
+    pub fn lower(&self) -> Option<&Snapshot> {
+        match &self.position {
+            Position::At(s) => Some(s),
+            Position::Paging {
+                lower: Lower::Snapshot(l),
+                ..
+            } => Some(l),
+            Position::Paging { .. } => None,
+        }
     }
 
     /// The newest snapshot the cursor mentions: if it lies beyond the

@@ -33,18 +33,38 @@ pub struct Message {
     pub content: String,
     #[serde(serialize_with = "serialize_ts")]
     pub created_at: DateTime<Utc>,
+    /// The content changed after the insert.
+    pub edited: bool,
 }
 
-/// A message as the hub keeps it: what it needs to decide who is due it
-/// (`txid`, `id`), and the bytes to send.
+/// Where deletions' paging keys start: below every message id, so
+/// positions issued before deletions existed (a message id) keep their
+/// meaning.
+pub const DELETION_KEYS: i64 = -(1 << 62);
+
+/// The paging key of the tombstone numbered `seq`.
+pub fn deletion_key(seq: i64) -> i64 {
+    DELETION_KEYS.saturating_add(seq)
+}
+
+/// A change to a message as readers get it: its current version, or its
+/// deletion from a room (`deleted`: a delete, or a move to another room).
+/// What decides who is due it (`txid`, `id`) and the bytes to send.
 #[derive(Debug)]
 pub struct StoredMessage {
     pub id: i64,
+    /// Orders the changes of one batch for paging, uniquely: a message's id
+    /// for a version, [`DELETION_KEYS`] plus the tombstone's number for a
+    /// deletion (so a batch's deletions come before its messages, and a
+    /// message that left one room and entered another in it is two
+    /// changes with two positions).
+    pub key: i64,
     pub room: i64,
-    /// The writing transaction (the row's `hark_txid`).
+    /// The writing transaction (the row's or the tombstone's `hark_txid`).
     pub txid: u64,
-    pub created_at: DateTime<Utc>,
-    /// The Message object as one line of JSON.
+    /// A deletion: `json` is `{"id", "room"}`, not a Message.
+    pub deleted: bool,
+    /// The Message object (or the deletion) as one line of JSON.
     pub json: Bytes,
 }
 
@@ -54,10 +74,24 @@ impl StoredMessage {
         let json = serde_json::to_vec(m).unwrap_or_default();
         StoredMessage {
             id: m.id,
+            key: m.id,
             room: m.room,
             txid,
-            created_at: m.created_at,
+            deleted: false,
             json: Bytes::from(json),
+        }
+    }
+
+    /// Message `id` left `room` in transaction `txid`; `key` from
+    /// [`deletion_key`].
+    pub fn deletion(id: i64, key: i64, room: i64, txid: u64) -> StoredMessage {
+        StoredMessage {
+            id,
+            key,
+            room,
+            txid,
+            deleted: true,
+            json: Bytes::from(format!("{{\"id\":{id},\"room\":{room}}}")),
         }
     }
 }

@@ -23,7 +23,8 @@ use crate::message::{Message, StoredMessage, User};
 #[derive(Debug)]
 pub struct Fetched {
     pub head: Arc<Snapshot>,
-    /// Ascending id order.
+    /// Changes in ascending paging-key order: deletions, then messages by
+    /// id.
     pub rows: Vec<Arc<StoredMessage>>,
     /// Only for [`Read::Batch`]: rows beyond the batch's upper snapshot exist.
     pub beyond: bool,
@@ -37,6 +38,17 @@ pub struct Fetched {
     /// Only for [`catch_up`]: (room, user) pairs that lost access in the
     /// window read, in the same snapshot as the rows.
     pub revoked: Vec<(i64, i64)>,
+    /// The newest transaction whose tombstones were swept: a position that
+    /// does not see it may have missed a delete (see [`missed_deletes`]).
+    pub horizon: u64,
+}
+
+/// Whether a reader at `lower` may have missed a delete whose tombstone
+/// was swept: every swept tombstone's transaction is at most `horizon`, and
+/// all of them are visible in `lower` when `horizon` is below its xmin.
+pub fn missed_deletes(lower: &Snapshot, horizon: u64) -> bool {
+    // 0: nothing swept yet.
+    horizon != 0 && horizon >= lower.xmin
 }
 
 /// What to read, per room set.
@@ -73,97 +85,143 @@ pub struct Budget {
 // Every read is one statement over one snapshot:
 // - `s`: the snapshot, which becomes the next cursor;
 // - `member_of`: the reader's participation, in the same snapshot;
-// - `r`: at most $2 rows in id order (the $order the mode needs), of which
-//   those whose running size stays within the budget $3 carry their content
-//   (the first always does); the first row past the budget comes back with
-//   a NULL content, as a marker that the budget cut the read, and rows
+// - `horizon`: the newest transaction whose tombstones were swept (a
+//   cursor that does not see it may have missed a delete);
+// - `r`: the changes due, at most $2 in paging-key order (the $order the
+//   mode needs): tombstones (kind 0, a delete or a move out of the room;
+//   key: their number below every message id), then current message rows
+//   (kind 1; key: the id), of which
+//   those whose running size stays within the budget $3 are `fits` (the
+//   first always is); the first change past the budget comes back with
+//   `fits` false, as a marker that the budget cut the read, and changes
 //   after it are not read at all.
 // Parameters: $1 rooms, $2 limit, $3 budget, $4 member (nullable), then
-// the mode's own from $5. `$extra` adds columns (the catch-up's revocations).
-macro_rules! select_messages {
-    ($extra:expr, $where:expr, $order:literal) => {
+// the mode's own from $5. `$extra` adds columns (the catch-up's
+// revocations); `$m` and `$t` are the mode's conditions on a message `m`
+// and a tombstone `t`.
+macro_rules! select_changes {
+    ($extra:expr, $m:expr, $t:expr, $order:literal) => {
         concat!(
             "WITH s AS MATERIALIZED (SELECT pg_current_snapshot() AS snap) \
              SELECT s.snap::text, \
                (SELECT count(*) FROM chat_chatroom_participants p \
-                 WHERE p.chatroom_id = ANY($1::int8[]) AND p.user_id = $4::int8) AS member_of, ",
+                 WHERE p.chatroom_id = ANY($1::int8[]) AND p.user_id = $4::int8) AS member_of, \
+               (SELECT h.swept_txid::text FROM hark_tombstone_horizon h LIMIT 1) AS horizon, ",
             $extra,
             " r.* FROM s LEFT JOIN LATERAL ( \
-               SELECT w.id, w.room_id, w.created_at, w.txid, w.uid, w.username, w.first_name, \
-                      w.last_name, CASE WHEN w.rn = 1 OR w.run <= $3::int8 THEN w.body END AS content \
+               SELECT w.id, w.key, w.kind, w.room_id, w.created_at, w.txid, w.edited, w.uid, w.username, \
+                      w.first_name, w.last_name, w.body AS content, \
+                      (w.rn = 1 OR w.run <= $3::int8) AS fits \
                FROM ( \
-                 SELECT lim.*, row_number() OVER (ORDER BY lim.id ",
+                 SELECT lim.*, row_number() OVER (ORDER BY lim.key ",
             $order,
             ") AS rn, \
-                        sum(lim.len) OVER (ORDER BY lim.id ",
+                        sum(lim.len) OVER (ORDER BY lim.key ",
             $order,
             " ROWS UNBOUNDED PRECEDING) AS run \
                  FROM ( \
-                   SELECT m.id::int8 AS id, m.room_id::int8 AS room_id, m.content AS body, \
-                          m.created_at, m.hark_txid::text AS txid, u.id::int8 AS uid, \
-                          u.username::text AS username, u.first_name::text AS first_name, \
-                          u.last_name::text AS last_name, \
+                   (SELECT m.id::int8 AS id, m.id::int8 AS key, 1 AS kind, m.room_id::int8 AS room_id, \
+                          m.content AS body, \
+                          m.created_at, m.hark_txid::text AS txid, m.hark_edited AS edited, \
+                          u.id::int8 AS uid, u.username::text AS username, \
+                          u.first_name::text AS first_name, u.last_name::text AS last_name, \
                           octet_length(m.content)::int8 + 256 AS len \
-                   FROM chat_chatmessage m JOIN users_user u ON u.id = m.sender_id \
-                   WHERE m.room_id = ANY($1::int8[]) AND ",
-            $where,
+                    FROM chat_chatmessage m JOIN users_user u ON u.id = m.sender_id \
+                    WHERE m.room_id = ANY($1::int8[]) AND ",
+            $m,
             " ORDER BY m.id ",
+            $order,
+            " LIMIT $2) \
+                   UNION ALL \
+                   (SELECT t.message_id::int8, t.seq - 4611686018427387904, 0, t.room_id::int8, NULL, \
+                          NULL, t.hark_txid::text, NULL, \
+                          NULL, NULL, NULL, NULL, 64::int8 \
+                    FROM hark_tombstone t \
+                    WHERE t.room_id = ANY($1::int8[]) AND ",
+            $t,
+            " ORDER BY t.seq ",
+            $order,
+            " LIMIT $2) \
+                   ORDER BY key ",
             $order,
             " LIMIT $2) lim \
                ) w WHERE w.rn <= 2 OR w.run - w.len <= $3::int8 \
-             ) r ON true ORDER BY r.id"
+             ) r ON true ORDER BY r.key"
         )
     };
 }
 
 // `txid >= xmin(S)` is the index-friendly half of "not visible in S": every
-// transaction below xmin is visible, so only rows at or above it can be new.
+// transaction below xmin is visible, so only changes at or above it can be
+// new.
 macro_rules! new_since {
-    ($s:literal) => {
+    ($col:literal, $s:literal) => {
         concat!(
-            "m.hark_txid >= pg_snapshot_xmin(",
+            $col,
+            " >= pg_snapshot_xmin(",
             $s,
-            "::text::pg_snapshot) AND NOT pg_visible_in_snapshot(m.hark_txid, ",
+            "::text::pg_snapshot) AND NOT pg_visible_in_snapshot(",
+            $col,
+            ", ",
             $s,
             "::text::pg_snapshot)"
         )
     };
 }
 
-const NEW_SINCE: &str = select_messages!("", new_since!("$5"), "ASC");
-const LATEST: &str = select_messages!("", "true", "DESC");
-const CREATED_AFTER: &str = select_messages!("", "m.created_at > $5", "ASC");
+const NEW_SINCE: &str = select_changes!(
+    "",
+    new_since!("m.hark_txid", "$5"),
+    new_since!("t.hark_txid", "$5"),
+    "ASC"
+);
+// The latest page is history: no deletes.
+const LATEST: &str = select_changes!("", "true", "false", "DESC");
+// The ISO `since`: messages created after it, and deletes after it.
+const CREATED_AFTER: &str = select_changes!("", "m.created_at > $5", "t.deleted_at > $5", "ASC");
 /// [`NEW_SINCE`] with the losses of access of the same window.
-const CATCH_UP: &str = select_messages!(
+const CATCH_UP: &str = select_changes!(
     "(SELECT array_agg(a.room_id::int8) FROM hark_access_revoked a \
        WHERE a.room_id = ANY($1::int8[]) AND a.hark_txid >= pg_snapshot_xmin($5::text::pg_snapshot) \
          AND NOT pg_visible_in_snapshot(a.hark_txid, $5::text::pg_snapshot)) AS revoked_rooms, \
      (SELECT array_agg(a.user_id::int8) FROM hark_access_revoked a \
        WHERE a.room_id = ANY($1::int8[]) AND a.hark_txid >= pg_snapshot_xmin($5::text::pg_snapshot) \
          AND NOT pg_visible_in_snapshot(a.hark_txid, $5::text::pg_snapshot)) AS revoked_users,",
-    new_since!("$5"),
+    new_since!("m.hark_txid", "$5"),
+    new_since!("t.hark_txid", "$5"),
     "ASC"
 );
 
 // The rest of a batch: $5 lower, $6 upper, $7 after_id; `beyond` says
-// whether rows after the batch's upper snapshot are due too.
+// whether changes after the batch's upper snapshot are due too.
 macro_rules! batch {
-    ($lower:expr) => {
-        select_messages!(
-            "EXISTS (SELECT 1 FROM chat_chatmessage b WHERE b.room_id = ANY($1::int8[]) \
+    ($m:expr, $t:expr) => {
+        select_changes!(
+            "(EXISTS (SELECT 1 FROM chat_chatmessage b WHERE b.room_id = ANY($1::int8[]) \
                AND b.hark_txid >= pg_snapshot_xmin($6::text::pg_snapshot) \
-               AND NOT pg_visible_in_snapshot(b.hark_txid, $6::text::pg_snapshot)) AS beyond,",
+               AND NOT pg_visible_in_snapshot(b.hark_txid, $6::text::pg_snapshot)) \
+              OR EXISTS (SELECT 1 FROM hark_tombstone b WHERE b.room_id = ANY($1::int8[]) \
+               AND b.hark_txid >= pg_snapshot_xmin($6::text::pg_snapshot) \
+               AND NOT pg_visible_in_snapshot(b.hark_txid, $6::text::pg_snapshot))) AS beyond,",
             concat!(
-                $lower,
+                $m,
                 " AND pg_visible_in_snapshot(m.hark_txid, $6::text::pg_snapshot) AND m.id > $7::int8"
+            ),
+            concat!(
+                $t,
+                " AND pg_visible_in_snapshot(t.hark_txid, $6::text::pg_snapshot) \
+                  AND t.seq - 4611686018427387904 > $7::int8"
             ),
             "ASC"
         )
     };
 }
 
-const BATCH_AFTER_SNAPSHOT: &str = batch!(new_since!("$5"));
-const BATCH_CREATED_AFTER: &str = batch!("m.created_at > $5");
+const BATCH_AFTER_SNAPSHOT: &str = batch!(
+    new_since!("m.hark_txid", "$5"),
+    new_since!("t.hark_txid", "$5")
+);
+const BATCH_CREATED_AFTER: &str = batch!("m.created_at > $5", "t.deleted_at > $5");
 
 /// Runs one read. `client` may be pooled or the listener's own.
 pub async fn read(
@@ -272,33 +330,41 @@ fn decode(rows: Vec<Row>) -> Result<Fetched, DbError> {
     let revoked_rooms = optional::<Vec<i64>>(first, "revoked_rooms")?.unwrap_or_default();
     let revoked_users = optional::<Vec<i64>>(first, "revoked_users")?.unwrap_or_default();
     let revoked = revoked_rooms.into_iter().zip(revoked_users).collect();
+    let horizon = optional::<String>(first, "horizon")?
+        .map(|h| parse_xid(&h))
+        .transpose()?
+        .unwrap_or(0);
     let mut out = Vec::with_capacity(rows.len());
     let mut cut = false;
     for row in &rows {
         let Some(id) = row.try_get::<_, Option<i64>>("id")? else {
             continue;
         };
-        // The first row past the budget: a marker, not a message.
-        let Some(content) = row.try_get::<_, Option<String>>("content")? else {
+        // The first change past the budget: a marker, not a change.
+        if !row.try_get::<_, bool>("fits")? {
             cut = true;
             continue;
-        };
-        let txid: String = row.try_get("txid")?;
+        }
+        let room: i64 = row.try_get("room_id")?;
+        let txid = parse_xid(&row.try_get::<_, String>("txid")?)?;
+        if row.try_get::<_, i32>("kind")? == 0 {
+            let key = row.try_get("key")?;
+            out.push(Arc::new(StoredMessage::deletion(id, key, room, txid)));
+            continue;
+        }
         let msg = Message {
             id,
-            room: row.try_get("room_id")?,
+            room,
             sender: User {
                 id: row.try_get("uid")?,
                 username: row.try_get("username")?,
                 first_name: row.try_get("first_name")?,
                 last_name: row.try_get("last_name")?,
             },
-            content,
+            content: row.try_get("content")?,
             created_at: row.try_get("created_at")?,
+            edited: row.try_get("edited")?,
         };
-        let txid = txid
-            .parse()
-            .map_err(|_| DbError::Unavailable(format!("unparsable xid8 {txid:?}").into()))?;
         out.push(Arc::new(StoredMessage::new(&msg, txid)));
     }
     Ok(Fetched {
@@ -308,10 +374,17 @@ fn decode(rows: Vec<Row>) -> Result<Fetched, DbError> {
         cut,
         member_of,
         revoked,
+        horizon,
     })
 }
 
-/// The current snapshot alone (a fresh event stream's `ready`).
+/// An `xid8` as PostgreSQL's text gives it.
+fn parse_xid(text: &str) -> Result<u64, DbError> {
+    text.parse()
+        .map_err(|_| DbError::Unavailable(format!("unparsable xid8 {text:?}").into()))
+}
+
+/// The current snapshot alone (the listener's first catch-up).
 pub async fn current_snapshot(client: &impl Prepared) -> Result<Arc<Snapshot>, DbError> {
     let st = client
         .statement("SELECT pg_current_snapshot()::text")
@@ -321,6 +394,28 @@ pub async fn current_snapshot(client: &impl Prepared) -> Result<Arc<Snapshot>, D
     Snapshot::parse_pg(&text)
         .map(Arc::new)
         .ok_or_else(|| DbError::Unavailable(format!("unparsable snapshot {text:?}").into()))
+}
+
+/// The current snapshot and the tombstone horizon (a resumed stream's
+/// check, before its `ready`).
+pub async fn position_now(client: &impl Prepared) -> Result<(Arc<Snapshot>, u64), DbError> {
+    let st = client
+        .statement(
+            "SELECT pg_current_snapshot()::text, \
+                    (SELECT h.swept_txid::text FROM hark_tombstone_horizon h LIMIT 1)",
+        )
+        .await?;
+    let row = client.pg().query_one(&st, &[]).await?;
+    let text: String = row.try_get(0)?;
+    let snapshot = Snapshot::parse_pg(&text)
+        .map(Arc::new)
+        .ok_or_else(|| DbError::Unavailable(format!("unparsable snapshot {text:?}").into()))?;
+    let horizon = row
+        .try_get::<_, Option<String>>(1)?
+        .map(|h| parse_xid(&h))
+        .transpose()?
+        .unwrap_or(0);
+    Ok((snapshot, horizon))
 }
 
 /// Inserts a message, moves the room's `updated_at` and clears the sender's

@@ -19,6 +19,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "access_revoked",
         include_str!("../../sql/0003_access_revoked.sql"),
     ),
+    (
+        4,
+        "message_lifecycle",
+        include_str!("../../sql/0004_message_lifecycle.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: "hark" in ASCII.

@@ -9,6 +9,7 @@ pub mod embedded;
 pub mod messages;
 pub mod migrate;
 pub mod rooms;
+pub(crate) mod sweep;
 pub mod typing;
 
 use std::collections::HashMap;

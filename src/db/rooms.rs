@@ -52,6 +52,7 @@ const ROOMS: &str = concat!(
                  FROM chat_chatroom_participants p JOIN users_user u ON u.id = p.user_id \
                  WHERE p.chatroom_id = r.id), '[]'::json) AS participants, \
        lm.id::int8 AS lm_id, lm.content AS lm_content, lm.created_at AS lm_created_at, lm.sender AS lm_sender, \
+       lm.hark_edited AS lm_edited, \
        (SELECT count(*) FROM chat_chatmessage c \
          WHERE c.room_id = r.id AND c.sender_id <> $1::int8 \
            AND (rm.read_at IS NULL OR c.created_at > rm.read_at)) AS unread, \
@@ -62,7 +63,7 @@ const ROOMS: &str = concat!(
      FROM chat_chatroom r \
      JOIN chat_chatroom_participants me ON me.chatroom_id = r.id AND me.user_id = $1::int8 \
      LEFT JOIN hark_read_marker rm ON rm.room_id = r.id AND rm.user_id = $1::int8 \
-     LEFT JOIN LATERAL (SELECT m.id, m.content, m.created_at, ", user_json!("su"), " AS sender \
+     LEFT JOIN LATERAL (SELECT m.id, m.content, m.created_at, m.hark_edited, ", user_json!("su"), " AS sender \
                         FROM chat_chatmessage m JOIN users_user su ON su.id = m.sender_id \
                         WHERE m.room_id = r.id ORDER BY m.id DESC LIMIT 1) lm ON true \
      WHERE ($2::int8 IS NULL OR r.id = $2) \
@@ -96,6 +97,7 @@ pub async fn list(
                         sender,
                         content: row.try_get("lm_content").unwrap_or_default(),
                         created_at: row.try_get("lm_created_at").unwrap_or_default(),
+                        edited: row.try_get("lm_edited").unwrap_or_default(),
                     })
             }
             None => None,

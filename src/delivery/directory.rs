@@ -21,12 +21,9 @@ use deadpool_postgres::Pool;
 use crate::db::DbError;
 use crate::delivery::hub::Hub;
 use crate::message::User;
-use crate::shutdown::Shutdown;
 
 /// Entries kept before the cache starts over (bounded memory).
 const MAX_ENTRIES: usize = 100_000;
-/// How often old rows of `hark_access_revoked` are deleted.
-const REVOCATION_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The requester's standing in a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,36 +183,6 @@ impl Directory {
         rows.iter()
             .map(|r| r.try_get(0).map_err(DbError::from))
             .collect()
-    }
-
-    /// Deletes the losses of access older than a day, hourly, until
-    /// shutdown. The listener's catch-up reads them only for its own window
-    /// (since its previous catch-up); a day covers any listener outage, and
-    /// after a reconnect the cache starts empty anyway. Whichever process
-    /// runs first deletes the rows; the others find none.
-    pub(crate) async fn run_revocation_sweeper(self, mut shutdown: Shutdown) {
-        let mut every = tokio::time::interval(REVOCATION_SWEEP_EVERY);
-        loop {
-            tokio::select! {
-                _ = every.tick() => {}
-                _ = shutdown.wait() => return,
-            }
-            let swept = async {
-                let client = self.inner.pool.get().await?;
-                let n = client
-                    .execute(
-                        "DELETE FROM hark_access_revoked WHERE revoked_at < now() - interval '1 day'",
-                        &[],
-                    )
-                    .await?;
-                Ok::<u64, DbError>(n)
-            };
-            match swept.await {
-                Ok(n) if n > 0 => tracing::debug!(rows = n, "swept old losses of access"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "sweeping old losses of access failed"),
-            }
-        }
     }
 
     fn store(&self, generation: u64, f: impl FnOnce(&mut Cache)) {

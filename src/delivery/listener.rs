@@ -154,7 +154,12 @@ impl Listener {
                             Some(lower) => {
                                 let limit = CATCHUP_LIMIT as i64 + 1;
                                 let f = messages::catch_up(&client, &plan.rooms, lower, limit, CATCHUP_BYTES).await?;
-                                Ok(Caught { head: f.head, rows: f.rows, revoked: f.revoked, complete: !f.cut })
+                                // Tombstones of this window may have been swept
+                                // (a long outage): the hub starts over from the
+                                // head, and old cursors go to the database, which
+                                // refuses them.
+                                let complete = !f.cut && !messages::missed_deletes(lower, f.horizon);
+                                Ok(Caught { head: f.head, rows: f.rows, revoked: f.revoked, complete })
                             }
                             None => messages::current_snapshot(&client).await.map(|head| Caught {
                                 head,

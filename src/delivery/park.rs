@@ -468,6 +468,7 @@ mod tests {
             },
             content: format!("m{id}"),
             created_at: Utc::now(),
+            edited: false,
         };
         Arc::new(StoredMessage::new(&m, txid))
     }

@@ -20,7 +20,8 @@ use crate::metrics::Metrics;
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ReadError {
     /// The position cannot be continued on this database: it names a
-    /// snapshot from its future (a cursor from another cluster, or forged).
+    /// snapshot from its future (a cursor from another cluster, or forged),
+    /// or one older than the deletes hark still remembers.
     #[error("the cursor cannot be continued on this database")]
     CursorReset,
     #[error(transparent)]
@@ -113,7 +114,7 @@ pub(crate) fn position_after(
         Some((lower, upper)) if i + 1 < rows.len() => Position::Paging {
             lower: lower.clone(),
             upper: upper.clone(),
-            after_id: rows[i].id,
+            after_id: rows[i].key,
         },
         _ => next.clone(),
     }
@@ -240,7 +241,7 @@ impl Reader {
                         want.budget(),
                     )
                     .await?;
-                if s.xmax > f.head.xmax {
+                if s.xmax > f.head.xmax || messages::missed_deletes(s, f.horizon) {
                     return Err(ReadError::CursorReset);
                 }
                 let mut rows = f.rows;
@@ -269,7 +270,9 @@ impl Reader {
                     .await?;
                 let future = upper.xmax > f.head.xmax
                     || matches!(lower, Lower::Snapshot(l) if l.xmax > f.head.xmax);
-                if future {
+                let forgotten =
+                    matches!(lower, Lower::Snapshot(l) if messages::missed_deletes(l, f.horizon));
+                if future || forgotten {
                     return Err(ReadError::CursorReset);
                 }
                 let Fetched {
@@ -331,7 +334,7 @@ fn split(
         (true, Some(last)) => Position::Paging {
             lower: lower.clone(),
             upper: head.clone(),
-            after_id: last.id,
+            after_id: last.key,
         },
         _ => Position::At(head.clone()),
     };
@@ -359,7 +362,7 @@ fn rest_of_batch(
         (true, Some(last)) => Position::Paging {
             lower: lower.clone(),
             upper: upper.clone(),
-            after_id: last.id,
+            after_id: last.key,
         },
         // The batch is done: everything visible in `upper` has been seen.
         _ => Position::At(upper.clone()),

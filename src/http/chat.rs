@@ -236,6 +236,7 @@ pub(crate) async fn send_message<B: ReqBody>(
         sender: (*user).clone(),
         content: content.to_string(),
         created_at,
+        edited: false,
     };
     ok_json(StatusCode::CREATED, &msg)
 }

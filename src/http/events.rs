@@ -119,9 +119,9 @@ pub(crate) async fn events(
     }
     let typing_seq = app.hub.typing_seq();
     let origin = app.origin();
-    let now = {
+    let (now, horizon) = {
         let client = app.pool.get().await.map_err(DbError::from)?;
-        messages::current_snapshot(&client).await?
+        messages::position_now(&client).await?
     };
     app.hub.observe(&now);
     let typists = app.typing.current(&rooms, user.id).await?;
@@ -130,7 +130,17 @@ pub(crate) async fn events(
     sse::push_retry(&mut head, RETRY_MS);
     let current = Cursor::at(origin, now.clone());
     let resumed = last_event_id.and_then(|text| match Cursor::decode(&text) {
-        Ok(c) if c.origin == origin && c.newest_xmax() <= now.xmax => Some((text, c.position)),
+        // Continued only on this database, from its past, and not from
+        // before deletes hark has forgotten.
+        Ok(c)
+            if c.origin == origin
+                && c.newest_xmax() <= now.xmax
+                && !c
+                    .lower()
+                    .is_some_and(|l| messages::missed_deletes(l, horizon)) =>
+        {
+            Some((text, c.position))
+        }
         _ => {
             let data = serde_json::json!({ "cursor": current.encode() }).to_string();
             sse::push_event(&mut head, "reset", None, data.as_bytes());
@@ -205,7 +215,8 @@ fn earliest(at: Instant, expires: Option<Instant>) -> Instant {
     expires.map_or(at, |e| e.min(at))
 }
 
-/// The `event: message` of each of `rows`, a page of the batch `batch`
+/// The `event: message` (or `event: delete`) of each of `rows`, a page of
+/// the batch `batch`
 /// whose position after its last row is `next`, each with its cursor as
 /// the id ([`reader::position_after`]). The stream and the listener's
 /// direct writes both write pages with this.
@@ -219,7 +230,8 @@ pub(crate) fn push_messages(
     for (i, row) in rows.iter().enumerate() {
         let position = reader::position_after(batch, next, rows, i);
         let id = Cursor { origin, position }.encode();
-        sse::push_event(out, "message", Some(&id), &row.json);
+        let event = if row.deleted { "delete" } else { "message" };
+        sse::push_event(out, event, Some(&id), &row.json);
     }
 }
 

@@ -313,7 +313,7 @@ async fn created_after(
         (true, Some(last)) => Position::Paging {
             lower: Lower::CreatedAfter(since),
             upper: f.head,
-            after_id: last.id,
+            after_id: last.key,
         },
         _ => Position::At(f.head),
     };
@@ -327,7 +327,7 @@ async fn created_after(
     Ok(Ok(answer(&rows, &cursor, more)))
 }
 
-/// The response: messages are already JSON, so this only concatenates.
+/// The response: `rows`' messages and deletions, the cursor, `has_more`.
 pub(crate) fn answer(
     rows: &[Arc<StoredMessage>],
     cursor: &Cursor,
@@ -338,13 +338,21 @@ pub(crate) fn answer(
     let mut body = Vec::with_capacity(
         96 + cursor.len() + rows.iter().map(|m| m.json.len() + 1).sum::<usize>(),
     );
-    body.extend_from_slice(b"{\"messages\":[");
-    for (i, m) in rows.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
+    // Messages and deletions are JSON already: this only concatenates.
+    let list = |body: &mut Vec<u8>, deleted: bool| {
+        let mut first = true;
+        for m in rows.iter().filter(|m| m.deleted == deleted) {
+            if !first {
+                body.push(b',');
+            }
+            first = false;
+            body.extend_from_slice(&m.json);
         }
-        body.extend_from_slice(&m.json);
-    }
+    };
+    body.extend_from_slice(b"{\"messages\":[");
+    list(&mut body, false);
+    body.extend_from_slice(b"],\"deleted\":[");
+    list(&mut body, true);
     body.extend_from_slice(b"],\"timestamp\":\"");
     body.extend_from_slice(now.as_bytes());
     body.extend_from_slice(b"\",\"cursor\":\"");

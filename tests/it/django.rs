@@ -172,7 +172,8 @@ async fn hark_adds_only_what_it_needs_to_djangos_tables() {
             "is_read",
             "room_id",
             "sender_id",
-            "hark_txid"
+            "hark_txid",
+            "hark_edited"
         ]
     );
     // No default was slipped onto Django's columns.
@@ -190,6 +191,8 @@ async fn hark_adds_only_what_it_needs_to_djangos_tables() {
         "hark_read_marker",
         "hark_migrations",
         "hark_access_revoked",
+        "hark_tombstone",
+        "hark_tombstone_horizon",
     ] {
         let n = count(
             &sql,
@@ -211,14 +214,17 @@ async fn hark_adds_only_what_it_needs_to_djangos_tables() {
     assert_eq!(
         triggers,
         [
+            "hark_message_changing",
+            "hark_message_deleted",
             "hark_message_inserted",
+            "hark_message_updated",
             "hark_participant_changed",
             "hark_participant_revoked",
             "hark_room_deleted",
             "hark_user_changed"
         ]
     );
-    assert_eq!(count(&sql, "SELECT count(*) FROM hark_migrations").await, 3);
+    assert_eq!(count(&sql, "SELECT count(*) FROM hark_migrations").await, 4);
     drop(hark);
 }
 
@@ -384,7 +390,7 @@ async fn a_restart_does_not_reapply_the_migrations() {
     let before = applied_migrations(&sql).await;
     assert_eq!(
         before.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
-        [1, 2, 3]
+        [1, 2, 3, 4]
     );
     assert!(hark.logs().contains("applied migration"));
     // A message after the first start: its transaction id must survive.

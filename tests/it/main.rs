@@ -14,6 +14,7 @@ mod cursors;
 mod django;
 mod embedded;
 mod events;
+mod lifecycle;
 mod lossless;
 mod malformed;
 mod openapi;

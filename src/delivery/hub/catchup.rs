@@ -1,7 +1,7 @@
 //! The catch-up cycle: what the listener must read next, and how its
 //! result enters the rings (see the module docs of [`super`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -171,6 +171,19 @@ impl Hub {
         }
         let mut deliveries: Vec<Delivery> = Vec::new();
         if !overflow {
+            // An update or a delete supersedes what the ring holds of the
+            // same message in the same room: a reader is due a message once,
+            // as it is now (its current version or its deletion), and the
+            // ring keeps only that.
+            let mut changed: HashMap<i64, HashSet<i64>> = HashMap::new();
+            for msg in &rows {
+                changed.entry(msg.room).or_default().insert(msg.id);
+            }
+            for (room, ids) in &changed {
+                if let Some(r) = st.rooms.get_mut(room) {
+                    r.ring.retain(|e| !ids.contains(&e.msg.id));
+                }
+            }
             // Per room: rows added, and for rooms with parked streams the
             // delivery being built.
             let mut touched: Vec<(i64, usize, Option<Delivery>)> = Vec::new();

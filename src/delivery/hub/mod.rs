@@ -226,7 +226,7 @@ impl Hub {
                     Some((u, after_id)) => {
                         if !u.is_visible(e.msg.txid) {
                             beyond = true;
-                        } else if e.msg.id > after_id {
+                        } else if e.msg.key > after_id {
                             due.push(e);
                         }
                     }
@@ -236,7 +236,7 @@ impl Hub {
         if due.is_empty() && (upper.is_none() || !beyond) {
             return HubRead::Nothing;
         }
-        due.sort_unstable_by_key(|e| e.msg.id);
+        due.sort_unstable_by_key(|e| e.msg.key);
         let more = due.len() > limit;
         due.truncate(limit);
         let heard = due.iter().map(|e| e.heard).min();

@@ -33,6 +33,7 @@ fn msg(id: i64, room: i64, txid: u64) -> Arc<StoredMessage> {
         },
         content: format!("m{id}"),
         created_at: Utc::now(),
+        edited: false,
     };
     Arc::new(StoredMessage::new(&m, txid))
 }
