@@ -557,3 +557,66 @@ async fn the_page_says_when_it_sends_too_fast() {
     page.assert_no_errors("at the end").await;
     browser.quit().await;
 }
+
+/// An SQL UPDATE and an SQL DELETE change the open page without a reload:
+/// the edit in place, marked edited; the deleted message gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sql_edit_and_delete_change_the_open_page() {
+    webdriver::require_browser();
+    let (hark, fx, alice, bob, room) = general().await;
+    let kept = fx.insert(room, bob, "This one stays").await;
+    let edited = fx.insert(room, bob, "Typo hree").await;
+    let deleted = fx.insert(room, bob, "Something to moderate").await;
+    let browser = Browser::launch(1100, 760).await;
+    let page = Page { browser: &browser };
+    browser.on_new_document(INSTRUMENT).await;
+    browser
+        .goto(&hark.url(&format!("/?token={}&room={room}", token(alice))))
+        .await;
+    page.wait(
+        "the stream to be live",
+        "var s = document.querySelector('#status'); return s && s.dataset.state === 'live';",
+        &hark,
+    )
+    .await;
+    assert_eq!(page.message_ids().await, vec![kept, edited, deleted]);
+    // Gone with a reload: it shows there was none.
+    page.eval("window.__sameDocument = true; return true;")
+        .await;
+
+    fx.db
+        .execute(
+            "UPDATE chat_chatmessage SET content = 'Typo here' WHERE id = $1",
+            &[&edited],
+        )
+        .await
+        .unwrap();
+    page.wait(
+        "the edit in place",
+        &format!(
+            r#"var li = document.querySelector('#messages [data-id="{edited}"]');
+               return li && li.querySelector('.content').textContent === 'Typo here'
+                 && /edited/.test(li.querySelector('.meta').textContent);"#
+        ),
+        &hark,
+    )
+    .await;
+    fx.db
+        .execute("DELETE FROM chat_chatmessage WHERE id = $1", &[&deleted])
+        .await
+        .unwrap();
+    page.wait(
+        "the deleted message gone",
+        &format!(r#"return !document.querySelector('#messages [data-id="{deleted}"]');"#),
+        &hark,
+    )
+    .await;
+    assert_eq!(page.message_ids().await, vec![kept, edited], "in order");
+    assert_eq!(
+        page.eval("return window.__sameDocument === true;").await,
+        true,
+        "reloaded"
+    );
+    page.assert_no_errors("after the edit and the delete").await;
+    browser.quit().await;
+}
