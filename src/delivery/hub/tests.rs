@@ -307,3 +307,62 @@ async fn an_unwatched_room_lingers_then_is_forgotten() {
         "room 1 forgotten, room 2 still watched"
     );
 }
+
+fn version(id: i64, room: i64, txid: u64, content: &str) -> Arc<StoredMessage> {
+    let m = Message {
+        id,
+        room,
+        sender: User {
+            id: 1,
+            username: "a".into(),
+            first_name: String::new(),
+            last_name: String::new(),
+        },
+        content: content.into(),
+        created_at: Utc::now(),
+        edited: content != "v1",
+    };
+    Arc::new(StoredMessage::new(&m, txid))
+}
+
+fn contents(r: &HubRead) -> Vec<String> {
+    match r {
+        HubRead::Due { rows, .. } => rows
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.json).into_owned())
+            .collect(),
+        HubRead::Nothing => vec![],
+        HubRead::Unknown => panic!("unknown"),
+    }
+}
+
+#[tokio::test]
+async fn an_edit_or_a_delete_supersedes_what_the_ring_holds_of_the_message() {
+    let hub = started_hub(snap(10, 10, &[])).await;
+    let _sub = hub.subscribe(&[1], 1, None);
+    catch_up(&hub, snap(10, 10, &[]), vec![]).await;
+    let before = snap(10, 10, &[]);
+    catch_up(&hub, snap(11, 11, &[]), vec![version(5, 1, 10, "v1")]).await;
+    let after_v1 = snap(11, 11, &[]);
+    catch_up(&hub, snap(12, 12, &[]), vec![version(5, 1, 11, "v2")]).await;
+    // Due once, as it is now, whether the reader saw v1 or not.
+    for at in [&before, &after_v1] {
+        let got = contents(&hub.read(&[1], at, None, 10));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].contains("\"content\":\"v2\""), "{got:?}");
+        assert!(got[0].contains("\"edited\":true"), "{got:?}");
+    }
+    catch_up(
+        &hub,
+        snap(13, 13, &[]),
+        vec![Arc::new(StoredMessage::deletion(5, -1, 1, 12))],
+    )
+    .await;
+    match hub.read(&[1], &before, None, 10) {
+        HubRead::Due { rows, .. } => {
+            assert_eq!(rows.len(), 1);
+            assert!(rows[0].deleted && rows[0].id == 5);
+        }
+        other => panic!("{other:?}"),
+    }
+}
