@@ -243,27 +243,44 @@ pub fn met(ok: bool) -> &'static str {
     }
 }
 
+/// The benchmarks' own statements, as the [`Writer`] sends them (and as
+/// `pg_stat_statements` records them).
+pub const INSERT_SQL: &str =
+    "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) VALUES ($1, $2, $3, now())";
+pub const UPDATE_SQL: &str = "UPDATE chat_chatmessage SET content = $2 WHERE id = $1";
+pub const DELETE_SQL: &str = "DELETE FROM chat_chatmessage WHERE id = $1";
+
+/// A change the [`Writer`] commits: an insert, an edit of a message's
+/// content, or a delete.
+enum Change {
+    Insert {
+        room: i64,
+        sender: i64,
+        content: String,
+    },
+    Update {
+        id: i64,
+        content: String,
+    },
+    Delete {
+        id: i64,
+    },
+}
+
+type WriterJob = (Change, tokio::sync::oneshot::Sender<Result<Instant>>);
+
 /// A writer on a thread and runtime of its own, so that the instant its
 /// COMMIT returns is not delayed by the load generator's tasks (thousands
 /// of poll responses arrive at that very moment on the main runtime).
 pub struct Writer {
-    tx: tokio::sync::mpsc::UnboundedSender<(
-        i64,
-        i64,
-        String,
-        tokio::sync::oneshot::Sender<Result<Instant>>,
-    )>,
+    tx: tokio::sync::mpsc::UnboundedSender<WriterJob>,
 }
 
 impl Writer {
-    /// `explicit_tx`: BEGIN; INSERT; COMMIT (else one autocommit INSERT).
+    /// `explicit_tx`: BEGIN; the statement; COMMIT (else one autocommit
+    /// statement).
     pub async fn start(conn: &str, explicit_tx: bool) -> Result<Writer> {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(
-            i64,
-            i64,
-            String,
-            tokio::sync::oneshot::Sender<Result<Instant>>,
-        )>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<WriterJob>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<()>>();
         let conn = conn.to_string();
         writer_thread("bench-writer", move |rt_prio| async move {
@@ -280,17 +297,31 @@ impl Writer {
                     return;
                 }
             };
-            while let Some((room, sender, content, reply)) = rx.recv().await {
-                const INSERT: &str = "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) VALUES ($1, $2, $3, now())";
+            while let Some((change, reply)) = rx.recv().await {
+                use tokio_postgres::types::ToSql;
+                let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = match &change {
+                    Change::Insert {
+                        room,
+                        sender,
+                        content,
+                    } => (INSERT_SQL, vec![room, sender, content]),
+                    Change::Update { id, content } => (UPDATE_SQL, vec![id, content]),
+                    Change::Delete { id } => (DELETE_SQL, vec![id]),
+                };
                 let r = async {
-                    if explicit_tx {
+                    let rows = if explicit_tx {
                         let tx = client.transaction().await?;
-                        tx.execute(INSERT, &[&room, &sender, &content]).await?;
+                        let rows = tx.execute(sql, &params).await?;
                         tx.commit().await?;
+                        rows
                     } else {
-                        client.execute(INSERT, &[&room, &sender, &content]).await?;
+                        client.execute(sql, &params).await?
+                    };
+                    let at = Instant::now();
+                    if rows != 1 {
+                        return Err(err(format!("{sql:?} changed {rows} rows, not 1")));
                     }
-                    Ok::<Instant, BoxError>(Instant::now())
+                    Ok::<Instant, BoxError>(at)
                 }
                 .await;
                 let _ = reply.send(r);
@@ -300,14 +331,40 @@ impl Writer {
         Ok(Writer { tx })
     }
 
+    async fn commit(&self, change: Change) -> Result<Instant> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((change, reply))
+            .map_err(|_| err("writer thread gone"))?;
+        rx.await.map_err(|_| err("writer thread gone"))?
+    }
+
     /// Inserts one message in its own transaction; returns the instant
     /// COMMIT returned (taken on the writer's thread).
     pub async fn insert(&self, room: i64, sender: i64, content: &str) -> Result<Instant> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send((room, sender, content.to_string(), reply))
-            .map_err(|_| err("writer thread gone"))?;
-        rx.await.map_err(|_| err("writer thread gone"))?
+        self.commit(Change::Insert {
+            room,
+            sender,
+            content: content.to_string(),
+        })
+        .await
+    }
+
+    /// Sets message `id`'s content, in its own transaction (an edit);
+    /// returns the instant COMMIT returned. An error unless exactly one
+    /// row changed.
+    pub async fn update(&self, id: i64, content: &str) -> Result<Instant> {
+        self.commit(Change::Update {
+            id,
+            content: content.to_string(),
+        })
+        .await
+    }
+
+    /// Deletes message `id` in its own transaction; returns the instant
+    /// COMMIT returned. An error unless exactly one row went.
+    pub async fn delete(&self, id: i64) -> Result<Instant> {
+        self.commit(Change::Delete { id }).await
     }
 }
 /// A token good for six hours (a long benchmark outlives the kit's hour).
@@ -515,6 +572,64 @@ pub fn poll_result(r: &Resp) -> Result<(usize, String)> {
     Ok((b.messages.len(), b.cursor))
 }
 
+/// What a poll answer carried, read in more detail than [`poll_result`]
+/// (which the fan-out benchmarks use, to spend as little as possible per
+/// response): each message's `id` and `edited`, and the `deleted` list.
+pub struct PollAnswer {
+    pub messages: usize,
+    /// Messages with `"edited": true`.
+    pub edited: usize,
+    /// Entries of `deleted`.
+    pub deleted: usize,
+    /// The first message's id.
+    pub first_message: Option<i64>,
+    /// The first deletion's (id, room).
+    pub first_deleted: Option<(i64, i64)>,
+    pub cursor: String,
+}
+
+/// A poll response in detail; an error when it is not a 200 or lacks
+/// `messages`, `deleted`, `cursor` or a message's `id` or `edited`.
+pub fn poll_answer(r: &Resp) -> Result<PollAnswer> {
+    if r.status != 200 {
+        return Err(err(format!(
+            "poll answered {}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        )));
+    }
+    #[derive(serde::Deserialize)]
+    struct Message {
+        id: i64,
+        edited: bool,
+    }
+    #[derive(serde::Deserialize)]
+    struct Deletion {
+        id: i64,
+        room: i64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Body {
+        messages: Vec<Message>,
+        deleted: Vec<Deletion>,
+        cursor: String,
+    }
+    let b: Body = serde_json::from_slice(&r.body).map_err(|e| {
+        err(format!(
+            "not a poll answer with `deleted` and `edited` ({e}): {}",
+            String::from_utf8_lossy(&r.body)
+        ))
+    })?;
+    Ok(PollAnswer {
+        messages: b.messages.len(),
+        edited: b.messages.iter().filter(|m| m.edited).count(),
+        deleted: b.deleted.len(),
+        first_message: b.messages.first().map(|m| m.id),
+        first_deleted: b.deleted.first().map(|d| (d.id, d.room)),
+        cursor: b.cursor,
+    })
+}
+
 /// Nearest-rank percentile of sorted values.
 pub fn pct<T: Copy>(sorted: &[T], p: f64) -> T {
     let n = sorted.len();
@@ -583,7 +698,23 @@ pub struct Sample {
     /// When the response had been fully received.
     pub at: Instant,
     pub messages: usize,
+    /// From [`Pollers::spawn_checked`]'s pollers only (else 0 and None):
+    /// what [`PollAnswer`] has of the answer.
+    pub edited: usize,
+    pub deleted: usize,
+    pub first_message: Option<i64>,
+    pub first_deleted: Option<(i64, i64)>,
     pub error: Option<String>,
+}
+
+impl Sample {
+    /// What the answer carried, for an error message.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} messages ({} edited, the first {:?}), {} deleted (the first (id, room) {:?})",
+            self.messages, self.edited, self.first_message, self.deleted, self.first_deleted
+        )
+    }
 }
 
 /// One round's answers, latencies measured from `t0`.
@@ -591,8 +722,11 @@ pub struct Round {
     /// Sorted.
     pub lat: Vec<Duration>,
     pub errors: usize,
-    /// Answers that did not carry exactly one message.
+    /// Answers that failed the round's check ([`Pollers::collect`]'s:
+    /// not exactly one message).
     pub wrong: usize,
+    /// The first of those, described.
+    pub first_wrong: Option<String>,
     /// Answers received before `t0` (counted as 0 ms).
     pub early: usize,
     pub first_error: Option<String>,
@@ -656,7 +790,20 @@ impl Pollers {
         cursor: &str,
         polls_each: usize,
     ) -> Pollers {
-        Pollers::spawn_with(conns, room, token, cursor, polls_each, false)
+        Pollers::spawn_inner(conns, room, token, cursor, polls_each, false, false)
+    }
+
+    /// Pollers that re-poll as soon as they have an answer, and read each
+    /// answer in detail ([`poll_answer`]): its samples say which messages
+    /// were edited and what was deleted.
+    pub fn spawn_checked(
+        conns: Vec<Conn>,
+        room: i64,
+        token: &str,
+        cursor: &str,
+        polls_each: usize,
+    ) -> Pollers {
+        Pollers::spawn_inner(conns, room, token, cursor, polls_each, false, true)
     }
 
     /// `barrier`: each poller sends its poll `k` (k ≥ 1) only after
@@ -669,6 +816,18 @@ impl Pollers {
         cursor: &str,
         polls_each: usize,
         barrier: bool,
+    ) -> Pollers {
+        Pollers::spawn_inner(conns, room, token, cursor, polls_each, barrier, false)
+    }
+
+    fn spawn_inner(
+        conns: Vec<Conn>,
+        room: i64,
+        token: &str,
+        cursor: &str,
+        polls_each: usize,
+        barrier: bool,
+        checked: bool,
     ) -> Pollers {
         let samples = Arc::new(SampleList::default());
         let (go_tx, go_rx) = tokio::sync::watch::channel(0usize);
@@ -690,21 +849,40 @@ impl Pollers {
                         Err(e) => Err(e),
                     };
                     let at = Instant::now();
-                    let (messages, error) =
-                        match resp.map_err(BoxError::from).and_then(|r| poll_result(&r)) {
-                            Ok((messages, next)) => {
-                                cursor = next;
-                                (messages, None)
-                            }
-                            Err(e) => (0, Some(e.to_string())),
-                        };
-                    let failed = error.is_some();
-                    samples.push(Sample {
+                    let mut sample = Sample {
                         round,
                         at,
-                        messages,
-                        error,
-                    });
+                        messages: 0,
+                        edited: 0,
+                        deleted: 0,
+                        first_message: None,
+                        first_deleted: None,
+                        error: None,
+                    };
+                    let resp = resp.map_err(BoxError::from);
+                    if checked {
+                        match resp.and_then(|r| poll_answer(&r)) {
+                            Ok(a) => {
+                                cursor = a.cursor;
+                                sample.messages = a.messages;
+                                sample.edited = a.edited;
+                                sample.deleted = a.deleted;
+                                sample.first_message = a.first_message;
+                                sample.first_deleted = a.first_deleted;
+                            }
+                            Err(e) => sample.error = Some(e.to_string()),
+                        }
+                    } else {
+                        match resp.and_then(|r| poll_result(&r)) {
+                            Ok((messages, next)) => {
+                                cursor = next;
+                                sample.messages = messages;
+                            }
+                            Err(e) => sample.error = Some(e.to_string()),
+                        }
+                    }
+                    let failed = sample.error.is_some();
+                    samples.push(sample);
                     if failed {
                         return;
                     }
@@ -728,12 +906,27 @@ impl Pollers {
         let _ = self.go.send(k);
     }
 
-    /// Waits (bounded) for every poller's answer of `round`.
+    /// Waits (bounded) for every poller's answer of `round`; an answer
+    /// without exactly one message counts as wrong.
     pub async fn collect(&mut self, round: usize, t0: Instant, timeout: Duration) -> Result<Round> {
+        self.collect_with(round, t0, timeout, |s| s.messages == 1)
+            .await
+    }
+
+    /// Waits (bounded) for every poller's answer of `round`; an answer
+    /// for which `ok` is false counts as wrong.
+    pub async fn collect_with(
+        &mut self,
+        round: usize,
+        t0: Instant,
+        timeout: Duration,
+        ok: impl Fn(&Sample) -> bool,
+    ) -> Result<Round> {
         let mut r = Round {
             lat: Vec::with_capacity(self.n),
             errors: 0,
             wrong: 0,
+            first_wrong: None,
             early: 0,
             first_error: None,
         };
@@ -760,8 +953,9 @@ impl Pollers {
                     r.first_error.get_or_insert(e);
                     continue;
                 }
-                if s.messages != 1 {
+                if !ok(&s) {
                     r.wrong += 1;
+                    r.first_wrong.get_or_insert_with(|| s.describe());
                 }
                 if s.at < t0 {
                     r.early += 1;
