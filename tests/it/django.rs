@@ -228,6 +228,39 @@ async fn hark_adds_only_what_it_needs_to_djangos_tables() {
     drop(hark);
 }
 
+/// The migrations change only the catalog of Django's message table: a
+/// table of millions of rows is neither rewritten nor locked for minutes
+/// (a rewrite gives the table a new file, which this would see).
+#[tokio::test]
+async fn the_migrations_do_not_rewrite_djangos_message_table() {
+    let db = fresh_db().await;
+    let sql = connect(&db).await;
+    sql.batch_execute(DJANGO_SCHEMA)
+        .await
+        .expect("Django's schema");
+    sql.batch_execute(DJANGO_ROWS).await.expect("Django's rows");
+    let file = "SELECT pg_relation_filenode('chat_chatmessage')::bigint";
+    let before = count(&sql, file).await;
+    let hark = start_hark(&db, &[]).await;
+    hark.wait_ready().await;
+    assert_eq!(count(&sql, "SELECT count(*) FROM hark_migrations").await, 4);
+    assert_eq!(
+        count(&sql, file).await,
+        before,
+        "chat_chatmessage was rewritten"
+    );
+    // The rows written before hark read as history: stamped 1, not edited.
+    assert_eq!(
+        count(
+            &sql,
+            "SELECT count(*) FROM chat_chatmessage WHERE hark_txid = '1' AND NOT hark_edited"
+        )
+        .await,
+        2
+    );
+    drop(hark);
+}
+
 #[tokio::test]
 async fn djangos_rows_are_served() {
     let (hark, _sql) = django_then_hark().await;
