@@ -138,6 +138,7 @@ async fn serve(
             typing: typing.clone(),
             metrics: metrics.clone(),
             encode: Arc::new(crate::http::parked::Frames { cors: cors.clone() }),
+            answer_bytes: config.max_answer_bytes as usize,
         }
         .run(shutdown.clone()),
     );

@@ -52,6 +52,8 @@ pub(crate) struct Listener {
     /// Builds what the listener writes to parked streams and polls: the
     /// HTTP edge's encoding, wired in by `app.rs`.
     pub encode: Arc<dyn Encode>,
+    /// `HARK_MAX_ANSWER_BYTES`, for the answers it writes to parked polls.
+    pub answer_bytes: usize,
 }
 
 /// A NOTIFY payload. Kinds: `m` message (room), `t` typing (room, user,
@@ -181,7 +183,12 @@ impl Listener {
                             let deliveries = self.hub.finish_catchup(plan, caught);
                             // Before the next catch-up: a parked stream gets
                             // its pages in order.
-                            let ctx = park::Ctx { origin, metrics: &self.metrics, encode: &self.encode };
+                            let ctx = park::Ctx {
+                                origin,
+                                answer_bytes: self.answer_bytes,
+                                metrics: &self.metrics,
+                                encode: &self.encode,
+                            };
                             park::deliver(deliveries, &ctx).await;
                         }
                         Ok(Err(e)) => {

@@ -283,6 +283,9 @@ struct Page {
 pub(crate) struct Ctx<'a> {
     /// The database identity the cursors carry.
     pub origin: Origin,
+    /// Most bytes of messages in one poll answer (`HARK_MAX_ANSWER_BYTES`):
+    /// a poll due more wakes and pages its answer itself.
+    pub answer_bytes: usize,
     pub metrics: &'a Arc<Metrics>,
     pub encode: &'a Arc<dyn Encode>,
 }
@@ -307,12 +310,17 @@ pub(crate) async fn deliver(deliveries: Vec<Delivery>, ctx: &Ctx<'_>) {
         let tasks: Vec<_> = (0..parts)
             .map(|i| {
                 let d = d.clone();
-                let (origin, metrics, encode) =
-                    (ctx.origin, ctx.metrics.clone(), ctx.encode.clone());
+                let (origin, answer_bytes, metrics, encode) = (
+                    ctx.origin,
+                    ctx.answer_bytes,
+                    ctx.metrics.clone(),
+                    ctx.encode.clone(),
+                );
                 let range = i * per..((i + 1) * per).min(d.parked.len());
                 tokio::spawn(async move {
                     let ctx = Ctx {
                         origin,
+                        answer_bytes,
                         metrics: &metrics,
                         encode: &encode,
                     };
@@ -407,7 +415,8 @@ fn write_parked(s: &Parked, d: &Delivery, ctx: &Ctx<'_>, pages: &mut Vec<Page>) 
 /// catch-up's rows not visible in `at`, as the edge encodes them. Valid
 /// only when `at` lies between the catch-up's lower snapshot and its head
 /// — then the rows due are exactly those, and the next position is the
-/// head — and when something is due.
+/// head — and when something is due; for polls, when it fits one answer
+/// (as [`crate::delivery::reader::fit`] measures it).
 fn build(d: &Delivery, at: &Arc<Snapshot>, poll: Option<&Option<Bytes>>, ctx: &Ctx<'_>) -> Page {
     let mut page = Page {
         at: at.clone(),
@@ -426,6 +435,10 @@ fn build(d: &Delivery, at: &Arc<Snapshot>, poll: Option<&Option<Bytes>>, ctx: &C
         .collect();
     page.rows = due.len();
     if due.is_empty() {
+        return page;
+    }
+    let bytes: usize = due.iter().map(|m| m.json.len() + 1).sum();
+    if poll.is_some() && due.len() > 1 && bytes > ctx.answer_bytes {
         return page;
     }
     page.bytes = match poll {
@@ -607,6 +620,7 @@ mod tests {
         let encode: Arc<dyn Encode> = Arc::new(Names);
         let ctx = Ctx {
             origin: ORIGIN,
+            answer_bytes: usize::MAX,
             metrics,
             encode: &encode,
         };
@@ -807,6 +821,41 @@ mod tests {
         assert!(!revoked.park.park_poll(&lower, form(100)));
         revoked.park.checking();
         assert!(revoked.park.park_poll(&lower, form(100)));
+    }
+
+    /// What the poll would answer itself: no more than one answer's bytes
+    /// of messages (a single larger message alone).
+    #[tokio::test]
+    async fn a_poll_due_more_than_one_answer_holds_is_woken_to_page_itself() {
+        let (lower, head) = (snap(10, 10, &[]), snap(12, 12, &[]));
+        let rows = vec![msg(1, 10), msg(2, 11)];
+        let bytes: usize = rows.iter().map(|m| m.json.len() + 1).sum();
+        let encode: Arc<dyn Encode> = Arc::new(Names);
+        let metrics = Arc::new(Metrics::default());
+        for (budget, answered) in [(bytes - 1, false), (bytes, true), (1, false)] {
+            let p = poll();
+            assert!(p.park.park_poll(&lower, form(100)));
+            let ctx = Ctx {
+                origin: ORIGIN,
+                answer_bytes: budget,
+                metrics: &metrics,
+                encode: &encode,
+            };
+            deliver(vec![delivery(&lower, &head, rows.clone(), &[&p])], &ctx).await;
+            assert_eq!(!p.sink.take().is_empty(), answered, "budget {budget}");
+            assert_eq!(woken(&p.notify), !answered, "budget {budget}");
+        }
+        // One message larger than the budget goes alone.
+        let p = poll();
+        assert!(p.park.park_poll(&snap(11, 11, &[]), form(100)));
+        let ctx = Ctx {
+            origin: ORIGIN,
+            answer_bytes: 1,
+            metrics: &metrics,
+            encode: &encode,
+        };
+        deliver(vec![delivery(&lower, &head, rows, &[&p])], &ctx).await;
+        assert!(!p.sink.take().is_empty());
     }
 
     #[tokio::test]
