@@ -126,7 +126,11 @@ async fn serve(
 
     let (trigger, shutdown) = shutdown::channel();
     let metrics = Metrics::new();
-    let hub = Hub::new(config.hub_ring as usize, metrics.clone());
+    let hub = Hub::new(
+        config.hub_ring as usize,
+        config.hub_window as usize,
+        metrics.clone(),
+    );
     let directory = Directory::new(pool.clone(), hub.clone());
     let typing = Typing::new(pool.clone(), config.typing_ttl());
     let cors = Cors::new(config.cors_origins.as_deref());

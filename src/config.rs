@@ -127,6 +127,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub hub_ring: u32,
 
+    /// Newest messages the hub keeps per watched room for polls without a
+    /// cursor (the latest page, an ISO `since`), kept current by the
+    /// catch-ups; 0 sends those polls to the database.
+    #[arg(long, env = "HARK_HUB_WINDOW", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub hub_window: u32,
+
     /// Return freed heap memory to the OS (a jemalloc purge) once this many
     /// connections, and half of the peak, have closed; 0 turns it off.
     #[arg(long, env = "HARK_TRIM_AFTER_CONNECTIONS", default_value_t = 1000,
@@ -210,6 +217,7 @@ impl std::fmt::Debug for Config {
             .field("direct_writes", &self.direct_writes)
             .field("db_pool_size", &self.db_pool_size)
             .field("hub_ring", &self.hub_ring)
+            .field("hub_window", &self.hub_window)
             .field("trim_after_connections", &self.trim_after_connections)
             .field("write_rate", &self.write_rate)
             .field("write_burst", &self.write_burst)

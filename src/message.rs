@@ -64,6 +64,9 @@ pub struct StoredMessage {
     pub txid: u64,
     /// A deletion: `json` is `{"id", "room"}`, not a Message.
     pub deleted: bool,
+    /// What an ISO `since` compares: a message's `created_at`, a
+    /// deletion's time.
+    pub at: DateTime<Utc>,
     /// The Message object (or the deletion) as one line of JSON.
     pub json: Bytes,
 }
@@ -78,19 +81,21 @@ impl StoredMessage {
             room: m.room,
             txid,
             deleted: false,
+            at: m.created_at,
             json: Bytes::from(json),
         }
     }
 
-    /// Message `id` left `room` in transaction `txid`; `key` from
+    /// Message `id` left `room` in transaction `txid`, at `at`; `key` from
     /// [`deletion_key`].
-    pub fn deletion(id: i64, key: i64, room: i64, txid: u64) -> StoredMessage {
+    pub fn deletion(id: i64, key: i64, room: i64, txid: u64, at: DateTime<Utc>) -> StoredMessage {
         StoredMessage {
             id,
             key,
             room,
             txid,
             deleted: true,
+            at,
             json: Bytes::from(format!("{{\"id\":{id},\"room\":{room}}}")),
         }
     }

@@ -44,6 +44,19 @@ impl Histogram {
     }
 }
 
+/// The form of a poll's `since`, as `hark_poll_answers_total` labels it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum PollSince {
+    /// A cursor.
+    Cursor = 0,
+    /// None: the latest page.
+    Absent = 1,
+    /// An ISO timestamp.
+    Time = 2,
+}
+
+const POLL_SINCE: [&str; 3] = ["cursor", "none", "time"];
+
 /// All of hark's metrics. Shared as `Arc<Metrics>`.
 #[derive(Default)]
 pub(crate) struct Metrics {
@@ -61,6 +74,8 @@ pub(crate) struct Metrics {
     pub cold_queries: AtomicU64,
     pub listener_reconnects: AtomicU64,
     pub polls_answered_from_memory: AtomicU64,
+    /// Poll answers by [`PollSince`] and source (0: memory, 1: database).
+    poll_answers: [[AtomicU64; 2]; 3],
     pub streams_cut_slow: AtomicU64,
     pub streams_expired: AtomicU64,
     /// Pages a catch-up wrote straight to a parked stream's socket.
@@ -90,6 +105,11 @@ impl Metrics {
 
     pub(crate) fn connection_closed(&self) {
         self.open_connections.fetch_sub(1, Relaxed);
+    }
+
+    /// A poll answered; `from_db`: its answer needed a database read.
+    pub(crate) fn poll_answered(&self, since: PollSince, from_db: bool) {
+        self.poll_answers[since as usize][usize::from(from_db)].fetch_add(1, Relaxed);
     }
 
     pub(crate) fn render(&self) -> String {
@@ -191,6 +211,20 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
                 v.load(Relaxed)
             );
+        }
+        let name = "hark_poll_answers_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Polls answered, by the form of `since` and whether the answer came from memory or needed a database read.\n# TYPE {name} counter"
+        );
+        for (since, label) in POLL_SINCE.iter().enumerate() {
+            for (source, source_label) in ["memory", "database"].iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{since=\"{label}\",source=\"{source_label}\"}} {}",
+                    self.poll_answers[since][source].load(Relaxed)
+                );
+            }
         }
         self.delivery_latency.render(
             &mut out,

@@ -134,7 +134,7 @@ macro_rules! select_changes {
             " LIMIT $2) \
                    UNION ALL \
                    (SELECT t.message_id::int8, t.seq - 4611686018427387904, 0, t.room_id::int8, NULL, \
-                          NULL, t.hark_txid::text, NULL, \
+                          t.deleted_at, t.hark_txid::text, NULL, \
                           NULL, NULL, NULL, NULL, 64::int8 \
                     FROM hark_tombstone t \
                     WHERE t.room_id = ANY($1::int8[]) AND ",
@@ -349,7 +349,8 @@ fn decode(rows: Vec<Row>) -> Result<Fetched, DbError> {
         let txid = parse_xid(&row.try_get::<_, String>("txid")?)?;
         if row.try_get::<_, i32>("kind")? == 0 {
             let key = row.try_get("key")?;
-            out.push(Arc::new(StoredMessage::deletion(id, key, room, txid)));
+            let at = row.try_get("created_at")?;
+            out.push(Arc::new(StoredMessage::deletion(id, key, room, txid, at)));
             continue;
         }
         let msg = Message {

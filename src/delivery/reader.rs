@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
 use deadpool_postgres::Pool;
@@ -12,7 +13,7 @@ use deadpool_postgres::Pool;
 use crate::cursor::{Lower, Position, Snapshot};
 use crate::db::messages::{self, Budget, Fetched, Read};
 use crate::db::DbError;
-use crate::delivery::hub::{Hub, HubRead};
+use crate::delivery::hub::{Hub, HubRead, Window};
 use crate::message::StoredMessage;
 use crate::metrics::Metrics;
 
@@ -59,6 +60,20 @@ pub(crate) struct Page {
     pub from_db: bool,
     /// When `from_db`: how many of the rooms read the reader participates
     /// in, as of the snapshot the rows were read with.
+    pub member_of: i64,
+}
+
+/// The first page of a poll without a cursor (the latest page, an ISO
+/// `since`).
+pub(crate) struct Start {
+    /// Ascending paging key.
+    pub rows: Vec<Arc<StoredMessage>>,
+    /// The position after them.
+    pub next: Position,
+    /// More are due after `next` right now.
+    pub more: bool,
+    /// As in [`Page`].
+    pub from_db: bool,
     pub member_of: i64,
 }
 
@@ -129,8 +144,9 @@ impl Reader {
     /// hub subscription for `rooms`, taken before this call.
     ///
     /// `fresh`: the caller answers now rather than waiting (a poll with
-    /// `timeout=0`), so "nothing as of the hub's last catch-up" is not good
-    /// enough — a NOTIFY may still be on its way — and the database decides.
+    /// `timeout=0`), so "nothing as of the hub's last catch-up" is the
+    /// answer only while memory is current (no NOTIFY of the room waits for
+    /// a catch-up, none was lost); otherwise the database decides.
     pub(crate) async fn next_page(
         &self,
         rooms: &[i64],
@@ -175,17 +191,19 @@ impl Reader {
                     page.settled = !page.more;
                     Ok(Some(page))
                 }
-                HubRead::Nothing if !fresh => Ok(Some(Page {
+                // A fresh answer of "nothing" needs memory to be current:
+                // then it is what the database would say, as of the head.
+                HubRead::Nothing { next, current } if current || !fresh => Ok(Some(Page {
                     rows: Vec::new(),
                     batch: None,
-                    next: pos.clone(),
+                    next: next.map_or_else(|| pos.clone(), Position::At),
                     more: false,
                     settled: true,
                     heard: None,
                     from_db: false,
                     member_of: 0,
                 })),
-                HubRead::Nothing | HubRead::Unknown => Ok(None),
+                HubRead::Nothing { .. } | HubRead::Unknown => Ok(None),
             },
             Position::Paging {
                 lower,
@@ -291,6 +309,74 @@ impl Reader {
         }
     }
 
+    /// The newest messages of `room` within `want`: from the hub's window
+    /// of the room when it holds them; else read, and the read offered to
+    /// the hub as the window (so it reads up to the window's size).
+    pub(crate) async fn latest(&self, room: i64, want: Want) -> Result<Start, ReadError> {
+        if let Some(p) = self.hub.latest(room, want.limit) {
+            let mut rows = p.rows;
+            fit_newest(&mut rows, want.bytes);
+            return Ok(Start {
+                rows,
+                next: Position::At(p.head),
+                more: false,
+                from_db: false,
+                member_of: 0,
+            });
+        }
+        let size = want.limit.max(self.hub.window_capacity());
+        let read = Read::Latest { limit: size as i64 };
+        let f = self.cold(&[room], read, want.budget()).await?;
+        if self.hub.window_capacity() > 0 {
+            // Fewer than asked for, and not for want of bytes: all there is.
+            let whole = !f.cut && f.rows.len() < size;
+            if let Some(w) = Window::from_latest(&f.rows, whole) {
+                self.hub.seed(room, f.head.clone(), w);
+            }
+        }
+        let mut rows = f.rows;
+        let extra = rows.len().saturating_sub(want.limit);
+        rows.drain(..extra);
+        fit_newest(&mut rows, want.bytes);
+        Ok(Start {
+            rows,
+            next: Position::At(f.head),
+            more: false,
+            from_db: true,
+            member_of: f.member_of,
+        })
+    }
+
+    /// The first page after an ISO `since` in `room`: messages created
+    /// after it and deletions after it. From the hub's window of the room
+    /// when it reaches back to `since`; else read, and a complete read
+    /// offered to the hub as the window.
+    pub(crate) async fn created_after(
+        &self,
+        room: i64,
+        since: DateTime<Utc>,
+        want: Want,
+    ) -> Result<Start, ReadError> {
+        if let Some(p) = self.hub.created_after(room, since, want.limit) {
+            let mut rows = p.rows;
+            let more = fit(&mut rows, want.bytes) || p.more;
+            return Ok(after_time(since, rows, more, p.head, None));
+        }
+        let size = want.limit.max(self.hub.window_capacity());
+        let read = Read::CreatedAfter {
+            since,
+            limit: size as i64 + 1,
+        };
+        let f = self.cold(&[room], read, want.budget()).await?;
+        if self.hub.window_capacity() > 0 && !f.cut && f.rows.len() <= size {
+            let w = Window::from_created_after(&f.rows, since);
+            self.hub.seed(room, f.head.clone(), w);
+        }
+        let mut rows = f.rows;
+        let more = limit_rows(&mut rows, want) || f.cut;
+        Ok(after_time(since, rows, more, f.head, Some(f.member_of)))
+    }
+
     /// A read on a pooled connection, released before any wait.
     pub(crate) async fn cold(
         &self,
@@ -347,6 +433,33 @@ fn split(
         heard,
         from_db: false,
         member_of: 0,
+    }
+}
+
+/// The first page after an ISO `since`, read at `head`: when more are due,
+/// the next position pages through the batch of the changes after `since`
+/// visible in `head`.
+fn after_time(
+    since: DateTime<Utc>,
+    rows: Vec<Arc<StoredMessage>>,
+    more: bool,
+    head: Arc<Snapshot>,
+    member_of: Option<i64>,
+) -> Start {
+    let next = match (more, rows.last()) {
+        (true, Some(last)) => Position::Paging {
+            lower: Lower::CreatedAfter(since),
+            upper: head,
+            after_id: last.key,
+        },
+        _ => Position::At(head),
+    };
+    Start {
+        rows,
+        next,
+        more,
+        from_db: member_of.is_some(),
+        member_of: member_of.unwrap_or(0),
     }
 }
 

@@ -230,6 +230,10 @@ pub(crate) async fn send_message<B: ReqBody>(
     require_participant(app, room, user.id).await?;
     let client = app.pool.get().await.map_err(crate::db::DbError::from)?;
     let (id, created_at) = messages::send(&client, room, user.id, content).await?;
+    // As if its NOTIFY had arrived: until a catch-up has read the row, a
+    // poll of the room that must answer at once asks the database, so the
+    // sender's next poll sees what it just sent.
+    app.hub.message_notified(room);
     let msg = Message {
         id,
         room,

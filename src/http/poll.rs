@@ -23,16 +23,16 @@ use tokio::time::Instant;
 
 use super::chat::{require_participant, require_still_participant};
 use super::error::ApiError;
-use super::request::{authenticate, query_get, query_pairs};
+use super::request::{query_get, query_pairs, token_claims};
 use super::response::json_response;
 use super::shared::Shared;
 use super::Body;
 use crate::config::Config;
-use crate::cursor::{Cursor, Lower, Origin, Position};
-use crate::db::messages::Read;
+use crate::cursor::{Cursor, Origin, Position};
 use crate::delivery::park::{Park, PollForm};
-use crate::delivery::reader::{self, Want};
+use crate::delivery::reader::{Start, Want};
 use crate::message::{format_ts, StoredMessage};
+use crate::metrics::PollSince;
 
 const DEFAULT_LIMIT: u32 = 100;
 
@@ -131,21 +131,30 @@ pub(crate) fn check_origin(cursor: &Cursor, origin: Origin) -> Result<(), ApiErr
     Ok(())
 }
 
-pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body>, ApiError> {
-    let pairs = query_pairs(&req);
-    let user = Box::pin(authenticate(app, &req, &pairs)).await?;
-    let park = req.extensions().get::<Arc<Park>>().cloned();
-    // A parked answer's CORS headers depend on it.
-    let req_origin = park.as_ref().and_then(|_| {
-        let origin = req.headers().get(ORIGIN)?;
-        Some(bytes::Bytes::copy_from_slice(origin.as_bytes()))
-    });
-    drop(req);
-    let room = parse_room_id(query_get(&pairs, "room_id"))?;
-    let since = parse_since(query_get(&pairs, "since"))?;
-    let cfg = &app.config;
+/// What a poll takes from its request, read before anything is awaited so
+/// that the request is not kept in the poll's state.
+struct Asked {
+    user: i64,
+    /// The query's errors wait until the user is known: an unknown user
+    /// is told so first.
+    params: Result<Params, ApiError>,
+    park: Option<Arc<Park>>,
+    /// A parked answer's CORS headers depend on it.
+    origin: Option<bytes::Bytes>,
+}
+
+struct Params {
+    room: i64,
+    since: Since,
+    timeout: u64,
+    limit: usize,
+}
+
+fn params(cfg: &Config, pairs: &[(String, String)]) -> Result<Params, ApiError> {
+    let room = parse_room_id(query_get(pairs, "room_id"))?;
+    let since = parse_since(query_get(pairs, "since"))?;
     let timeout = whole(
-        query_get(&pairs, "timeout"),
+        query_get(pairs, "timeout"),
         "timeout",
         "invalid_timeout",
         0,
@@ -153,16 +162,61 @@ pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body
         default_timeout(cfg),
     )?;
     let limit = whole(
-        query_get(&pairs, "limit"),
+        query_get(pairs, "limit"),
         "limit",
         "invalid_limit",
         1,
         u64::from(cfg.poll_limit_max),
         u64::from(default_limit(cfg)),
     )? as usize;
-    // Not kept across the wait (a waiting poll's state is what each one
-    // costs): the user's id goes on in `want`.
-    drop(pairs);
+    Ok(Params {
+        room,
+        since,
+        timeout,
+        limit,
+    })
+}
+
+pub(crate) fn poll(
+    app: &Shared,
+    req: Request<()>,
+) -> impl std::future::Future<Output = Result<Response<Body>, ApiError>> + '_ {
+    let pairs = query_pairs(&req);
+    let asked = token_claims(app, &req, &pairs).map(|(user, _)| {
+        let park = req.extensions().get::<Arc<Park>>().cloned();
+        let origin = park.as_ref().and_then(|_| {
+            let origin = req.headers().get(ORIGIN)?;
+            Some(bytes::Bytes::copy_from_slice(origin.as_bytes()))
+        });
+        Asked {
+            user,
+            params: params(&app.config, &pairs),
+            park,
+            origin,
+        }
+    });
+    wait_poll(app, asked)
+}
+
+async fn wait_poll(
+    app: &Shared,
+    asked: Result<Asked, ApiError>,
+) -> Result<Response<Body>, ApiError> {
+    let Asked {
+        user,
+        params,
+        park,
+        origin: req_origin,
+    } = asked?;
+    let user = Box::pin(app.directory.user(user))
+        .await?
+        .ok_or(ApiError::UnknownUser)?;
+    let Params {
+        room,
+        since,
+        timeout,
+        limit,
+    } = params?;
     if !app.directory.cached_participant(room, user.id) {
         Box::pin(require_participant(app, room, user.id)).await?;
     }
@@ -174,6 +228,8 @@ pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body
     // wakes us, and so does a loss of access.
     let sub = app.hub.subscribe(&[room], user.id, None);
     let deadline = Instant::now() + Duration::from_secs(timeout);
+    // Answers at once, so "nothing yet" must be current (see memory_page).
+    let fresh = timeout == 0;
     let mut shutdown = app.shutdown.clone();
     let want = Want {
         user: user.id,
@@ -183,59 +239,72 @@ pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body
     drop(user);
     // The first reads of the two other forms of `since` are boxed, so a
     // waiting poll's state does not keep room for them.
-    let mut pos = match since {
+    let (mut pos, since, used_db) = match since {
         Since::Latest => return Box::pin(latest(app, room, want)).await,
         Since::CreatedAfter(since) => {
             match Box::pin(created_after(app, room, since, want)).await? {
                 Ok(answer) => return Ok(answer),
-                Err(next) => next,
+                Err((next, from_db)) => (next, PollSince::Time, from_db),
             }
         }
-        Since::Cursor(c) => c.position,
+        Since::Cursor(c) => (c.position, PollSince::Cursor, false),
     };
-    let mut waiting = None;
-    let mut parkable = false;
+    let mut me = Waiter {
+        app,
+        park,
+        waiting: false,
+        parkable: false,
+        since,
+        used_db,
+    };
     loop {
-        if let Some(park) = &park {
+        if let Some(park) = &me.park {
             // A loss of access heard from here on keeps the poll from
             // parking until it has checked again.
             park.checking();
         }
-        let page = match app.reader.memory_page(&[room], &pos, want, timeout == 0)? {
-            Some(page) => page,
-            None => Box::pin(app.reader.db_page(&[room], &pos, want)).await?,
-        };
-        // After the read, so that what it returned is covered: nothing
-        // committed after the user lost access is ever answered.
-        // Without a future when the read or the cache already says yes:
-        // most polls are answered at once, from memory.
-        let member = page.from_db.then_some(page.member_of > 0);
-        let allowed = match member {
-            Some(m) => m,
-            None => app.directory.cached_participant(room, want.user),
-        };
-        if !allowed {
-            Box::pin(require_still_participant(app, room, want.user, member)).await?;
-        }
-        pos = page.next;
-        if !page.rows.is_empty() {
-            let resp = answer(
-                &page.rows,
-                &Cursor {
-                    origin: app.origin(),
-                    position: pos,
-                },
-                page.more,
-            );
-            if let Some(heard) = page.heard {
-                app.metrics.delivery_latency.observe(heard.elapsed());
+        // A block, so that the page is not kept across the wait below.
+        let settled = {
+            let page = match app.reader.memory_page(&[room], &pos, want, fresh)? {
+                Some(page) => page,
+                None => Box::pin(app.reader.db_page(&[room], &pos, want)).await?,
+            };
+            // After the read, so that what it returned is covered: nothing
+            // committed after the user lost access is ever answered.
+            // Without a future when the read or the cache already says yes:
+            // most polls are answered at once, from memory.
+            me.used_db |= page.from_db;
+            let member = page.from_db.then_some(page.member_of > 0);
+            let allowed = match member {
+                Some(m) => m,
+                None => app.directory.cached_participant(room, want.user),
+            };
+            if !allowed {
+                Box::pin(require_still_participant(app, room, want.user, member)).await?;
             }
-            return Ok(resp);
-        }
-        if !page.settled {
+            pos = page.next;
+            if !page.rows.is_empty() {
+                let resp = answer(
+                    &page.rows,
+                    &Cursor {
+                        origin: app.origin(),
+                        position: pos,
+                    },
+                    page.more,
+                );
+                if let Some(heard) = page.heard {
+                    app.metrics.delivery_latency.observe(heard.elapsed());
+                }
+                me.answered();
+                return Ok(resp);
+            }
+            page.settled
+        };
+        if !settled {
             continue;
         }
         if Instant::now() >= deadline || shutdown.is_fired() {
+            me.answered();
             return Ok(answer(
                 &[],
                 &Cursor {
@@ -248,15 +317,18 @@ pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body
         // Counted from here: a poll answered at once, or still reading, is
         // not waiting. Counting and parking happen in one step, with
         // nothing awaited between, so a poll seen counted is parked.
-        waiting.get_or_insert_with(|| WaitingGauge::new(app, park.as_deref()));
-        let parked = match (&park, &pos) {
+        if !me.waiting {
+            app.metrics.waiting_polls.fetch_add(1, Relaxed);
+            me.waiting = true;
+        }
+        let parked = match (&me.park, &pos) {
             (Some(park), Position::At(at)) => {
-                if !parkable {
+                if !me.parkable {
                     // Only now: a poll answered at once (the hot path)
                     // skips the hub's lock this takes. Until then the hub
                     // wakes it as any poll.
                     sub.allow_parking(park);
-                    parkable = true;
+                    me.parkable = true;
                 }
                 park.park_poll(
                     at,
@@ -273,9 +345,10 @@ pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body
             _ = tokio::time::sleep_until(deadline) => {}
             _ = shutdown.wait() => {}
         }
-        if parked && park.as_ref().is_some_and(|p| p.unpark_poll()) {
+        if parked && me.park.as_ref().is_some_and(|p| p.unpark_poll()) {
             // The connection sees that its park answered, and writes
             // nothing of this.
+            me.answered();
             return Ok(Response::new(Body::default()));
         }
     }
@@ -283,48 +356,49 @@ pub(crate) async fn poll(app: &Shared, req: Request<()>) -> Result<Response<Body
 
 /// The answer without `since`: the latest messages that fit, at once.
 async fn latest(app: &Shared, room: i64, want: Want) -> Result<Response<Body>, ApiError> {
-    let read = Read::Latest {
-        limit: want.limit as i64,
+    let start = app.reader.latest(room, want).await?;
+    still_allowed(app, room, want.user, &start).await?;
+    app.metrics.poll_answered(PollSince::Absent, start.from_db);
+    let cursor = Cursor {
+        origin: app.origin(),
+        position: start.next,
     };
-    let f = app.reader.cold(&[room], read, want.budget()).await?;
-    require_still_participant(app, room, want.user, Some(f.member_of > 0)).await?;
-    let mut rows = f.rows;
-    reader::fit_newest(&mut rows, want.bytes);
-    Ok(answer(&rows, &Cursor::at(app.origin(), f.head), false))
+    Ok(answer(&start.rows, &cursor, false))
 }
 
 /// The first page after an ISO `since`: the answer when messages are
-/// due, else the position to wait at.
+/// due, else the position to wait at (and whether the database was read).
 async fn created_after(
     app: &Shared,
     room: i64,
     since: DateTime<Utc>,
     want: Want,
-) -> Result<Result<Response<Body>, Position>, ApiError> {
-    let read = Read::CreatedAfter {
-        since,
-        limit: want.limit as i64 + 1,
-    };
-    let f = app.reader.cold(&[room], read, want.budget()).await?;
-    require_still_participant(app, room, want.user, Some(f.member_of > 0)).await?;
-    let mut rows = f.rows;
-    let more = reader::limit_rows(&mut rows, want) || f.cut;
-    let next = match (more, rows.last()) {
-        (true, Some(last)) => Position::Paging {
-            lower: Lower::CreatedAfter(since),
-            upper: f.head,
-            after_id: last.key,
-        },
-        _ => Position::At(f.head),
-    };
-    if rows.is_empty() {
-        return Ok(Err(next));
+) -> Result<Result<Response<Body>, (Position, bool)>, ApiError> {
+    let start = app.reader.created_after(room, since, want).await?;
+    still_allowed(app, room, want.user, &start).await?;
+    if start.rows.is_empty() {
+        return Ok(Err((start.next, start.from_db)));
     }
+    app.metrics.poll_answered(PollSince::Time, start.from_db);
     let cursor = Cursor {
         origin: app.origin(),
-        position: next,
+        position: start.next,
     };
-    Ok(Ok(answer(&rows, &cursor, more)))
+    Ok(Ok(answer(&start.rows, &cursor, start.more)))
+}
+
+/// After the first read of a poll without a cursor: its user may still
+/// read the room, as of that read (a database read says so itself).
+async fn still_allowed(app: &Shared, room: i64, user: i64, start: &Start) -> Result<(), ApiError> {
+    let member = start.from_db.then_some(start.member_of > 0);
+    let allowed = match member {
+        Some(m) => m,
+        None => app.directory.cached_participant(room, user),
+    };
+    if !allowed {
+        require_still_participant(app, room, user, member).await?;
+    }
+    Ok(())
 }
 
 /// The response: `rows`' messages and deletions, the cursor, `has_more`.
@@ -368,23 +442,34 @@ pub(crate) fn answer(
     resp
 }
 
-/// Counts this poll in `hark_waiting_polls` while it lives, unless its
-/// park answered it (which counted it out then).
-struct WaitingGauge<'a>(&'a Shared, Option<&'a Park>);
+/// What a poll keeps across its waits besides its position, in one place
+/// (a waiting poll's state is what each one costs): its park, and how it is
+/// counted. While `waiting` it is counted in `hark_waiting_polls`, until it
+/// ends, however it ends, or its park answers it (which counted it out).
+struct Waiter<'a> {
+    app: &'a Shared,
+    park: Option<Arc<Park>>,
+    waiting: bool,
+    /// The hub may write to its park.
+    parkable: bool,
+    /// For `hark_poll_answers_total`: the form of `since`, and whether
+    /// any read of this poll went to the database.
+    since: PollSince,
+    used_db: bool,
+}
 
-impl<'a> WaitingGauge<'a> {
-    fn new(app: &'a Shared, park: Option<&'a Park>) -> Self {
-        app.metrics.waiting_polls.fetch_add(1, Relaxed);
-        WaitingGauge(app, park)
+impl Waiter<'_> {
+    fn answered(&self) {
+        self.app.metrics.poll_answered(self.since, self.used_db);
     }
 }
 
-impl Drop for WaitingGauge<'_> {
+impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         // Taking the poll back first: a poll dropped while parked (its
         // client went away) must not be answered and counted out again.
-        if !self.1.is_some_and(Park::unpark_poll) {
-            self.0.metrics.waiting_polls.fetch_sub(1, Relaxed);
+        if self.waiting && !self.park.as_deref().is_some_and(Park::unpark_poll) {
+            self.app.metrics.waiting_polls.fetch_sub(1, Relaxed);
         }
     }
 }

@@ -82,6 +82,18 @@ pub(crate) async fn authenticate_until<B>(
     req: &Request<B>,
     pairs: &[(String, String)],
 ) -> Result<(Arc<User>, i64), ApiError> {
+    let (id, exp) = token_claims(app, req, pairs)?;
+    let user = app.directory.user(id).await?.ok_or(ApiError::UnknownUser)?;
+    Ok((user, exp))
+}
+
+/// The user id and expiry (Unix seconds) of the request's token, from the
+/// Authorization header or else `access_token`: checked, not yet looked up.
+pub(crate) fn token_claims<B>(
+    app: &Shared,
+    req: &Request<B>,
+    pairs: &[(String, String)],
+) -> Result<(i64, i64), ApiError> {
     let token = match req.headers().get(AUTHORIZATION) {
         Some(h) => {
             let h = h.to_str().map_err(|_| AuthError::Invalid)?;
@@ -95,9 +107,7 @@ pub(crate) async fn authenticate_until<B>(
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Missing)?,
     };
-    let (id, exp) = app.auth.verify_until(token)?;
-    let user = app.directory.user(id).await?.ok_or(ApiError::UnknownUser)?;
-    Ok((user, exp))
+    Ok(app.auth.verify_until(token)?)
 }
 
 /// The body length a request's Content-Length declares, when it is a

@@ -63,7 +63,11 @@ impl Shared {
         let pg = crate::db::pg_config("host=/nonexistent dbname=none", "hark-test").unwrap();
         let pool = crate::db::pool(pg, 1).unwrap();
         let metrics = Metrics::new();
-        let hub = Hub::new(config.hub_ring as usize, metrics.clone());
+        let hub = Hub::new(
+            config.hub_ring as usize,
+            config.hub_window as usize,
+            metrics.clone(),
+        );
         let (_trigger, shutdown) = crate::shutdown::channel();
         Arc::new(Shared {
             reader: Reader::new(hub.clone(), pool.clone(), metrics.clone()),

@@ -17,6 +17,7 @@ mod events;
 mod lifecycle;
 mod lossless;
 mod malformed;
+mod memory;
 mod openapi;
 mod poll;
 mod quickstart;

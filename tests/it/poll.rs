@@ -161,14 +161,15 @@ async fn paging_with_limit_delivers_everything_once_in_order() {
     let (hark, fx, alice, bob, room) = room_with_two().await;
     let t = token(alice);
     let mut cursor = cursor_now(&hark, room, &t).await;
-    // One commit: the hub knows all of them or none (then the database
-    // answers), so the first page is full whatever the listener's timing.
+    // One commit, and a first poll that may wait for it: the hub knows all
+    // of them or none (then the database answers), so the first page is
+    // full whatever the listener's timing.
     let expected = fx.insert_many(room, bob, 25, "m").await;
     let mut got = Vec::new();
     let mut pages = Vec::new();
     loop {
         let (s, body) = get_json(
-            &poll_url(&hark, room, Some(&cursor), "&limit=10&timeout=0"),
+            &poll_url(&hark, room, Some(&cursor), "&limit=10&timeout=5"),
             Some(&t),
         )
         .await;
@@ -916,13 +917,27 @@ async fn a_waiting_poll_is_refused_the_next_message_when_the_leave_is_heard_late
 /// 1,000-character messages below fit, not all.
 const BUDGET: usize = 4096;
 
-/// Follows a cursor with `timeout=0` polls until nothing more is due;
+/// Follows a cursor until `n` messages came and nothing more is due;
 /// returns the message ids in order and each answer's body size. Every
 /// page's messages must fit in [`BUDGET`] unless the page is one message.
-async fn follow(hark: &Hark, room: i64, mut cursor: String, t: &str) -> (Vec<i64>, Vec<usize>) {
+async fn follow(
+    hark: &Hark,
+    room: i64,
+    mut cursor: String,
+    t: &str,
+    n: usize,
+) -> (Vec<i64>, Vec<usize>) {
     let (mut got, mut sizes) = (Vec::new(), Vec::new());
     loop {
-        let url = poll_url(hark, room, Some(&cursor), "&timeout=0&limit=1000");
+        // Polls wait while the hub has not heard of the commits yet (a
+        // `timeout=0` poll at the head is answered as of the last catch-up).
+        let timeout = if got.len() < n { 5 } else { 0 };
+        let url = poll_url(
+            hark,
+            room,
+            Some(&cursor),
+            &format!("&timeout={timeout}&limit=1000"),
+        );
         let (s, _, b) = request(Method::GET, &url, Some(t), None).await;
         assert_eq!(s, StatusCode::OK);
         let body = json(&b);
@@ -936,7 +951,7 @@ async fn follow(hark: &Hark, room: i64, mut cursor: String, t: &str) -> (Vec<i64
         sizes.push(b.len());
         got.extend(ids(&body));
         cursor = body["cursor"].as_str().unwrap().to_string();
-        if !body["has_more"].as_bool().unwrap() {
+        if got.len() >= n && !body["has_more"].as_bool().unwrap() {
             return (got, sizes);
         }
         assert!(sizes.len() < 100, "paging does not end");
@@ -968,7 +983,7 @@ async fn an_answer_holds_at_most_the_byte_budget_and_paging_loses_nothing() {
             // answers the old cursor.
             expected.push(fx.insert(room, bob, "z").await);
         }
-        let (got, sizes) = follow(&hark, room, cursor, &t).await;
+        let (got, sizes) = follow(&hark, room, cursor, &t, expected.len()).await;
         assert_eq!(got, expected, "ring {ring}: every message once, in order");
         assert!(sizes.len() >= 6, "ring {ring}: pages {sizes:?}");
         assert!(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{revoke, Entry, Hub, Room, CATCHUP_LIMIT, LINGER};
+use super::{revoke, window, Entry, Hub, Room, CATCHUP_LIMIT, LINGER};
 use crate::cursor::{Origin, Snapshot};
 use crate::delivery::park::{Delivery, Parked};
 use crate::message::StoredMessage;
@@ -33,6 +33,8 @@ pub(crate) struct CatchupPlan {
     pub lower: Option<Arc<Snapshot>>,
     pub rooms: Vec<i64>,
     started: Instant,
+    /// The LISTEN connection it was planned in (`State::connection`).
+    connection: u64,
 }
 
 impl Hub {
@@ -50,10 +52,14 @@ impl Hub {
             for r in st.rooms.values_mut() {
                 r.bound = None;
                 r.ring.clear();
+                r.window = None;
+                r.seed = None;
             }
         }
         st.origin = Some(origin);
         st.listener_up = true;
+        st.connection += 1;
+        st.synced = false;
         // Notifications were lost while disconnected: the cursor, not the
         // notification, is the truth, so catch up from head.
         st.catchup_due = true;
@@ -62,7 +68,9 @@ impl Hub {
     }
 
     pub(crate) fn disconnected(&self) {
-        self.state().listener_up = false;
+        let mut st = self.state();
+        st.listener_up = false;
+        st.synced = false;
     }
 
     /// A message NOTIFY for `room`.
@@ -92,6 +100,7 @@ impl Hub {
                         lower: st.head.clone(),
                         rooms,
                         started: Instant::now(),
+                        connection: st.connection,
                     };
                 }
             }
@@ -131,6 +140,8 @@ impl Hub {
         st.catchup_running = false;
         st.known_xmax = st.known_xmax.max(head.xmax);
         st.head = Some(head.clone());
+        // Planned in this connection: it read what any lost NOTIFY was for.
+        st.synced = st.listener_up && plan.connection == st.connection;
         // Rooms nobody has watched for a while are forgotten (bounded memory;
         // mini-redis #63 is a pub/sub map that never shrinks).
         st.rooms
@@ -169,6 +180,15 @@ impl Hub {
                 r.heard = None;
             }
         }
+        window::advance(
+            &mut st,
+            &planned,
+            plan.lower.as_deref(),
+            &head,
+            &rows,
+            overflow,
+            self.inner.window_capacity,
+        );
         let mut deliveries: Vec<Delivery> = Vec::new();
         if !overflow {
             // An update or a delete supersedes what the ring holds of the

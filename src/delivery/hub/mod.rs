@@ -56,9 +56,11 @@ mod catchup;
 mod subscription;
 #[cfg(test)]
 mod tests;
+mod window;
 
 pub(crate) use catchup::Caught;
 pub(crate) use subscription::Subscription;
+pub(crate) use window::Window;
 
 /// Most rows one catch-up may return before the hub gives up on memory and
 /// sends every waiter to the database (overload, or a long listener outage).
@@ -78,6 +80,8 @@ struct Inner {
     /// Wakes the listener's catch-up loop.
     catchup: Notify,
     ring_capacity: usize,
+    /// Messages (and deletions) a room's [`Window`] may hold; 0: none.
+    window_capacity: usize,
     metrics: Arc<Metrics>,
     /// The newest typing event's number. Written only under the state
     /// lock, read without it: a woken stream looks for typing events only
@@ -96,6 +100,15 @@ struct State {
     /// A watched room was notified (or the listener reconnected).
     catchup_due: bool,
     listener_up: bool,
+    /// Counts the LISTEN connection's (re)connections: a catch-up planned
+    /// in the current one, once finished, has read everything notifications
+    /// were lost for.
+    connection: u64,
+    /// Since the last (re)connection a catch-up has finished, and the
+    /// connection is up: every commit hark has not read yet has a NOTIFY on
+    /// its way, so memory is as current as hark can know without asking
+    /// the database (DESIGN §2, "When memory is current").
+    synced: bool,
     rooms: HashMap<i64, Room>,
     /// Subscribers that follow every room of a user (membership changes),
     /// and a counter of that user's membership changes.
@@ -114,6 +127,19 @@ struct Room {
     /// When the first NOTIFY since the last catch-up arrived: the start of
     /// the delivery latency of the rows that catch-up finds.
     heard: Option<Instant>,
+    /// The newest messages as of `head`, for polls without a cursor.
+    window: Option<Window>,
+    /// A window read from the database at a snapshot newer than `head`,
+    /// brought up to date by the catch-ups until `head` sees its snapshot.
+    seed: Option<Seed>,
+}
+
+struct Seed {
+    snapshot: Arc<Snapshot>,
+    window: Window,
+    /// A catch-up has applied its rows: every change since `snapshot` is
+    /// being read for the room.
+    chained: bool,
 }
 
 struct Sub {
@@ -147,8 +173,15 @@ struct Entry {
 pub(crate) enum HubRead {
     /// The hub cannot tell for this cursor; read the database.
     Unknown,
-    /// Nothing is due as of the hub's head: wait.
-    Nothing,
+    /// Nothing is due as of the hub's head: wait, or answer at `next`.
+    Nothing {
+        /// The hub's head, when it sees all the cursor's snapshot saw (then
+        /// moving there skips no row); None: stay at the cursor.
+        next: Option<Arc<Snapshot>>,
+        /// Memory is current for these rooms: no NOTIFY of theirs waits
+        /// for a catch-up, and none was lost (see `State::synced`).
+        current: bool,
+    },
     /// Rows due, ascending id (possibly none, when only rows beyond the
     /// paging batch are due); `more` when `limit` cut the list; `beyond`
     /// when rows after the paging batch's upper snapshot, or not yet read
@@ -164,12 +197,13 @@ pub(crate) enum HubRead {
 }
 
 impl Hub {
-    pub(crate) fn new(ring_capacity: usize, metrics: Arc<Metrics>) -> Hub {
+    pub(crate) fn new(ring_capacity: usize, window_capacity: usize, metrics: Arc<Metrics>) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 catchup: Notify::new(),
                 ring_capacity: ring_capacity.max(1),
+                window_capacity,
                 metrics,
                 typing_seq: AtomicU64::new(0),
             }),
@@ -207,12 +241,14 @@ impl Hub {
         }
         let mut due: Vec<&Entry> = Vec::new();
         let mut beyond = false;
+        let mut current = st.synced && st.listener_up;
         for room in rooms {
             let Some(r) = st.rooms.get(room) else {
                 return HubRead::Unknown;
             };
             // Rows were notified that no catch-up has read yet.
             beyond |= r.heard.is_some();
+            current &= r.heard.is_none();
             match &r.bound {
                 Some(bound) if lower.contains(bound) => {}
                 _ => return HubRead::Unknown,
@@ -234,7 +270,11 @@ impl Hub {
             }
         }
         if due.is_empty() && (upper.is_none() || !beyond) {
-            return HubRead::Nothing;
+            // Every row visible in head is visible in `lower` (the ring holds
+            // the rest, and none of it is due): moving to head skips nothing,
+            // when head also sees all that `lower` saw.
+            let next = (upper.is_none() && head.contains(lower)).then_some(head);
+            return HubRead::Nothing { next, current };
         }
         due.sort_unstable_by_key(|e| e.msg.key);
         let more = due.len() > limit;

@@ -144,6 +144,8 @@ fn add_sub(st: &mut State, room: i64, key: u64, sub: &Sub) -> bool {
             ring: VecDeque::new(),
             typing: VecDeque::new(),
             heard: None,
+            window: None,
+            seed: None,
         }
     });
     r.idle_since = None;

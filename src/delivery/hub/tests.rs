@@ -41,7 +41,7 @@ fn msg(id: i64, room: i64, txid: u64) -> Arc<StoredMessage> {
 fn ids(r: &HubRead) -> Vec<i64> {
     match r {
         HubRead::Due { rows, .. } => rows.iter().map(|m| m.id).collect(),
-        HubRead::Nothing => vec![],
+        HubRead::Nothing { .. } => vec![],
         HubRead::Unknown => panic!("unknown"),
     }
 }
@@ -148,7 +148,7 @@ async fn a_loss_of_access_in_a_catchup_stops_that_users_parks_before_its_rows() 
 }
 
 async fn started_hub(head: Arc<Snapshot>) -> Hub {
-    let hub = Hub::new(4, Metrics::new());
+    let hub = Hub::new(4, 100, Metrics::new());
     catch_up(&hub, head, vec![]).await;
     hub
 }
@@ -171,7 +171,7 @@ async fn a_new_room_is_unknown_until_a_catchup_reads_it() {
     );
     assert!(matches!(
         hub.read(&[1], &snap(101, 101, &[]), None, 10),
-        HubRead::Nothing
+        HubRead::Nothing { .. }
     ));
 }
 
@@ -181,7 +181,10 @@ async fn out_of_order_commits_are_delivered_once() {
     let sub = hub.subscribe(&[1], 1, None);
     catch_up(&hub, snap(100, 100, &[]), vec![]).await;
     let s0 = snap(100, 100, &[]);
-    assert!(matches!(hub.read(&[1], &s0, None, 10), HubRead::Nothing));
+    assert!(matches!(
+        hub.read(&[1], &s0, None, 10),
+        HubRead::Nothing { .. }
+    ));
 
     // Tx 100 (id 10) is open while tx 101 (id 11) commits.
     hub.message_notified(1);
@@ -190,14 +193,20 @@ async fn out_of_order_commits_are_delivered_once() {
     sub.notified().await;
     assert_eq!(ids(&hub.read(&[1], &s0, None, 10)), vec![11]);
     // A client now at s1 has nothing due until 100 commits.
-    assert!(matches!(hub.read(&[1], &s1, None, 10), HubRead::Nothing));
+    assert!(matches!(
+        hub.read(&[1], &s1, None, 10),
+        HubRead::Nothing { .. }
+    ));
 
     hub.message_notified(1);
     let s2 = snap(102, 102, &[]);
     catch_up(&hub, s2.clone(), vec![msg(10, 1, 100)]).await;
     assert_eq!(ids(&hub.read(&[1], &s1, None, 10)), vec![10]);
     assert_eq!(ids(&hub.read(&[1], &s0, None, 10)), vec![10, 11]);
-    assert!(matches!(hub.read(&[1], &s2, None, 10), HubRead::Nothing));
+    assert!(matches!(
+        hub.read(&[1], &s2, None, 10),
+        HubRead::Nothing { .. }
+    ));
 }
 
 #[tokio::test]
@@ -218,7 +227,7 @@ async fn unknown_when_cursor_precedes_coverage_or_is_newer_than_known() {
     hub.observe(&snap(60, 60, &[]));
     assert!(matches!(
         hub.read(&[1], &snap(60, 60, &[]), None, 10),
-        HubRead::Nothing
+        HubRead::Nothing { .. }
     ));
     // A room nobody subscribed to.
     assert!(matches!(
@@ -247,7 +256,7 @@ async fn room_registered_during_catchup_waits_for_the_next() {
     catch_up(&hub, snap(13, 13, &[]), vec![]).await;
     assert!(matches!(
         hub.read(&[2], &snap(12, 12, &[]), None, 10),
-        HubRead::Nothing
+        HubRead::Nothing { .. }
     ));
     // Its coverage starts at that catch-up's lower snapshot.
     assert!(matches!(
@@ -295,7 +304,7 @@ async fn an_unwatched_room_lingers_then_is_forgotten() {
     let _c = hub.subscribe(&[2], 1, None);
     assert!(matches!(
         hub.read(&[2], &snap(1, 1, &[]), None, 10),
-        HubRead::Nothing
+        HubRead::Nothing { .. }
     ));
     assert_eq!(hub.room_count(), 2);
     tokio::time::advance(LINGER + Duration::from_secs(1)).await;
@@ -331,7 +340,7 @@ fn contents(r: &HubRead) -> Vec<String> {
             .iter()
             .map(|m| String::from_utf8_lossy(&m.json).into_owned())
             .collect(),
-        HubRead::Nothing => vec![],
+        HubRead::Nothing { .. } => vec![],
         HubRead::Unknown => panic!("unknown"),
     }
 }
@@ -355,7 +364,13 @@ async fn an_edit_or_a_delete_supersedes_what_the_ring_holds_of_the_message() {
     catch_up(
         &hub,
         snap(13, 13, &[]),
-        vec![Arc::new(StoredMessage::deletion(5, -1, 1, 12))],
+        vec![Arc::new(StoredMessage::deletion(
+            5,
+            -1,
+            1,
+            12,
+            chrono::Utc::now(),
+        ))],
     )
     .await;
     match hub.read(&[1], &before, None, 10) {
@@ -365,4 +380,122 @@ async fn an_edit_or_a_delete_supersedes_what_the_ring_holds_of_the_message() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+fn is_current(r: HubRead) -> bool {
+    match r {
+        HubRead::Nothing { current, .. } => current,
+        HubRead::Due { .. } => panic!("rows due"),
+        HubRead::Unknown => panic!("unknown"),
+    }
+}
+
+const ORIGIN: Origin = Origin {
+    system_id: 7,
+    timeline: 1,
+};
+
+/// "Nothing is due" answers a `timeout=0` poll only while no NOTIFY of
+/// the room waits for a catch-up and none can have been lost: after a
+/// reconnection, not until a catch-up planned on the new connection has
+/// finished.
+#[tokio::test]
+async fn memory_is_current_only_when_no_notification_is_pending_or_lost() {
+    let hub = Hub::new(4, 100, Metrics::new());
+    hub.connected(ORIGIN);
+    let _sub = hub.subscribe(&[1], 1, None);
+    catch_up(&hub, snap(10, 10, &[]), vec![]).await;
+    catch_up(&hub, snap(11, 11, &[]), vec![]).await;
+    let at = snap(11, 11, &[]);
+    assert!(is_current(hub.read(&[1], &at, None, 10)));
+
+    hub.message_notified(1);
+    assert!(!is_current(hub.read(&[1], &at, None, 10)), "a NOTIFY waits");
+    catch_up(&hub, snap(12, 12, &[]), vec![]).await;
+    let at = snap(12, 12, &[]);
+    assert!(is_current(hub.read(&[1], &at, None, 10)));
+
+    hub.disconnected();
+    assert!(!is_current(hub.read(&[1], &at, None, 10)), "listener down");
+    // A catch-up planned before the reconnection cannot have read what
+    // the lost notifications were for.
+    hub.message_notified(1);
+    let plan = hub.next_catchup().await;
+    hub.connected(ORIGIN);
+    let _ = hub.finish_catchup(plan, caught(snap(13, 13, &[]), vec![]));
+    let at = snap(13, 13, &[]);
+    assert!(!is_current(hub.read(&[1], &at, None, 10)));
+    catch_up(&hub, snap(14, 14, &[]), vec![]).await;
+    let at = snap(14, 14, &[]);
+    assert!(is_current(hub.read(&[1], &at, None, 10)));
+}
+
+/// A window read at a snapshot older than the head is brought to the head
+/// at once by the ring; one read at a newer snapshot waits for the
+/// catch-up that reaches it, and takes only the changes it did not see.
+#[tokio::test]
+async fn a_seed_is_brought_to_the_head_before_it_answers() {
+    let hub = Hub::new(16, 100, Metrics::new());
+    hub.connected(ORIGIN);
+    let _sub = hub.subscribe(&[1], 1, None);
+    catch_up(&hub, snap(20, 20, &[]), vec![]).await;
+    catch_up(&hub, snap(22, 22, &[]), vec![msg(3, 1, 21)]).await;
+
+    // Read at 21, which did not see tx 21 (message 3): the ring adds it.
+    let older = Window::from_latest(&[msg(1, 1, 5), msg(2, 1, 6)], true).unwrap();
+    hub.seed(1, snap(21, 21, &[]), older);
+    let page = hub.latest(1, 10).expect("installed at once");
+    assert_eq!(
+        page.rows.iter().map(|m| m.id).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(*page.head, *snap(22, 22, &[]));
+
+    // Read at 24, which saw tx 22 (message 4) and 23 (an edit of 3): not
+    // an answer until the head sees 24.
+    let edited = {
+        let m = Message {
+            id: 3,
+            room: 1,
+            sender: User {
+                id: 1,
+                username: "a".into(),
+                first_name: String::new(),
+                last_name: String::new(),
+            },
+            content: "edited".into(),
+            created_at: Utc::now(),
+            edited: true,
+        };
+        Arc::new(StoredMessage::new(&m, 23))
+    };
+    let newer = Window::from_latest(
+        &[msg(1, 1, 5), msg(2, 1, 6), edited.clone(), msg(4, 1, 22)],
+        true,
+    )
+    .unwrap();
+    let hub2 = Hub::new(16, 100, Metrics::new());
+    hub2.connected(ORIGIN);
+    let _sub2 = hub2.subscribe(&[1], 1, None);
+    catch_up(&hub2, snap(20, 20, &[]), vec![]).await;
+    catch_up(&hub2, snap(22, 22, &[]), vec![msg(3, 1, 21)]).await;
+    hub2.seed(1, snap(24, 24, &[]), newer);
+    assert!(
+        hub2.latest(1, 10).is_none(),
+        "the seed is ahead of the head"
+    );
+    // The catch-up reads 22..: what the seed saw (4, the edit of 3) is not
+    // applied again over it; what it did not (5, tx 24) is.
+    catch_up(
+        &hub2,
+        snap(25, 25, &[]),
+        vec![msg(4, 1, 22), edited.clone(), msg(5, 1, 24)],
+    )
+    .await;
+    let page = hub2.latest(1, 10).expect("installed once the head saw 24");
+    assert_eq!(
+        page.rows.iter().map(|m| m.id).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(page.rows[2].json, edited.json, "the edit, once");
 }
