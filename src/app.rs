@@ -19,6 +19,7 @@ use crate::db::{self, migrate, DbError};
 use crate::delivery::directory::Directory;
 use crate::delivery::hub::Hub;
 use crate::delivery::listener::Listener;
+use crate::delivery::presence::Presence;
 use crate::delivery::reader::Reader;
 use crate::delivery::typing::Typing;
 use crate::http::cors::Cors;
@@ -133,6 +134,7 @@ async fn serve(
     );
     let directory = Directory::new(pool.clone(), hub.clone());
     let typing = Typing::new(pool.clone(), config.typing_ttl());
+    let presence = Presence::new(pool.clone(), config.presence_grace(), metrics.clone());
     let cors = Cors::new(config.cors_origins.as_deref());
     let listener_task = tokio::spawn(
         Listener {
@@ -147,6 +149,7 @@ async fn serve(
         .run(shutdown.clone()),
     );
     let sweeper_task = tokio::spawn(typing.clone().run_sweeper(shutdown.clone()));
+    let presence_task = tokio::spawn(presence.clone().run(shutdown.clone()));
     let table_sweeper_task = tokio::spawn(db::sweep::run(
         pool.clone(),
         Duration::from_secs(config.tombstone_retention_s),
@@ -195,6 +198,7 @@ async fn serve(
         hub,
         directory,
         typing,
+        presence,
         metrics,
         write_limit,
         stream_quota,
@@ -216,6 +220,7 @@ async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     let _ = listener_task.await;
     let _ = sweeper_task.await;
+    let _ = presence_task.await;
     let _ = table_sweeper_task.await;
     let _ = limit_sweeper_task.await;
     let _ = trim_task.await;

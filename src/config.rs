@@ -47,6 +47,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub typing_ttl_ms: u64,
 
+    /// How long a user stays online after their last stream or poll ended
+    /// (a reload or a re-poll within it is no change).
+    #[arg(long, env = "HARK_PRESENCE_GRACE_MS", default_value_t = 10000,
+          value_parser = clap::value_parser!(u64).range(0..=20_000))]
+    pub presence_grace_ms: u64,
+
     /// Interval of `: ping` comments on idle event streams.
     #[arg(long, env = "HARK_PING_INTERVAL_MS", default_value_t = 15000,
           value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
@@ -188,6 +194,10 @@ impl Config {
         Duration::from_millis(self.typing_ttl_ms)
     }
 
+    pub fn presence_grace(&self) -> Duration {
+        Duration::from_millis(self.presence_grace_ms)
+    }
+
     pub fn ping_interval(&self) -> Duration {
         Duration::from_millis(self.ping_interval_ms)
     }
@@ -203,6 +213,7 @@ impl std::fmt::Debug for Config {
             .field("data_dir", &self.data_dir)
             .field("cors_origins", &self.cors_origins)
             .field("typing_ttl_ms", &self.typing_ttl_ms)
+            .field("presence_grace_ms", &self.presence_grace_ms)
             .field("ping_interval_ms", &self.ping_interval_ms)
             .field("poll_timeout_default_s", &self.poll_timeout_default_s)
             .field("poll_timeout_max_s", &self.poll_timeout_max_s)

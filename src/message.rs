@@ -101,24 +101,64 @@ impl StoredMessage {
     }
 }
 
-/// A typing change as streams deliver it: `{"room", "user", "is_typing"}`.
+/// What a [`Signal`] says: `event: typing`, `event: presence` or
+/// `event: read` on a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SignalKind {
+    Typing,
+    Presence,
+    Read,
+}
+
+impl SignalKind {
+    /// The SSE event name.
+    pub fn event(self) -> &'static str {
+        match self {
+            SignalKind::Typing => "typing",
+            SignalKind::Presence => "presence",
+            SignalKind::Read => "read",
+        }
+    }
+}
+
+/// An ephemeral signal about a user in a room, as streams deliver it:
+/// typing `{"room", "user", "is_typing"}`, presence `{"room", "user",
+/// "online"}`, a read receipt `{"room", "user", "read_at"}`. Not resumable:
+/// a stream that resumes gets the current state, not the history.
 #[derive(Debug, Clone)]
-pub struct TypingEvent {
+pub struct Signal {
     pub room: i64,
     pub user: User,
-    pub is_typing: bool,
+    pub kind: SignalKind,
+    /// Typing, online; always true for a read receipt.
+    pub on: bool,
     /// The event's data, serialised once.
     pub json: Bytes,
 }
 
-impl TypingEvent {
-    pub fn new(room: i64, user: User, is_typing: bool) -> TypingEvent {
+impl Signal {
+    pub fn typing(room: i64, user: User, is_typing: bool) -> Signal {
         let json = serde_json::json!({"room": room, "user": &user, "is_typing": is_typing});
-        TypingEvent {
+        Signal::new(room, user, SignalKind::Typing, is_typing, json)
+    }
+
+    pub fn presence(room: i64, user: User, online: bool) -> Signal {
+        let json = serde_json::json!({"room": room, "user": &user, "online": online});
+        Signal::new(room, user, SignalKind::Presence, online, json)
+    }
+
+    pub fn read(room: i64, user: User, read_at: DateTime<Utc>) -> Signal {
+        let json = serde_json::json!({"room": room, "user": &user, "read_at": format_ts(&read_at)});
+        Signal::new(room, user, SignalKind::Read, true, json)
+    }
+
+    fn new(room: i64, user: User, kind: SignalKind, on: bool, json: serde_json::Value) -> Signal {
+        Signal {
             room,
             json: Bytes::from(json.to_string()),
             user,
-            is_typing,
+            kind,
+            on,
         }
     }
 }

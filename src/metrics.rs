@@ -88,6 +88,8 @@ pub(crate) struct Metrics {
     pub streams_over_quota: AtomicU64,
     /// Times freed heap memory was handed back after connections dropped.
     pub memory_trims: AtomicU64,
+    /// Users this process wrote online or offline to `hark_presence`.
+    pub presence_writes: AtomicU64,
     /// From the NOTIFY's arrival (the commit, as seen by hark) to the
     /// response or event being handed to the connection.
     pub delivery_latency: Histogram,
@@ -138,7 +140,7 @@ impl Metrics {
                 v.load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 13] = [
+        let counters: [(&str, &str, &AtomicU64); 14] = [
             (
                 "hark_notifications_total",
                 "NOTIFY messages received on the LISTEN connection.",
@@ -203,6 +205,11 @@ impl Metrics {
                 "hark_memory_trims_total",
                 "Times freed heap memory was returned to the OS after connections closed.",
                 &self.memory_trims,
+            ),
+            (
+                "hark_presence_writes_total",
+                "Users this process wrote online or offline (per user, not per connection).",
+                &self.presence_writes,
             ),
         ];
         for (name, help, v) in counters {

@@ -24,6 +24,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "message_lifecycle",
         include_str!("../../sql/0004_message_lifecycle.sql"),
     ),
+    (5, "presence", include_str!("../../sql/0005_presence.sql")),
 ];
 
 /// Arbitrary but fixed: "hark" in ASCII.

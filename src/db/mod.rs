@@ -8,6 +8,7 @@
 pub mod embedded;
 pub mod messages;
 pub mod migrate;
+pub mod presence;
 pub mod rooms;
 pub(crate) mod sweep;
 pub mod typing;

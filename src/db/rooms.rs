@@ -1,5 +1,6 @@
 //! Room queries: the rooms list and detail (with participants, last
-//! message, unread count and who is typing) and the read marker.
+//! message, unread count, who is typing, who is online and the others' read
+//! markers) and the read marker.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -24,6 +25,17 @@ pub struct Room {
     pub created_at: DateTime<Utc>,
     pub typing_user: Option<User>,
     pub typing_users: Vec<User>,
+    /// Participants other than the requester who are online now.
+    pub online_users: Vec<User>,
+    /// Other participants' read markers ("seen").
+    pub read_markers: Vec<ReadMarker>,
+}
+
+#[derive(Serialize)]
+pub struct ReadMarker {
+    pub user: i64,
+    #[serde(serialize_with = "serialize_ts")]
+    pub read_at: DateTime<Utc>,
 }
 
 macro_rules! user_json {
@@ -59,7 +71,17 @@ const ROOMS: &str = concat!(
        coalesce((SELECT json_agg(", user_json!("u"), " ORDER BY t.expires_at DESC, u.id) \
                  FROM hark_typing t JOIN users_user u ON u.id = t.user_id \
                  JOIN chat_chatroom_participants tp ON tp.chatroom_id = t.room_id AND tp.user_id = t.user_id \
-                 WHERE t.room_id = r.id AND t.user_id <> $1::int8 AND t.expires_at > now()), '[]'::json) AS typing \
+                 WHERE t.room_id = r.id AND t.user_id <> $1::int8 AND t.expires_at > now()), '[]'::json) AS typing, \
+       coalesce((SELECT json_agg(", user_json!("u"), " ORDER BY u.id) \
+                 FROM chat_chatroom_participants op JOIN users_user u ON u.id = op.user_id \
+                 WHERE op.chatroom_id = r.id AND op.user_id <> $1::int8 \
+                   AND EXISTS (SELECT 1 FROM hark_presence h WHERE h.user_id = op.user_id)), '[]'::json) AS online, \
+       ARRAY(SELECT m.user_id::int8 FROM hark_read_marker m \
+               JOIN chat_chatroom_participants mp ON mp.chatroom_id = m.room_id AND mp.user_id = m.user_id \
+             WHERE m.room_id = r.id AND m.user_id <> $1::int8 ORDER BY m.user_id) AS marker_users, \
+       ARRAY(SELECT m.read_at FROM hark_read_marker m \
+               JOIN chat_chatroom_participants mp ON mp.chatroom_id = m.room_id AND mp.user_id = m.user_id \
+             WHERE m.room_id = r.id AND m.user_id <> $1::int8 ORDER BY m.user_id) AS marker_times \
      FROM chat_chatroom r \
      JOIN chat_chatroom_participants me ON me.chatroom_id = r.id AND me.user_id = $1::int8 \
      LEFT JOIN hark_read_marker rm ON rm.room_id = r.id AND rm.user_id = $1::int8 \
@@ -113,6 +135,15 @@ pub async fn list(
             created_at: row.try_get("created_at")?,
             typing_user: typing_users.first().cloned(),
             typing_users,
+            online_users: users("online")?,
+            read_markers: {
+                let ids: Vec<i64> = row.try_get("marker_users")?;
+                let times: Vec<DateTime<Utc>> = row.try_get("marker_times")?;
+                ids.into_iter()
+                    .zip(times)
+                    .map(|(user, read_at)| ReadMarker { user, read_at })
+                    .collect()
+            },
         });
     }
     Ok(out)

@@ -25,7 +25,7 @@ use crate::delivery::directory::Directory;
 use crate::delivery::hub::{Caught, Hub, CATCHUP_LIMIT};
 use crate::delivery::park::{self, Encode};
 use crate::delivery::typing::Typing;
-use crate::message::{TypingEvent, User};
+use crate::message::{Signal, User};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -57,8 +57,9 @@ pub(crate) struct Listener {
 }
 
 /// A NOTIFY payload. Kinds: `m` message (room), `t` typing (room, user,
-/// on, exp), `p` participant change (room, user id), `r` room deleted,
-/// `u` user changed.
+/// on, exp), `o` presence (room, user, on), `rd` read receipt (room, user,
+/// at), `p` participant change (room, user id), `r` room deleted, `u` user
+/// changed.
 #[derive(Deserialize)]
 struct Payload {
     k: String,
@@ -66,6 +67,8 @@ struct Payload {
     u: Option<serde_json::Value>,
     on: Option<bool>,
     exp: Option<i64>,
+    /// A read receipt's time, in microseconds since the epoch.
+    at: Option<i64>,
 }
 
 impl Listener {
@@ -229,17 +232,29 @@ fn dispatch(payload: &str, hub: &Hub, directory: &Directory, typing: &Typing) {
     };
     match (p.k.as_str(), p.r) {
         ("m", Some(room)) => hub.message_notified(room),
-        ("t", Some(room)) => {
+        ("t" | "o" | "rd", Some(room)) => {
             let Some(user) = p.u.and_then(|u| serde_json::from_value::<User>(u).ok()) else {
                 return;
             };
-            let is_typing = p.on.unwrap_or(false);
-            if is_typing {
-                if let Some(at) = p.exp.and_then(DateTime::from_timestamp_millis) {
-                    typing.expires_at(at);
+            let on = p.on.unwrap_or(false);
+            let signal = match p.k.as_str() {
+                "t" => {
+                    if on {
+                        if let Some(at) = p.exp.and_then(DateTime::from_timestamp_millis) {
+                            typing.expires_at(at);
+                        }
+                    }
+                    Signal::typing(room, user, on)
                 }
-            }
-            hub.typing(TypingEvent::new(room, user, is_typing));
+                "o" => Signal::presence(room, user, on),
+                _ => {
+                    let Some(at) = p.at.and_then(DateTime::from_timestamp_micros) else {
+                        return;
+                    };
+                    Signal::read(room, user, at)
+                }
+            };
+            hub.signal(signal);
         }
         ("p", Some(room)) => {
             directory.invalidate_room(room);

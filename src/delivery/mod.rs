@@ -18,5 +18,6 @@ pub(crate) mod hub;
 pub(crate) mod lag;
 pub(crate) mod listener;
 pub(crate) mod park;
+pub(crate) mod presence;
 pub(crate) mod reader;
 pub(crate) mod typing;

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::db::{self, DbError};
-use crate::message::TypingEvent;
+use crate::message::Signal;
 use crate::shutdown::Shutdown;
 
 /// Typing writes and the expiry sweeper. Cheap to clone.
@@ -59,16 +59,12 @@ impl Typing {
 
     /// Who is typing in `rooms` now, other than `me` (a new event stream
     /// starts with these).
-    pub(crate) async fn current(
-        &self,
-        rooms: &[i64],
-        me: i64,
-    ) -> Result<Vec<TypingEvent>, DbError> {
+    pub(crate) async fn current(&self, rooms: &[i64], me: i64) -> Result<Vec<Signal>, DbError> {
         let client = self.inner.pool.get().await?;
         let typists = db::typing::current(&client, rooms, me).await?;
         Ok(typists
             .into_iter()
-            .map(|(room, user)| TypingEvent::new(room, user, true))
+            .map(|(room, user)| Signal::typing(room, user, true))
             .collect())
     }
 

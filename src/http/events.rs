@@ -36,14 +36,15 @@ use super::shared::Shared;
 use super::sse;
 use super::{Body, ConnectionKill};
 use crate::cursor::{Cursor, Lower, Origin, Position, Snapshot};
-use crate::db::messages;
 use crate::db::DbError;
+use crate::db::{self, messages};
 use crate::delivery::directory::Access;
 use crate::delivery::hub::Subscription;
 use crate::delivery::lag::Lag;
 use crate::delivery::park::Park;
+use crate::delivery::presence::Held;
 use crate::delivery::reader::{self, Want};
-use crate::message::{StoredMessage, TypingEvent, User};
+use crate::message::{Signal, SignalKind, StoredMessage, User};
 use crate::shutdown::Shutdown;
 
 /// The reconnection delay browsers are told to use.
@@ -117,7 +118,7 @@ pub(crate) async fn events(
         rooms = app.directory.rooms_of(user.id).await?;
         sub.set_rooms(&rooms);
     }
-    let typing_seq = app.hub.typing_seq();
+    let signal_seq = app.hub.signal_seq();
     let origin = app.origin();
     let (now, horizon) = {
         let client = app.pool.get().await.map_err(DbError::from)?;
@@ -125,6 +126,10 @@ pub(crate) async fn events(
     };
     app.hub.observe(&now);
     let typists = app.typing.current(&rooms, user.id).await?;
+    let online = {
+        let client = app.pool.get().await.map_err(DbError::from)?;
+        db::presence::online_in(&client, &rooms, user.id).await?
+    };
 
     let mut head = BytesMut::new();
     sse::push_retry(&mut head, RETRY_MS);
@@ -153,12 +158,17 @@ pub(crate) async fn events(
     };
     let data = serde_json::json!({ "cursor": ready_id }).to_string();
     sse::push_event(&mut head, "ready", Some(&ready_id), data.as_bytes());
-    let mut typing_told = HashMap::new();
-    for ev in &typists {
-        push_typing(&mut head, ev);
-        typing_told.insert((ev.room, ev.user.id), true);
+    // The current state after `ready`: who is typing, then who is online.
+    let mut told = HashMap::new();
+    let online = online
+        .into_iter()
+        .map(|(room, u)| Signal::presence(room, u, true));
+    for ev in typists.into_iter().chain(online) {
+        push_signal(&mut head, &ev);
+        told.insert((ev.kind, ev.room, ev.user.id), true);
     }
 
+    let held = app.presence.hold(user.id);
     app.metrics.open_streams.fetch_add(1, Relaxed);
     // Given back in the stream's Drop.
     slot.keep();
@@ -174,8 +184,9 @@ pub(crate) async fn events(
         lag,
         park,
         pos,
-        typing_seq,
-        typing_told,
+        signal_seq,
+        told,
+        _online: held,
         out: head,
         ping: Box::pin(tokio::time::sleep_until(earliest(
             Instant::now() + ping_every,
@@ -235,8 +246,8 @@ pub(crate) fn push_messages(
     }
 }
 
-fn push_typing(out: &mut BytesMut, ev: &TypingEvent) {
-    sse::push_event(out, "typing", None, &ev.json);
+fn push_signal(out: &mut BytesMut, ev: &Signal) {
+    sse::push_event(out, ev.kind.event(), None, &ev.json);
 }
 
 /// One open stream: its position and what it is waiting on.
@@ -252,11 +263,13 @@ struct EventStream {
     /// Where the stream parks while idle, on a lean connection.
     park: Option<Arc<Park>>,
     pos: Position,
-    typing_seq: u64,
-    /// What this stream last told the client about each typist: a start
-    /// already in the initial list may also arrive from the hub, and is
-    /// not repeated.
-    typing_told: HashMap<(i64, i64), bool>,
+    signal_seq: u64,
+    /// What this stream last told the client of each typist and each
+    /// online co-participant, by room: a start already in the initial list
+    /// may also arrive from the hub, and is not repeated.
+    told: HashMap<(SignalKind, i64, i64), bool>,
+    /// Its user is online while the stream lives.
+    _online: Held,
     /// Events produced and not yet handed to hyper.
     out: BytesMut,
     ping: Pin<Box<Sleep>>,
@@ -380,18 +393,24 @@ impl EventStream {
             return Ok(true);
         }
 
-        if app.hub.typing_seq() != self.typing_seq {
-            let (typing, seq) = app.hub.typing_since(&self.rooms, self.typing_seq);
-            self.typing_seq = seq;
-            for ev in typing.iter().filter(|e| e.user.id != self.user.id) {
-                let told = self.typing_told.insert((ev.room, ev.user.id), ev.is_typing);
+        if app.hub.signal_seq() != self.signal_seq {
+            let (signals, seq) = app.hub.signals_since(&self.rooms, self.signal_seq);
+            self.signal_seq = seq;
+            // Never about oneself.
+            for ev in signals.iter().filter(|e| e.user.id != self.user.id) {
+                if ev.kind == SignalKind::Read {
+                    push_signal(&mut self.out, ev);
+                    continue;
+                }
+                let key = (ev.kind, ev.room, ev.user.id);
+                let told = self.told.insert(key, ev.on);
                 // Say only what changes the client's view (a stop for
                 // someone it never saw start is noise too).
-                if told.unwrap_or(false) != ev.is_typing {
-                    push_typing(&mut self.out, ev);
+                if told.unwrap_or(false) != ev.on {
+                    push_signal(&mut self.out, ev);
                 }
-                if !ev.is_typing {
-                    self.typing_told.remove(&(ev.room, ev.user.id));
+                if !ev.on {
+                    self.told.remove(&key);
                 }
             }
         }

@@ -223,6 +223,8 @@ async fn wait_poll(
     if let Since::Cursor(c) = &since {
         check_origin(c, app.origin())?;
     }
+    // Online while the poll lasts, and the grace after.
+    let _online = app.presence.hold(user.id);
 
     // Register before the first read: a row committing in between still
     // wakes us, and so does a loss of access.

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::cursor::Origin;
 use crate::delivery::directory::Directory;
 use crate::delivery::hub::Hub;
+use crate::delivery::presence::Presence;
 use crate::delivery::reader::Reader;
 use crate::delivery::typing::Typing;
 use crate::metrics::Metrics;
@@ -29,6 +30,8 @@ pub(crate) struct Shared {
     pub reader: Reader,
     pub directory: Directory,
     pub typing: Typing,
+    /// Who holds a stream or poll here (online, cluster-wide).
+    pub presence: Presence,
     pub auth: Auth,
     pub metrics: Arc<Metrics>,
     pub cors: Cors,
@@ -73,6 +76,7 @@ impl Shared {
             reader: Reader::new(hub.clone(), pool.clone(), metrics.clone()),
             directory: Directory::new(pool.clone(), hub.clone()),
             typing: Typing::new(pool.clone(), config.typing_ttl()),
+            presence: Presence::new(pool.clone(), config.presence_grace(), metrics.clone()),
             auth: Auth::new(b"secret"),
             cors: Cors::new(None),
             write_limit: WriteLimit::new(config.write_rate, config.write_burst),

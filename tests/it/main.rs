@@ -20,5 +20,6 @@ mod malformed;
 mod memory;
 mod openapi;
 mod poll;
+mod presence;
 mod quickstart;
 mod ratelimit;

@@ -49,7 +49,7 @@ use tokio::time::Instant;
 use crate::cursor::{Origin, Snapshot};
 use crate::delivery::lag::Lag;
 use crate::delivery::park::Park;
-use crate::message::{StoredMessage, TypingEvent};
+use crate::message::{Signal, StoredMessage};
 use crate::metrics::Metrics;
 
 mod catchup;
@@ -65,8 +65,9 @@ pub(crate) use window::Window;
 /// Most rows one catch-up may return before the hub gives up on memory and
 /// sends every waiter to the database (overload, or a long listener outage).
 pub(crate) const CATCHUP_LIMIT: usize = 10_000;
-/// Typing events kept per room for streams that are between two reads.
-const TYPING_RING: usize = 64;
+/// Signals (typing, presence, read receipts) kept per room for streams
+/// that are between two reads.
+const SIGNAL_RING: usize = 64;
 /// How long a room nobody watches stays live (see the module docs).
 pub(crate) const LINGER: Duration = Duration::from_secs(60);
 
@@ -83,10 +84,9 @@ struct Inner {
     /// Messages (and deletions) a room's [`Window`] may hold; 0: none.
     window_capacity: usize,
     metrics: Arc<Metrics>,
-    /// The newest typing event's number. Written only under the state
-    /// lock, read without it: a woken stream looks for typing events only
-    /// when it moved.
-    typing_seq: AtomicU64,
+    /// The newest signal's number. Written only under the state lock, read
+    /// without it: a woken stream looks for signals only when it moved.
+    signal_seq: AtomicU64,
 }
 
 #[derive(Default)]
@@ -123,7 +123,7 @@ struct Room {
     /// Since when nobody watches the room (it lingers for LINGER).
     idle_since: Option<Instant>,
     ring: VecDeque<Entry>,
-    typing: VecDeque<(u64, Arc<TypingEvent>)>,
+    signals: VecDeque<(u64, Arc<Signal>)>,
     /// When the first NOTIFY since the last catch-up arrived: the start of
     /// the delivery latency of the rows that catch-up finds.
     heard: Option<Instant>,
@@ -205,7 +205,7 @@ impl Hub {
                 ring_capacity: ring_capacity.max(1),
                 window_capacity,
                 metrics,
-                typing_seq: AtomicU64::new(0),
+                signal_seq: AtomicU64::new(0),
             }),
         }
     }
@@ -305,19 +305,20 @@ impl Hub {
         self.state().listener_up
     }
 
-    /// A typing NOTIFY: kept for the room's streams and woken to them.
-    pub(crate) fn typing(&self, ev: TypingEvent) {
+    /// A signal NOTIFY (typing, presence, a read receipt): kept for the
+    /// room's streams and woken to them.
+    pub(crate) fn signal(&self, ev: Signal) {
         let mut st = self.state();
         // Moved under the lock, before the event is kept and its streams
         // are woken: a stream that reads the old value is woken after.
-        let seq = self.inner.typing_seq.load(Relaxed) + 1;
-        self.inner.typing_seq.store(seq, Release);
+        let seq = self.inner.signal_seq.load(Relaxed) + 1;
+        self.inner.signal_seq.store(seq, Release);
         let Some(r) = st.rooms.get_mut(&ev.room) else {
             return;
         };
-        r.typing.push_back((seq, Arc::new(ev)));
-        while r.typing.len() > TYPING_RING {
-            r.typing.pop_front();
+        r.signals.push_back((seq, Arc::new(ev)));
+        while r.signals.len() > SIGNAL_RING {
+            r.signals.pop_front();
         }
         let wake: Vec<_> = r
             .subs
@@ -331,22 +332,22 @@ impl Hub {
         }
     }
 
-    /// The newest typing sequence number: a stream starts after it.
-    pub(crate) fn typing_seq(&self) -> u64 {
-        self.inner.typing_seq.load(Acquire)
+    /// The newest signal's number: a stream starts after it.
+    pub(crate) fn signal_seq(&self) -> u64 {
+        self.inner.signal_seq.load(Acquire)
     }
 
-    /// Typing events of `rooms` after `seq`, oldest first.
-    pub(crate) fn typing_since(&self, rooms: &[i64], seq: u64) -> (Vec<Arc<TypingEvent>>, u64) {
+    /// Signals of `rooms` after `seq`, oldest first.
+    pub(crate) fn signals_since(&self, rooms: &[i64], seq: u64) -> (Vec<Arc<Signal>>, u64) {
         let st = self.state();
-        let mut out: Vec<(u64, Arc<TypingEvent>)> = Vec::new();
+        let mut out: Vec<(u64, Arc<Signal>)> = Vec::new();
         for room in rooms {
             if let Some(r) = st.rooms.get(room) {
-                out.extend(r.typing.iter().filter(|(s, _)| *s > seq).cloned());
+                out.extend(r.signals.iter().filter(|(s, _)| *s > seq).cloned());
             }
         }
         out.sort_unstable_by_key(|(s, _)| *s);
-        let seq = self.inner.typing_seq.load(Relaxed);
+        let seq = self.inner.signal_seq.load(Relaxed);
         (out.into_iter().map(|(_, e)| e).collect(), seq)
     }
 

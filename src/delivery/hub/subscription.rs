@@ -142,7 +142,7 @@ fn add_sub(st: &mut State, room: i64, key: u64, sub: &Sub) -> bool {
             bound: None,
             idle_since: None,
             ring: VecDeque::new(),
-            typing: VecDeque::new(),
+            signals: VecDeque::new(),
             heard: None,
             window: None,
             seed: None,
