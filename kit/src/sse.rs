@@ -468,6 +468,8 @@ pub struct Sse {
     ready: VecDeque<Event>,
     /// Total body bytes received.
     pub body_bytes: usize,
+    /// Hand out `presence` and `read` events (see [`Opts::signals`]).
+    signals: bool,
 }
 
 /// Options for [`Sse::connect_with`].
@@ -489,6 +491,11 @@ pub struct Opts {
     pub split_at: Option<usize>,
     /// Ask as HTTP/1.0 (no chunked encoding: the body ends at close).
     pub http10: bool,
+    /// Hand out `presence` and `read` events from [`Sse::next_non_ping`]
+    /// and the readers built on it. Off by default: every stream of a test
+    /// user says who else is online, and only the presence tests are about
+    /// that.
+    pub signals: bool,
 }
 
 impl Sse {
@@ -552,6 +559,7 @@ impl Sse {
             cur_any: false,
             ready: VecDeque::new(),
             body_bytes: 0,
+            signals: opts.signals,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -689,13 +697,17 @@ impl Sse {
         }
     }
 
-    /// The next block that is not a `: ping` comment (bounded).
+    /// The next block that is not a `: ping` comment (nor, unless asked
+    /// for, a `presence` or `read` event), bounded.
     pub async fn next_non_ping(&mut self, timeout: Duration) -> Next {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.next_event(left).await {
                 Next::Event(e) if e.is_ping() => continue,
+                Next::Event(e) if !self.signals && matches!(e.kind(), "presence" | "read") => {
+                    continue
+                }
                 other => return other,
             }
         }

@@ -5,7 +5,8 @@
 //! typing shows and hides; what Alice types and sends reaches the server;
 //! and when hark restarts the page's own EventSource resumes with
 //! Last-Event-ID and shows what was sent meanwhile exactly once. A send
-//! refused over the write limit says when to try again.
+//! refused over the write limit says when to try again. Bob's online dot
+//! and "Seen" under Alice's last read message come and go.
 //!
 //! Needs `chromium` and `chromedriver` (`.ci/run` installs them): without
 //! them this test fails, it does not skip.
@@ -75,6 +76,9 @@ return {
   sse: window.__sse,
   roomError: q('#room-error'),
   sendError: q('#send-error'),
+  online: Array.from(document.querySelectorAll('#room-people [data-online]')).map(function (e) { return Number(e.dataset.user); }),
+  roomsOnline: Array.from(document.querySelectorAll('#rooms [data-room]')).map(function (e) { return [Number(e.dataset.room), e.dataset.online || '']; }),
+  seen: Array.from(document.querySelectorAll('#messages [data-seen-by]')).map(function (e) { return [Number(e.dataset.id), e.dataset.seenBy]; }),
 };
 "#;
 
@@ -618,5 +622,186 @@ async fn an_sql_edit_and_delete_change_the_open_page() {
         "reloaded"
     );
     page.assert_no_errors("after the edit and the delete").await;
+    browser.quit().await;
+}
+
+/// A script: true when the page shows `user` online (`on`) or not, both in
+/// the room header's participants and in `room`'s entry of the rooms list.
+fn online_shown(room: i64, user: i64, on: bool) -> String {
+    format!(
+        r#"var p = document.querySelector('#room-people [data-user="{user}"]');
+           var b = document.querySelector('#rooms [data-room="{room}"]');
+           if (!p || !b) return false;
+           var inHeader = p.dataset.online === 'true' && !!p.querySelector('.online-dot');
+           var inList = (b.dataset.online || '').split(',').indexOf('{user}') >= 0 && !!b.querySelector('.online-dot');
+           return inHeader === {on} && inList === {on};"#
+    )
+}
+
+/// A script: true when "Seen" shows under exactly these messages, each
+/// with the readers' ids (`data-seen-by`).
+fn seen_is(expected: &[(i64, &str)]) -> String {
+    let expected = serde_json::to_string(&json!(expected)).unwrap();
+    format!(
+        r#"var s = Array.from(document.querySelectorAll('#messages [data-seen-by]')).map(function (e) {{
+             var note = e.querySelector('.seen');
+             return [Number(e.dataset.id), note && /^Seen\b/.test(note.textContent) ? e.dataset.seenBy : 'no text'];
+           }});
+           return JSON.stringify(s) === '{expected}';"#
+    )
+}
+
+impl Page<'_> {
+    /// Alice types `text` and sends it: its id once it shows as hers.
+    async fn send(&self, text: &str, hark: &Hark) -> i64 {
+        let composer = self.browser.find("#composer").await;
+        self.browser.send_keys(&composer, text).await;
+        let send = self.browser.find("#send").await;
+        self.browser.click(&send).await;
+        let script = format!(
+            "var m = Array.from(document.querySelectorAll('#messages li.mine[data-id]')).filter(function (e) {{ return e.querySelector('.content').textContent === {text:?}; }}); return m.length === 1 && document.querySelector('#composer').value === '' && Number(m[0].dataset.id);"
+        );
+        self.wait(&format!("the sent message {text:?}"), &script, hark)
+            .await
+            .as_i64()
+            .expect("an id")
+    }
+}
+
+/// Bob's stream of `room`, open up to its `ready`: he is online while it is.
+async fn events_of(hark: &Hark, room: i64, user: i64) -> sse::Sse {
+    let auth = format!("Bearer {}", token(user));
+    let mut s = sse::Sse::connect(
+        hark.addr,
+        &format!("/events?room_id={room}"),
+        &[("Authorization", &auth)],
+    )
+    .await;
+    let (reset, _) = sse::open(&mut s).await;
+    assert_eq!(reset, None);
+    s
+}
+
+/// Bob comes online and goes away: his dot shows and clears on Alice's
+/// page. Bob reads: "Seen" shows under Alice's message; she sends another:
+/// "Seen" is not under it until Bob reads again; a reload shows the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_the_online_dot_and_seen_and_clears_them() {
+    webdriver::require_browser();
+    // A short grace: Bob is offline soon after his stream closes.
+    let (hark, fx) = setup(&[("HARK_PRESENCE_GRACE_MS", "300")]).await;
+    let alice = fx.user("alice").await;
+    let bob = fx.user("bob").await;
+    let room = fx.room("General", &[alice, bob]).await;
+    let read_url = hark.url(&format!("/api/chat/rooms/{room}/read/"));
+    let page_url = hark.url(&format!("/?token={}&room={room}", token(alice)));
+
+    let browser = Browser::launch(1100, 760).await;
+    let page = Page { browser: &browser };
+    browser.on_new_document(INSTRUMENT).await;
+    browser.goto(&page_url).await;
+    page.wait(
+        "the stream to be live",
+        "return document.querySelector('#status').dataset.state === 'live';",
+        &hark,
+    )
+    .await;
+    page.wait("no dot for Bob", &online_shown(room, bob, false), &hark)
+        .await;
+
+    // Bob opens a stream: his dot appears, labelled for everyone.
+    let bob_stream = events_of(&hark, room, bob).await;
+    page.wait("Bob's online dot", &online_shown(room, bob, true), &hark)
+        .await;
+    let labels = page
+        .eval(&format!(
+            r#"var h = document.querySelector('#room-people [data-user="{bob}"] .online-dot');
+               var l = document.querySelector('#rooms [data-room="{room}"] .online-dot');
+               return [h.getAttribute('aria-label'), h.title, h.getAttribute('role'), l.getAttribute('aria-label')];"#
+        ))
+        .await;
+    assert_eq!(
+        labels,
+        json!(["online", "online", "img", "Bob online"]),
+        "the dots' labels"
+    );
+    let own = page
+        .eval(&format!(
+            r#"return document.querySelector('#room-people [data-user="{alice}"]').dataset.online || null;"#
+        ))
+        .await;
+    assert_eq!(own, Value::Null, "a dot for oneself");
+
+    // Bob goes away: after the grace his dot clears.
+    drop(bob_stream);
+    page.wait("Bob's dot to clear", &online_shown(room, bob, false), &hark)
+        .await;
+    page.assert_no_errors("after Bob came and went").await;
+
+    // Alice writes; Bob reads: "Seen" under her message.
+    let first = page.send("First, from the browser", &hark).await;
+    assert_eq!(page.eval(&seen_is(&[])).await, true, "seen before reading");
+    let (s, v) = post_json(&read_url, Some(&token(bob)), "{}").await;
+    assert!(s.is_success(), "{s}: {v}");
+    let by_bob = bob.to_string();
+    page.wait(
+        "Seen under the first message",
+        &seen_is(&[(first, &by_bob)]),
+        &hark,
+    )
+    .await;
+    let text = page
+        .eval(&format!(
+            r#"return document.querySelector('#messages [data-id="{first}"] .seen').textContent;"#
+        ))
+        .await;
+    assert_eq!(text, "Seen", "a direct word for a room of two");
+
+    // A newer message of hers: Bob has not read it, so no "Seen" under it
+    // (the mark stays with what he read) until he reads again.
+    let second = page.send("Second, not read yet", &hark).await;
+    assert_eq!(
+        page.eval(&seen_is(&[(first, &by_bob)])).await,
+        true,
+        "\"Seen\" moved to the unread message; page: {:#}",
+        page.state().await
+    );
+    let (s, v) = post_json(&read_url, Some(&token(bob)), "{}").await;
+    assert!(s.is_success(), "{s}: {v}");
+    page.wait(
+        "Seen under the second message only",
+        &seen_is(&[(second, &by_bob)]),
+        &hark,
+    )
+    .await;
+    page.assert_no_errors("after the receipts").await;
+
+    // A reload: "Seen" from the rooms list's read markers, and the dot from
+    // who is online now.
+    let bob_stream = events_of(&hark, room, bob).await;
+    page.wait("Bob's dot again", &online_shown(room, bob, true), &hark)
+        .await;
+    browser.goto(&page_url).await;
+    page.wait(
+        "the reloaded page, live, with Bob online and Seen",
+        &format!(
+            "return document.querySelector('#status').dataset.state === 'live' && ({})() && ({})();",
+            format_args!("function () {{ {} }}", online_shown(room, bob, true)),
+            format_args!("function () {{ {} }}", seen_is(&[(second, &by_bob)])),
+        ),
+        &hark,
+    )
+    .await;
+    let picture = target_dir().join("browser-screenshot-presence.png");
+    browser.screenshot(&picture).await;
+    println!("screenshot: {}", picture.display());
+    drop(bob_stream);
+    page.wait(
+        "Bob's dot to clear after the reload",
+        &online_shown(room, bob, false),
+        &hark,
+    )
+    .await;
+    page.assert_no_errors("at the end").await;
     browser.quit().await;
 }

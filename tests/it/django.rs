@@ -193,6 +193,8 @@ async fn hark_adds_only_what_it_needs_to_djangos_tables() {
         "hark_access_revoked",
         "hark_tombstone",
         "hark_tombstone_horizon",
+        "hark_presence",
+        "hark_process",
     ] {
         let n = count(
             &sql,
@@ -220,11 +222,12 @@ async fn hark_adds_only_what_it_needs_to_djangos_tables() {
             "hark_message_updated",
             "hark_participant_changed",
             "hark_participant_revoked",
+            "hark_read_marked",
             "hark_room_deleted",
             "hark_user_changed"
         ]
     );
-    assert_eq!(count(&sql, "SELECT count(*) FROM hark_migrations").await, 4);
+    assert_eq!(count(&sql, "SELECT count(*) FROM hark_migrations").await, 5);
     drop(hark);
 }
 
@@ -243,7 +246,7 @@ async fn the_migrations_do_not_rewrite_djangos_message_table() {
     let before = count(&sql, file).await;
     let hark = start_hark(&db, &[]).await;
     hark.wait_ready().await;
-    assert_eq!(count(&sql, "SELECT count(*) FROM hark_migrations").await, 4);
+    assert_eq!(count(&sql, "SELECT count(*) FROM hark_migrations").await, 5);
     assert_eq!(
         count(&sql, file).await,
         before,
@@ -423,7 +426,7 @@ async fn a_restart_does_not_reapply_the_migrations() {
     let before = applied_migrations(&sql).await;
     assert_eq!(
         before.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
-        [1, 2, 3, 4]
+        [1, 2, 3, 4, 5]
     );
     assert!(hark.logs().contains("applied migration"));
     // A message after the first start: its transaction id must survive.

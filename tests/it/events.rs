@@ -1728,9 +1728,13 @@ async fn sigterm_ends_open_streams_and_exits_within_5_s() {
             matches!(end, Next::End),
             "{name}: the body did not end cleanly: {end:?} after {events:?}"
         );
-        // What came before the end: the undelivered message (s2), pings.
+        // What came before the end: the undelivered message (s2), pings,
+        // who is online.
         for ev in events {
-            assert!(ev.is_ping() || ev.kind() == "message", "{name}: {ev:?}");
+            assert!(
+                ev.is_ping() || matches!(ev.kind(), "message" | "presence"),
+                "{name}: {ev:?}"
+            );
         }
     }
 }

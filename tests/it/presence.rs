@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::kit::sse::{open, Sse};
+use crate::kit::sse::{open, Opts, Sse};
 use crate::kit::*;
 use hyper::StatusCode;
 use serde_json::{json, Value};
@@ -18,12 +18,12 @@ const GRACE_MS: &str = "300";
 
 async fn stream(hark: &Hark, query: &str, user: i64) -> Sse {
     let auth = format!("Bearer {}", token(user));
-    let mut s = Sse::connect(
-        hark.addr,
-        &format!("/events{query}"),
-        &[("Authorization", &auth)],
-    )
-    .await;
+    let opts = Opts {
+        signals: true,
+        ..Opts::default()
+    };
+    let path = format!("/events{query}");
+    let mut s = Sse::connect_with(hark.addr, &path, &[("Authorization", &auth)], opts).await;
     let (reset, _) = open(&mut s).await;
     assert_eq!(reset, None);
     s
@@ -139,7 +139,13 @@ async fn reloads_and_re_polls_within_the_grace_do_not_flicker_or_write() {
         expect(&mut alice_s, "presence").await,
         presence(room, &b, true)
     );
-    let writes = hark.metric("hark_presence_writes_total").await;
+    // Alice and Bob written online (the count moves just after the NOTIFY
+    // that told Alice).
+    eventually("both written online", || async {
+        hark.metric("hark_presence_writes_total").await == 2.0
+    })
+    .await;
+    let writes = 2.0;
 
     // Ten reloads, and polls between them: no event, no write.
     drop(bob_s);
