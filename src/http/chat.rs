@@ -143,10 +143,15 @@ pub(crate) async fn rooms(
     let mut list = rooms::list(&client, user.id, only).await?;
     match only {
         None => ok_json(StatusCode::OK, &list),
-        Some(_) => match list.pop() {
-            Some(room) => ok_json(StatusCode::OK, &room),
-            // Left the room between the check and the read.
-            None => Err(ApiError::NotParticipant),
+        Some(room) => match list.pop() {
+            Some(r) => ok_json(StatusCode::OK, &r),
+            // Left the room, or it went away, between the check (maybe
+            // from the cache) and the read: the database says which.
+            None => {
+                drop(client);
+                require_still_participant(app, room, user.id, Some(false)).await?;
+                Err(ApiError::NotParticipant)
+            }
         },
     }
 }

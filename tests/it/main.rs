@@ -12,6 +12,7 @@ mod browser;
 mod cluster;
 mod cursors;
 mod django;
+mod django_real;
 mod embedded;
 mod events;
 mod lifecycle;
