@@ -1,5 +1,5 @@
-//! Operations endpoints and the demo page: `/healthz`, `/readyz`,
-//! `/metrics`, `/`.
+//! Operations endpoints, the demo page and its client module: `/healthz`,
+//! `/readyz`, `/metrics`, `/`, `/hark.js`.
 
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
@@ -18,6 +18,21 @@ pub(crate) fn index() -> Response<Body> {
     h.insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// The browser client (an ES module the page at `/` imports), compiled in
+/// like the page.
+const HARK_JS: &str = include_str!("../../static/hark.js");
+
+pub(crate) fn hark_js() -> Response<Body> {
+    let mut resp = Response::new(full(HARK_JS));
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
     );
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp

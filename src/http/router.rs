@@ -161,6 +161,7 @@ pub(crate) fn route<B: ReqBody>(app: &Arc<Shared>, req: Request<B>) -> Answer<'_
     let bodiless = |req: Request<B>| req.map(drop);
     match route {
         Route::Index => Box::pin(ready(Ok(ops::index()))),
+        Route::HarkJs => Box::pin(ready(Ok(ops::hark_js()))),
         Route::Healthz => Box::pin(ready(Ok(ops::healthz()))),
         Route::Readyz => Box::pin(ops::readyz(app)),
         Route::Metrics => Box::pin(ready(Ok(ops::metrics(app)))),
@@ -194,6 +195,7 @@ mod tests {
             Some(Route::Typing(12))
         ));
         assert!(matches!(parse("/"), Some(Route::Index)));
+        assert!(matches!(parse("/hark.js"), Some(Route::HarkJs)));
         assert!(parse("/api/chat/rooms/abc/").is_none());
         assert!(parse("/api/chat/rooms/-1/").is_none());
         assert!(parse("/api/chat/rooms/99999999999999999999/").is_none());

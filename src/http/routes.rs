@@ -6,6 +6,7 @@ use hyper::Method;
 
 pub(crate) enum Route {
     Index,
+    HarkJs,
     Healthz,
     Readyz,
     Metrics,
@@ -41,6 +42,7 @@ impl Route {
 #[cfg(test)]
 pub(crate) const TEMPLATES: &[&str] = &[
     "/",
+    "/hark.js",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -61,6 +63,7 @@ impl Route {
     pub(crate) fn template(&self) -> &'static str {
         match self {
             Route::Index => "/",
+            Route::HarkJs => "/hark.js",
             Route::Healthz => "/healthz",
             Route::Readyz => "/readyz",
             Route::Metrics => "/metrics",
@@ -98,6 +101,7 @@ pub(crate) fn parse(path: &str) -> Option<Route> {
     };
     Some(match segments {
         [] | [""] => Route::Index,
+        ["hark.js"] => Route::HarkJs,
         ["healthz"] => Route::Healthz,
         ["readyz"] => Route::Readyz,
         ["metrics"] => Route::Metrics,

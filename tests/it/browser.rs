@@ -6,7 +6,10 @@
 //! and when hark restarts the page's own EventSource resumes with
 //! Last-Event-ID and shows what was sent meanwhile exactly once. A send
 //! refused over the write limit says when to try again. Bob's online dot
-//! and "Seen" under Alice's last read message come and go.
+//! and "Seen" under Alice's last read message come and go. On a phone
+//! (390×844) the layout holds (screenshots in target/), and a token that
+//! expires is asked for again without losing the room. The page is built
+//! on `/hark.js`; client.rs tests the module itself.
 //!
 //! Needs `chromium` and `chromedriver` (`.ci/run` installs them): without
 //! them this test fails, it does not skip.
@@ -803,5 +806,289 @@ async fn the_page_shows_the_online_dot_and_seen_and_clears_them() {
     )
     .await;
     page.assert_no_errors("at the end").await;
+    browser.quit().await;
+}
+
+/// The header's visible children on one row, the page no wider than the
+/// window, and where the parts that must not move are.
+const PHONE_LAYOUT: &str = r#"
+var rect = function (s) {
+  var e = typeof s === 'string' ? document.querySelector(s) : s;
+  if (!e || e.hidden || !e.getClientRects().length) return null;
+  var r = e.getBoundingClientRect();
+  return {top: r.top, bottom: r.bottom, left: r.left, right: r.right, height: r.height, width: r.width};
+};
+var kids = Array.from(document.querySelector('header').children)
+  .map(function (e) { return [e.id || e.tagName.toLowerCase(), rect(e)]; })
+  .filter(function (k) { return k[1]; });
+var tops = kids.map(function (k) { return k[1].top; });
+var bottoms = kids.map(function (k) { return k[1].bottom; });
+var d = document.documentElement;
+return {
+  inner: window.innerWidth,
+  scroll: Math.max(d.scrollWidth, document.body.scrollWidth),
+  header: kids.map(function (k) { return k[0]; }),
+  oneRow: Math.max.apply(null, tops) < Math.min.apply(null, bottoms),
+  headerRects: kids,
+  whoami: rect('#whoami'),
+  nav: rect('nav'),
+  card: rect('#rooms li:last-child'),
+  title: rect('#room-title'),
+  people: rect('#room-people'),
+  messages: rect('#messages'),
+  typing: rect('#typing'),
+  composer: rect('#compose-form'),
+};
+"#;
+
+/// A colour as the page computes it from a CSS expression.
+fn computed_colour(css: &str) -> String {
+    format!(
+        "var p = document.createElement('span'); p.style.color = {css:?}; document.body.appendChild(p); var c = getComputedStyle(p).color; p.remove(); return c;"
+    )
+}
+
+/// The page on a phone (390×844), as a new user meets it: a token that is
+/// not one gets its error in the error colour; after signing in, the
+/// header (Sign out included) is one row, nothing scrolls sideways, the
+/// room's card shows its last message, the room shows who is in it, no
+/// empty band sits under the card, and Bob's typing line coming and going
+/// moves nothing. Screenshots go to target/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_fits_a_phone() {
+    webdriver::require_browser();
+    let (hark, fx, alice, bob, room) = general().await;
+    fx.insert(room, alice, "Hi Bob!").await;
+    fx.insert(
+        room,
+        bob,
+        "Welcome to the room, Alice: this last message is long enough to be cut short on a phone",
+    )
+    .await;
+    let dir = target_dir();
+
+    let browser = Browser::launch(390, 844).await;
+    let page = Page { browser: &browser };
+    // A phone's viewport (a window cannot be that narrow in headless
+    // Chromium): 390×844 CSS pixels, touch, the viewport meta honoured.
+    browser
+        .cdp(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("emulate a phone: {e}"));
+    browser.on_new_document(INSTRUMENT).await;
+    browser.goto(&hark.url("/")).await;
+    let size = page
+        .wait(
+            "the sign-in form",
+            "return !document.querySelector('#signin').hidden && document.activeElement.id === 'token-input' && [innerWidth, innerHeight];",
+            &hark,
+        )
+        .await;
+    assert_eq!(size, json!([390, 844]), "the viewport");
+
+    // A new user pastes something that is not a token.
+    let input = browser.find("#token-input").await;
+    browser.send_keys(&input, "not-a-token").await;
+    let submit = browser.find("#signin button[type=submit]").await;
+    browser.click(&submit).await;
+    page.wait(
+        "the sign-in error",
+        "return /does not look like an access token/.test(document.querySelector('#signin-error').textContent);",
+        &hark,
+    )
+    .await;
+    let shown = page
+        .eval("return getComputedStyle(document.querySelector('#signin-error')).color;")
+        .await;
+    let error = page.eval(&computed_colour("var(--error)")).await;
+    let muted = page.eval(&computed_colour("var(--muted)")).await;
+    assert_ne!(error, muted);
+    assert_eq!(shown, error, "the sign-in error is not in the error colour");
+    let layout = page.eval(PHONE_LAYOUT).await;
+    assert_eq!(layout["oneRow"], true, "the header wraps: {layout:#}");
+    assert!(
+        layout["scroll"].as_f64() <= layout["inner"].as_f64(),
+        "horizontal overflow: {layout:#}"
+    );
+    browser
+        .screenshot(&dir.join("browser-screenshot-phone-signin.png"))
+        .await;
+
+    // Then the token.
+    browser.send_keys(&input, &token(alice)).await;
+    browser.click(&submit).await;
+    page.wait(
+        "the stream to be live",
+        "return document.querySelector('#status').dataset.state === 'live' && document.querySelectorAll('#messages [data-id]').length === 2;",
+        &hark,
+    )
+    .await;
+    page.wait(
+        "the rooms list with the names",
+        "return /Alice/.test(document.querySelector('#whoami').textContent) && /Bob/.test(document.querySelector('#room-people').textContent);",
+        &hark,
+    )
+    .await;
+    let layout = page.eval(PHONE_LAYOUT).await;
+    assert_eq!(
+        layout["header"],
+        json!(["h1", "whoami", "status", "signout"]),
+        "{layout:#}"
+    );
+    assert_eq!(
+        layout["oneRow"], true,
+        "the header wraps (Sign out on its own row?): {layout:#}"
+    );
+    assert!(
+        layout["whoami"]["width"].as_f64() >= Some(40.0),
+        "the name has no room: {layout:#}"
+    );
+    assert!(
+        layout["scroll"].as_f64() <= layout["inner"].as_f64(),
+        "horizontal overflow: {layout:#}"
+    );
+    // "With …" and the last message, visible.
+    let texts = page
+        .eval(
+            r#"var vis = function (s) { var e = document.querySelector(s); return e && e.getClientRects().length > 0 && e.getBoundingClientRect().height > 0 ? e.textContent : null; };
+               return {people: vis('#room-people'), preview: vis('#rooms [data-room] .room-meta')};"#,
+        )
+        .await;
+    assert!(
+        texts["people"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("With ") && t.contains("Bob")),
+        "the \"With …\" line: {texts}"
+    );
+    assert!(
+        texts["preview"]
+            .as_str()
+            .is_some_and(|t| t.contains("Welcome to the room")),
+        "the last message under the room's name: {texts}"
+    );
+    // No empty band: the card ends where the list ends (the nav's
+    // padding), and the room's title follows the list at once.
+    let f = |v: &Value| v.as_f64().expect("a number");
+    let below_card = f(&layout["nav"]["bottom"]) - f(&layout["card"]["bottom"]);
+    let above_title = f(&layout["title"]["top"]) - f(&layout["nav"]["bottom"]);
+    assert!(
+        below_card <= 12.0 && above_title <= 12.0,
+        "an empty band under the room card: {below_card} px to the list's end, \
+         {above_title} px from it to the title; {layout:#}"
+    );
+
+    // Bob types: nothing moves, neither when the line comes nor when it goes.
+    let parts = ["nav", "card", "title", "messages", "typing", "composer"];
+    let before = page.eval(PHONE_LAYOUT).await;
+    let typing_url = hark.url(&format!("/api/chat/rooms/{room}/typing/"));
+    let (s, v) = post_json(&typing_url, Some(&token(bob)), r#"{"is_typing": true}"#).await;
+    assert_eq!(s, 200, "{v}");
+    page.wait(
+        "Bob is typing, below and in the room's card",
+        "return /Bob is typing/.test(document.querySelector('#typing').textContent) && /Bob is typing/.test(document.querySelector('#rooms [data-room] .room-meta').textContent);",
+        &hark,
+    )
+    .await;
+    let during = page.eval(PHONE_LAYOUT).await;
+    browser
+        .screenshot(&dir.join("browser-screenshot-phone.png"))
+        .await;
+    let (s, v) = post_json(&typing_url, Some(&token(bob)), r#"{"is_typing": false}"#).await;
+    assert_eq!(s, 200, "{v}");
+    page.wait(
+        "the typing line to clear",
+        "return document.querySelector('#typing').textContent === '' && /Welcome/.test(document.querySelector('#rooms [data-room] .room-meta').textContent);",
+        &hark,
+    )
+    .await;
+    let after = page.eval(PHONE_LAYOUT).await;
+    for part in parts {
+        for (when, now) in [("appears", &during), ("goes", &after)] {
+            assert_eq!(
+                before[part], now[part],
+                "{part} moved when the typing line {when}"
+            );
+        }
+    }
+    assert_eq!(during["oneRow"], true, "{during:#}");
+    println!(
+        "screenshots: {} and {}",
+        dir.join("browser-screenshot-phone-signin.png").display(),
+        dir.join("browser-screenshot-phone.png").display()
+    );
+    page.assert_no_errors("on a phone").await;
+    browser.quit().await;
+}
+
+/// A token that expires while the page is open: hark.js asks the page for
+/// a fresh one (`getToken`), the page asks the person, and once it is
+/// pasted everything goes on in the same room without a reload: what was
+/// written meanwhile shows once, over a stream resumed from its cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_asks_for_a_new_token_when_it_expires_and_goes_on() {
+    webdriver::require_browser();
+    let (hark, fx, alice, bob, room) = general().await;
+    let old = fx.insert(room, bob, "Before the token expires").await;
+
+    let browser = Browser::launch(900, 700).await;
+    let page = Page { browser: &browser };
+    browser.on_new_document(INSTRUMENT).await;
+    let short = token_for(alice, chrono::Duration::seconds(3));
+    browser
+        .goto(&hark.url(&format!("/?token={short}&room={room}")))
+        .await;
+    page.wait(
+        "the stream to be live",
+        "return document.querySelector('#status').dataset.state === 'live';",
+        &hark,
+    )
+    .await;
+    page.wait(
+        "the page to ask for a new token",
+        "return !document.querySelector('#signin').hidden && document.querySelector('#app').hidden && /expired/.test(document.querySelector('#signin-error').textContent) && /expired/i.test(document.querySelector('#status').textContent);",
+        &hark,
+    )
+    .await;
+    let meanwhile = fx
+        .insert(room, bob, "Written while the token was expired")
+        .await;
+    let fresh = token(alice);
+    let input = browser.find("#token-input").await;
+    browser.send_keys(&input, &fresh).await;
+    let submit = browser.find("#signin button[type=submit]").await;
+    browser.click(&submit).await;
+    page.wait(
+        "live again, in the same room",
+        &format!(
+            "return document.querySelector('#status').dataset.state === 'live' && !document.querySelector('#app').hidden && document.querySelector('#signin').hidden && ({})();",
+            format_args!("function () {{ {} }}", shown_once(meanwhile))
+        ),
+        &hark,
+    )
+    .await;
+    let after = fx.insert(room, bob, "After the new token").await;
+    page.wait("the message after", &shown_once(after), &hark)
+        .await;
+    assert_eq!(page.message_ids().await, vec![old, meanwhile, after]);
+    let state = page
+        .eval(
+            "return {stored: sessionStorage.getItem('hark.token'), sse: window.__sse, history: performance.getEntriesByType('resource').filter(function (e) { return e.name.indexOf('/api/chat/messages/poll/') >= 0; }).length};",
+        )
+        .await;
+    assert_eq!(state["stored"], json!(fresh), "the new token is kept");
+    assert_eq!(state["history"], 1, "the history was loaded again");
+    assert_eq!(
+        state["sse"]["received"],
+        json!({ meanwhile.to_string(): 1, after.to_string(): 1 }),
+        "message events over the streams (id → times)"
+    );
+    assert!(
+        state["sse"]["opened"].as_array().map(Vec::len) >= Some(2),
+        "{state}"
+    );
+    page.assert_no_errors("after the new token").await;
     browser.quit().await;
 }

@@ -9,6 +9,7 @@ mod kit;
 
 mod api;
 mod browser;
+mod client;
 mod cluster;
 mod cursors;
 mod django;
