@@ -20,6 +20,10 @@
 //!   events from an HTTP body.
 //! - [`metrics`]: the Prometheus text parsed once.
 //! - [`webdriver`]: a W3C WebDriver client for headless Chromium.
+//! - [`soak`]: the soak with faults (two harks, writers, pollers and
+//!   streams, a fault every interval), for `benches/soak.rs` and its short
+//!   form in `tests/it/soak.rs`; [`pg::Restartable`], the cluster it
+//!   restarts.
 
 pub mod fixture;
 pub mod http;
@@ -27,6 +31,7 @@ pub mod metrics;
 pub mod pg;
 pub mod process;
 pub mod procfs;
+pub mod soak;
 pub mod sse;
 pub mod webdriver;
 

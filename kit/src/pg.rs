@@ -130,3 +130,103 @@ pub async fn try_connect(conn: &str) -> crate::Result<tokio_postgres::Client> {
     });
     Ok(client)
 }
+
+/// A private cluster that can be stopped and started again on the same
+/// data directory and socket: a PostgreSQL restart under running clients
+/// (the soak's fault). Not ephemeral, so that a stop keeps the data:
+/// [`Restartable::remove`] (or, best effort, drop) stops the server and
+/// deletes its directories. Should this process die instead, the watchdog
+/// still stops the server (its pipe closes), but the directory stays.
+pub struct Restartable {
+    pg: Option<EmbeddedPg>,
+    opts: EmbeddedOptions,
+    socket_dir: std::path::PathBuf,
+    /// `host=… port=… user=postgres` without a dbname.
+    pub base: String,
+}
+
+impl Restartable {
+    /// Starts a cluster in a fresh temp directory named `prefix-…`, with
+    /// fsync off and `settings` (`-c name=value`) on top.
+    pub async fn start(prefix: &str, settings: &[(&str, &str)]) -> crate::Result<Restartable> {
+        let opts = EmbeddedOptions {
+            data_dir: crate::fresh_temp_dir(prefix),
+            ephemeral: false,
+            settings: FAST
+                .iter()
+                .chain(settings)
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let pg = match EmbeddedPg::start(opts.clone()).await {
+            Ok(pg) => pg,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&opts.data_dir);
+                return Err(e.into());
+            }
+        };
+        let base = pg
+            .connection_string("postgres")
+            .split(' ')
+            .filter(|kv| !kv.starts_with("dbname="))
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(Restartable {
+            socket_dir: pg.socket_dir().to_path_buf(),
+            pg: Some(pg),
+            opts,
+            base,
+        })
+    }
+
+    /// The connection string of database `name`, created if missing.
+    pub async fn database(&self, name: &str) -> crate::Result<String> {
+        let pg = self.pg.as_ref().ok_or_else(|| crate::err("stopped"))?;
+        pg.ensure_database(name).await?;
+        Ok(format!("{} dbname={name}", self.base))
+    }
+
+    /// A fast shutdown (every session is terminated, a checkpoint is
+    /// written), then a start on the same directory and socket; returns
+    /// once it accepts connections again, with how long it was away.
+    pub async fn restart(&mut self) -> crate::Result<std::time::Duration> {
+        let began = std::time::Instant::now();
+        if let Some(pg) = self.pg.take() {
+            pg.stop().await?;
+        }
+        self.pg = Some(EmbeddedPg::start(self.opts.clone()).await?);
+        Ok(began.elapsed())
+    }
+
+    /// Stops the server and deletes its directories (drop deletes them).
+    pub async fn remove(mut self) {
+        if let Some(pg) = self.pg.take() {
+            if let Err(e) = pg.stop().await {
+                eprintln!("warning: {e}");
+            }
+        }
+    }
+
+    fn remove_dirs(&self) {
+        let _ = std::fs::remove_dir_all(&self.opts.data_dir);
+        if !self.socket_dir.starts_with(&self.opts.data_dir) {
+            let _ = std::fs::remove_dir_all(&self.socket_dir);
+        }
+    }
+}
+
+impl Drop for Restartable {
+    fn drop(&mut self) {
+        if let Some(pg) = self.pg.take() {
+            // Closing the watchdog's pipe stops the server; wait (bounded)
+            // until it has let go of the directory before deleting it.
+            drop(pg);
+            let pidfile = self.opts.data_dir.join("postmaster.pid");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while pidfile.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        self.remove_dirs();
+    }
+}

@@ -166,6 +166,20 @@ impl Hark {
         })
     }
 
+    /// How it was started (to start it again, say on the same address).
+    pub fn settings(&self) -> &Launch {
+        &self.launch
+    }
+
+    /// SIGKILL: no shutdown at all, as a crash or the OOM killer would
+    /// end it; returns once the process is gone (reaped).
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // tokio's kill is SIGKILL, then a wait.
+            let _ = child.kill().await;
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

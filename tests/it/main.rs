@@ -25,3 +25,4 @@ mod poll;
 mod presence;
 mod quickstart;
 mod ratelimit;
+mod soak;
