@@ -82,15 +82,5 @@ pub async fn online_in(
         )
         .await?;
     let rows = client.query(&st, &[&rooms, &me]).await?;
-    rows.iter()
-        .map(|r| {
-            let user = User {
-                id: r.try_get(1)?,
-                username: r.try_get(2)?,
-                first_name: r.try_get(3)?,
-                last_name: r.try_get(4)?,
-            };
-            Ok((r.try_get(0)?, user))
-        })
-        .collect()
+    rows.iter().map(super::typing::room_and_user).collect()
 }

@@ -102,17 +102,18 @@ pub async fn current(client: &Object, rooms: &[i64], me: i64) -> Result<Vec<(i64
         )
         .await?;
     let rows = client.query(&st, &[&rooms, &me]).await?;
-    rows.iter()
-        .map(|r| {
-            let user = User {
-                id: r.try_get(1)?,
-                username: r.try_get(2)?,
-                first_name: r.try_get(3)?,
-                last_name: r.try_get(4)?,
-            };
-            Ok((r.try_get(0)?, user))
-        })
-        .collect()
+    rows.iter().map(room_and_user).collect()
+}
+
+/// A row of `room, id, username, first_name, last_name`.
+pub(crate) fn room_and_user(r: &tokio_postgres::Row) -> Result<(i64, User), DbError> {
+    let user = User {
+        id: r.try_get(1)?,
+        username: r.try_get(2)?,
+        first_name: r.try_get(3)?,
+        last_name: r.try_get(4)?,
+    };
+    Ok((r.try_get(0)?, user))
 }
 
 /// Deletes lapsed rows, NOTIFYing a stop for each (whichever process
