@@ -1506,13 +1506,26 @@ async fn healthz_readyz_and_the_index_page_answer() {
     assert_eq!(s, StatusCode::OK);
     assert!(h["content-type"].to_str().unwrap().starts_with("text/html"));
     let page = String::from_utf8_lossy(&b);
+    assert!(
+        page.contains("./hark.js"),
+        "the page does not load /hark.js"
+    );
+    // The page is built on the client module, which holds the protocol.
+    let (s, h, b) = request(Method::GET, &c.hark.url("/hark.js"), None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(h["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    let module = String::from_utf8_lossy(&b);
     for used in [
         "EventSource",
-        "/events",
-        "/api/chat/rooms/",
-        "/api/chat/messages/",
+        "events",
+        "api/chat/rooms/",
+        "api/chat/messages/poll/",
+        "api/chat/messages/",
     ] {
-        assert!(page.contains(used), "the page does not use {used}");
+        assert!(module.contains(used), "/hark.js does not use {used}");
     }
 }
 

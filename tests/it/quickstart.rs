@@ -95,10 +95,13 @@ async fn without_database_url_hark_runs_its_own_postgres_and_a_demo() {
     )
     .await;
     assert_eq!(s, StatusCode::CREATED, "{sent}");
-    // The page is served.
+    // The page is served, and the client module it is built on.
     let (s, _, page) = request(Method::GET, &format!("http://{addr}/"), None, None).await;
     assert_eq!(s, StatusCode::OK);
-    assert!(String::from_utf8_lossy(&page).contains("EventSource"));
+    assert!(String::from_utf8_lossy(&page).contains("./hark.js"));
+    let (s, _, module) = request(Method::GET, &format!("http://{addr}/hark.js"), None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&module).contains("EventSource"));
     sigterm(child).await;
 
     let secret = std::fs::read_to_string(dir.join("jwt-secret")).expect("the secret is kept");
