@@ -61,7 +61,7 @@ pub enum StartError {
 }
 
 /// Runs hark until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), StartError> {
+pub async fn run(mut config: Config) -> Result<(), StartError> {
     // The port first: a clash is the likeliest start-up failure of a
     // first try, and should not wait for a database to start.
     let tcp = listen(config.bind).map_err(|source| StartError::Listen {
@@ -73,7 +73,19 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         },
         source,
     })?;
-    raise_fd_limit();
+    if let Some(fds) = raise_fd_limit() {
+        let cap = connection_cap(fds, config.db_pool_size);
+        if config.max_connections > cap {
+            tracing::warn!(
+                configured = config.max_connections,
+                cap,
+                open_files = fds,
+                "HARK_MAX_CONNECTIONS is more than the open-file limit allows; \
+                 connections beyond the cap get 503 (raise `ulimit -n` for more)"
+            );
+            config.max_connections = cap;
+        }
+    }
     let mut embedded = None;
     let url = match &config.database_url {
         Some(url) => url.clone(),
@@ -362,12 +374,36 @@ async fn wait_for_signal() {
 }
 
 /// Each waiting poll and stream is a socket: lift the soft descriptor limit
-/// to the hard one, as servers do.
-fn raise_fd_limit() {
+/// to the hard one, as servers do. Returns the soft limit now in force.
+fn raise_fd_limit() -> Option<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return Some(hard);
+    }
+    Some(soft)
+}
+
+/// The most client connections `fds` descriptors carry while hark keeps
+/// what it needs besides: its own files and the embedded PostgreSQL's
+/// pipes, the pool and the LISTEN connection, /metrics and /readyz, and the
+/// connections it refuses (each holds a descriptor until its 503 is out).
+/// Past it, accept() fails with EMFILE and clients wait unanswered in the
+/// kernel's queue instead of getting the 503 the setting exists for.
+fn connection_cap(fds: u64, pool: u32) -> u32 {
+    let reserve = 64 + u64::from(pool) + 1 + fds / 20;
+    u32::try_from(fds.saturating_sub(reserve).max(1)).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_cap;
+
+    #[test]
+    fn the_connection_cap_leaves_room_for_harks_own_descriptors() {
+        // 20,000 descriptors (this project's machines): 18,919 clients.
+        assert_eq!(connection_cap(20_000, 16), 20_000 - (64 + 16 + 1 + 1_000));
+        assert_eq!(connection_cap(1_024, 16), 1_024 - (64 + 16 + 1 + 51));
+        assert_eq!(connection_cap(10, 16), 1);
     }
 }

@@ -2872,3 +2872,53 @@ fn help_lists_every_setting_with_its_default() {
         assert!(help.contains(flag), "{flag}");
     }
 }
+
+/// Under an open-file limit lower than HARK_MAX_CONNECTIONS hark caps the
+/// connections below it (and says so), so a client past the cap gets the
+/// 503 rather than waiting unanswered while accept() fails with EMFILE.
+#[tokio::test]
+async fn the_connection_limit_is_capped_by_the_open_file_limit() {
+    let dir = std::env::temp_dir().join(format!("hark-nofile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("hark-256-files");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\nexec prlimit --nofile=256:256 {HARK} \"$@\"\n"),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let db = fresh_db().await;
+    let hark = Hark::launch(
+        Launch::new(&script, &db).env(&[("HARK_LOG", "info"), ("HARK_MAX_CONNECTIONS", "10000")]),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    hark.wait_ready().await;
+    assert!(
+        hark.logs().contains("more than the open-file limit allows"),
+        "{}",
+        hark.logs()
+    );
+    // More kept-alive clients than 256 descriptors could carry: those
+    // within the cap are answered and kept, the rest get a 503 and closed.
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        let mut c = tokio::net::TcpStream::connect(hark.addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: hark\r\n\r\n")
+            .await
+            .unwrap();
+        idle.push(c);
+    }
+    // Past the cap: answered at once with a 503, not left in the queue.
+    let (s, h, b) = tokio::time::timeout(
+        Duration::from_secs(5),
+        request(Method::GET, &hark.url("/healthz"), None, None),
+    )
+    .await
+    .expect("a client past the cap was left waiting");
+    assert_error(s, &b, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert!(h.contains_key("retry-after"));
+    drop(idle);
+    let _ = std::fs::remove_dir_all(&dir);
+}
