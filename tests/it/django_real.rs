@@ -46,36 +46,6 @@ fn app_dir() -> PathBuf {
 
 // ------------------------------------------------------------ the virtualenv
 
-/// FNV-1a, 64 bits: a stable name for a content.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// Runs a command to its end within `limit`; its output.
-async fn run(cmd: &mut Command, what: &str, limit: Duration) -> std::process::Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what}: cannot start it: {e}"));
-    tokio::time::timeout(limit, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not done within {limit:?}"))
-        .unwrap_or_else(|e| panic!("{what}: {e}"))
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// The virtualenv with the pinned Django stack, made once per content of
 /// the requirements (the first time about half a minute, from PyPI), shared
 /// by the tests of this process and, under a file lock, by other test

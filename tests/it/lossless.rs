@@ -27,8 +27,16 @@ const MESSAGES: usize = 2000;
 const POLLERS: usize = 4;
 
 /// One writer connection: each message in its own transaction, with a
-/// random pause between INSERT and COMMIT so commits land out of id order.
-async fn writer(conn: String, room: i64, sender: i64, count: usize, seed: u64) {
+/// random pause between INSERT and COMMIT so commits land out of id order,
+/// and one of up to `quiet_us` after each COMMIT (0: none).
+pub(crate) async fn writer(
+    conn: String,
+    room: i64,
+    sender: i64,
+    count: usize,
+    seed: u64,
+    quiet_us: u64,
+) {
     let db = connect(&conn).await;
     let mut rng = fastrand::Rng::with_seed(seed);
     for i in 0..count {
@@ -42,6 +50,9 @@ async fn writer(conn: String, room: i64, sender: i64, count: usize, seed: u64) {
         // The point: commits land out of id order.
         tokio::time::sleep(Duration::from_micros(rng.u64(0..3000))).await;
         db.batch_execute("COMMIT").await.unwrap();
+        if quiet_us > 0 {
+            tokio::time::sleep(Duration::from_micros(rng.u64(0..quiet_us))).await;
+        }
     }
 }
 
@@ -272,6 +283,7 @@ async fn run(disturb: Disturb) {
                 writer_user,
                 MESSAGES / WRITERS,
                 w as u64 + 1,
+                0,
             ))
         })
         .collect();

@@ -217,28 +217,6 @@ const MESSAGES: usize = 1200;
 /// Clients joining mid-run: each of the [`Join`] kinds at every step.
 const JOIN_STEPS: usize = 5;
 
-/// One writer: each message in its own transaction, with a random pause
-/// between INSERT and COMMIT so commits land out of id order, and one
-/// after.
-async fn writer(conn: String, room: i64, sender: i64, count: usize, seed: u64) {
-    let db = connect(&conn).await;
-    let mut rng = fastrand::Rng::with_seed(seed);
-    for i in 0..count {
-        db.batch_execute("BEGIN").await.unwrap();
-        db.execute(
-            "INSERT INTO chat_chatmessage (room_id, sender_id, content, created_at) VALUES ($1, $2, $3, now())",
-            &[&room, &sender, &format!("w{seed}-{i}")],
-        )
-        .await
-        .unwrap();
-        tokio::time::sleep(Duration::from_micros(rng.u64(0..3000))).await;
-        db.batch_execute("COMMIT").await.unwrap();
-        // Quiet moments, in which the hub has read every commit: the joins
-        // that come then are answered from memory.
-        tokio::time::sleep(Duration::from_micros(rng.u64(0..20_000))).await;
-    }
-}
-
 #[derive(Clone, Copy, Debug)]
 enum Join {
     /// At a cursor taken before the writers started.
@@ -373,12 +351,15 @@ async fn run(disturb: Disturb) {
     let mut clients = vec![spawn(Join::Head), spawn(Join::Head)];
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
-            tokio::spawn(writer(
+            // Quiet moments, in which the hub has read every commit: the
+            // joins that come then are answered from memory.
+            tokio::spawn(crate::lossless::writer(
                 hark.db.clone(),
                 room,
                 writer_user,
                 MESSAGES / WRITERS,
                 w as u64 + 1,
+                20_000,
             ))
         })
         .collect();

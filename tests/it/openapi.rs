@@ -9,7 +9,6 @@
 //! from both sides of each bound.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::kit::sse::{open, Opts, Sse};
@@ -509,36 +508,6 @@ const NOT_FUZZED: &[&str] = &["streamEvents"];
 const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance,\
 response_headers_conformance,response_schema_conformance,negative_data_rejection,\
 missing_required_header,unsupported_method,allow_header_conformance,ignored_auth";
-
-/// FNV-1a, 64 bits: a stable name for a content (std's hasher may change
-/// between Rust releases).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-async fn run(cmd: &mut Command, what: &str, limit: Duration) -> std::process::Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what}: cannot start it: {e}"));
-    tokio::time::timeout(limit, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not done within {limit:?}"))
-        .unwrap_or_else(|e| panic!("{what}: {e}"))
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// A virtualenv with the pinned schemathesis under target/, named by a
 /// hash of the pins: made on the first run (about 20 s, from PyPI), reused
